@@ -1,0 +1,232 @@
+//! The event envelope: what every event looks like on Kafka and in the stores.
+//!
+//! An [`Envelope`] travels as one Kafka record:
+//!
+//! - the Kafka **key** is the event key (for example the chat recipient), so all events of
+//!   one key land in one partition and keep their order; events without a key have none;
+//! - the Kafka **value** is the JSON object `{"id", "stream", "key", "event_time",
+//!   "ingest_time", "payload"}` ([`Envelope::encode_value`]), which is also what sinks store;
+//! - the Kafka **headers** are the envelope's headers, among them the W3C `traceparent`.
+//!
+//! [`Envelope::encode_value`] and [`Envelope::decode`] are the only encode and decode of an
+//! event; everything else goes through them.
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// The longest event id accepted, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+
+/// One event, as ingest publishes it and collectors consume it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Unique id: given by the client, or a UUIDv7 assigned at ingest.
+    pub id: String,
+    /// The stream the event belongs to.
+    pub stream: String,
+    /// The partition key, when the stream defines one or the client sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// When the event happened, as the client says; the ingest time when it says nothing.
+    pub event_time: Timestamp,
+    /// When ingest accepted the event.
+    pub ingest_time: Timestamp,
+    /// The event itself: the JSON the client sent.
+    pub payload: Value,
+    /// Headers carried as Kafka headers (for example `traceparent`); not part of the value.
+    #[serde(skip)]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Why bytes from Kafka are not an event.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The record has no value.
+    #[error("the record has no value")]
+    Empty,
+    /// The value is not a JSON envelope.
+    #[error("the value is not a Sluice event envelope: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A field is out of bounds.
+    #[error("invalid event envelope: {0}")]
+    Invalid(#[from] InvalidId),
+}
+
+/// Why a string cannot be an event id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidId {
+    /// The id is empty.
+    #[error("the event id is empty")]
+    Empty,
+    /// The id is longer than [`MAX_ID_LEN`].
+    #[error("the event id is {0} bytes long; at most {MAX_ID_LEN} are allowed")]
+    TooLong(usize),
+    /// The id holds a control character or white space.
+    #[error("the event id may not contain white space or control characters")]
+    BadCharacter,
+}
+
+/// Checks that `id` can serve as an event id: 1 to [`MAX_ID_LEN`] bytes, no white space
+/// and no control characters (ids become parts of store keys and file names).
+pub fn validate_id(id: &str) -> Result<(), InvalidId> {
+    if id.is_empty() {
+        return Err(InvalidId::Empty);
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(InvalidId::TooLong(id.len()));
+    }
+    if id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(InvalidId::BadCharacter);
+    }
+    Ok(())
+}
+
+/// A new time-ordered event id (UUIDv7).
+pub fn new_id() -> String {
+    Uuid::now_v7().to_string()
+}
+
+impl Envelope {
+    /// A new event for `stream` with a fresh id, ingested now.
+    pub fn new(stream: impl Into<String>, key: Option<String>, payload: Value) -> Self {
+        let now = Timestamp::now();
+        Self {
+            id: new_id(),
+            stream: stream.into(),
+            key,
+            event_time: now,
+            ingest_time: now,
+            payload,
+            headers: BTreeMap::new(),
+        }
+    }
+
+    /// The Kafka value: the envelope as JSON, without the headers.
+    pub fn encode_value(&self) -> Vec<u8> {
+        // Serialising a struct of strings, timestamps and a `Value` cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The Kafka headers of this event.
+    pub fn kafka_headers(&self) -> OwnedHeaders {
+        self.headers
+            .iter()
+            .fold(OwnedHeaders::new_with_capacity(self.headers.len()), |h, (k, v)| {
+                h.insert(Header {
+                    key: k,
+                    value: Some(v.as_bytes()),
+                })
+            })
+    }
+
+    /// Decodes an event from a Kafka value and its headers. Headers that are not UTF-8
+    /// are left out.
+    pub fn decode<H: Headers>(
+        value: Option<&[u8]>,
+        headers: Option<&H>,
+    ) -> Result<Self, DecodeError> {
+        let value = value.filter(|v| !v.is_empty()).ok_or(DecodeError::Empty)?;
+        let mut envelope: Envelope = serde_json::from_slice(value)?;
+        validate_id(&envelope.id)?;
+        if let Some(headers) = headers {
+            for header in headers.iter() {
+                if let Some(v) = header.value.and_then(|v| std::str::from_utf8(v).ok()) {
+                    envelope.headers.insert(header.key.to_owned(), v.to_owned());
+                }
+            }
+        }
+        Ok(envelope)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sample() -> Envelope {
+        let mut e = Envelope::new("visit", Some("user-7".into()), json!({"page": "/", "n": 3}));
+        e.headers.insert(
+            "traceparent".into(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+        );
+        e
+    }
+
+    #[test]
+    fn round_trips_through_value_and_headers() {
+        let e = sample();
+        let value = e.encode_value();
+        let headers = e.kafka_headers();
+        let back = Envelope::decode(Some(&value), Some(&headers)).expect("decodes");
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn value_is_plain_json_without_headers() {
+        let e = sample();
+        let v: Value = serde_json::from_slice(&e.encode_value()).expect("json");
+        assert_eq!(v["id"], json!(e.id));
+        assert_eq!(v["stream"], json!("visit"));
+        assert_eq!(v["key"], json!("user-7"));
+        assert_eq!(v["payload"], json!({"page": "/", "n": 3}));
+        assert!(v["event_time"].as_str().expect("string").ends_with('Z'));
+        assert!(v.get("headers").is_none());
+    }
+
+    #[test]
+    fn keyless_events_have_no_key_field() {
+        let e = Envelope::new("s", None, json!({}));
+        let v: Value = serde_json::from_slice(&e.encode_value()).expect("json");
+        assert!(v.get("key").is_none());
+        let back = Envelope::decode::<OwnedHeaders>(Some(&e.encode_value()), None).expect("decodes");
+        assert_eq!(back.key, None);
+    }
+
+    #[test]
+    fn rejects_what_is_not_an_envelope() {
+        assert!(matches!(
+            Envelope::decode::<OwnedHeaders>(None, None),
+            Err(DecodeError::Empty)
+        ));
+        assert!(matches!(
+            Envelope::decode::<OwnedHeaders>(Some(b"{not json"), None),
+            Err(DecodeError::Json(_))
+        ));
+        assert!(matches!(
+            Envelope::decode::<OwnedHeaders>(Some(br#"{"id":"1"}"#), None),
+            Err(DecodeError::Json(_))
+        ));
+        let mut e = sample();
+        e.id = "has space".into();
+        assert!(matches!(
+            Envelope::decode::<OwnedHeaders>(Some(&e.encode_value()), None),
+            Err(DecodeError::Invalid(InvalidId::BadCharacter))
+        ));
+    }
+
+    #[test]
+    fn ids_are_bounded() {
+        assert_eq!(validate_id(""), Err(InvalidId::Empty));
+        assert_eq!(validate_id(&"x".repeat(MAX_ID_LEN)), Ok(()));
+        assert_eq!(
+            validate_id(&"x".repeat(MAX_ID_LEN + 1)),
+            Err(InvalidId::TooLong(MAX_ID_LEN + 1))
+        );
+        assert_eq!(validate_id("a\nb"), Err(InvalidId::BadCharacter));
+        assert_eq!(validate_id("order-42:v1"), Ok(()));
+    }
+
+    #[test]
+    fn new_ids_are_time_ordered_uuids() {
+        let a = new_id();
+        let b = new_id();
+        assert_eq!(Uuid::parse_str(&a).expect("uuid").get_version_num(), 7);
+        assert!(a < b, "{a} sorts before {b}");
+    }
+}

@@ -1,0 +1,157 @@
+//! Kafka client settings shared by the services, and topic creation.
+//!
+//! Producers are idempotent with `acks=all`, so a 2xx from ingest means the event is in
+//! every in-sync replica exactly once. Consumers store offsets by hand
+//! (`enable.auto.offset.store=false`): a collector stores an offset only after its sink
+//! confirmed the write, and the periodic auto-commit sends only stored offsets.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+
+/// How to reach Kafka: the `--kafka-brokers` flag and extra client properties.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, comma separated.
+    #[arg(long = "kafka-brokers", env = "SLUICE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// Extra librdkafka properties as `name=value`, comma separated (for example
+    /// `security.protocol=ssl`).
+    #[arg(long = "kafka-option", env = "SLUICE_KAFKA_OPTIONS", value_delimiter = ',', value_parser = parse_property)]
+    pub options: Vec<(String, String)>,
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
+        _ => Err(format!("{s:?} is not of the form name=value")),
+    }
+}
+
+impl KafkaArgs {
+    /// Settings for the given brokers and no extra properties.
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            options: Vec::new(),
+        }
+    }
+
+    fn base(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        // Resolve names to IPv4 first: local brokers advertise 127.0.0.1.
+        c.set("broker.address.family", "v4");
+        for (k, v) in &self.options {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// An idempotent producer that waits for all in-sync replicas.
+    pub fn producer_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("compression.type", "lz4")
+            .set("message.timeout.ms", "30000")
+            // The producer queue is bounded; when it is full, callers are told so.
+            .set("queue.buffering.max.messages", "100000")
+            .set("queue.buffering.max.kbytes", "262144");
+        merge(c, self.base())
+    }
+
+    /// A consumer in `group` that never stores offsets by itself.
+    pub fn consumer_config(&self, group: &str) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "10000")
+            .set("enable.partition.eof", "false");
+        merge(c, self.base())
+    }
+
+    /// An admin client.
+    pub fn admin(&self) -> Result<AdminClient<DefaultClientContext>, KafkaError> {
+        self.base().create()
+    }
+}
+
+/// `extra` wins over `defaults`, so `--kafka-option` can override any default.
+fn merge(mut defaults: ClientConfig, extra: ClientConfig) -> ClientConfig {
+    for (k, v) in extra.config_map() {
+        defaults.set(k, v);
+    }
+    defaults
+}
+
+/// A topic to create when absent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    /// Topic name.
+    pub name: String,
+    /// Partitions on creation.
+    pub partitions: i32,
+}
+
+/// Creates the topics that do not exist yet; existing topics are left as they are.
+pub async fn ensure_topics(kafka: &KafkaArgs, topics: &[TopicSpec]) -> Result<(), KafkaError> {
+    if topics.is_empty() {
+        return Ok(());
+    }
+    let admin = kafka.admin()?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(-1)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&new, &options).await? {
+        match result {
+            Ok(name) => tracing::info!(topic = %name, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                tracing::error!(topic = %name, error = %code, "cannot create topic");
+                return Err(KafkaError::AdminOp(code));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_options_override_defaults() {
+        let mut k = KafkaArgs::new("127.0.0.1:1");
+        k.options.push(("linger.ms".into(), "0".into()));
+        let c = k.producer_config();
+        assert_eq!(c.get("linger.ms"), Some("0"));
+        assert_eq!(c.get("acks"), Some("all"));
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+        assert_eq!(c.get("bootstrap.servers"), Some("127.0.0.1:1"));
+    }
+
+    #[test]
+    fn consumers_never_store_offsets_by_themselves() {
+        let c = KafkaArgs::new("b:1").consumer_config("g");
+        assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(c.get("group.id"), Some("g"));
+    }
+
+    #[test]
+    fn properties_need_a_name() {
+        assert_eq!(parse_property("a = b"), Ok(("a".into(), "b".into())));
+        assert!(parse_property("=b").is_err());
+        assert!(parse_property("novalue").is_err());
+    }
+}

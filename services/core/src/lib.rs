@@ -1,0 +1,17 @@
+//! Shared parts of the Sluice services.
+//!
+//! - [`envelope`]: the one encoding of an event on Kafka and in the stores;
+//! - [`settings`]: the pipeline settings file (streams and their topics) every service reads;
+//! - [`kafka`]: producer, consumer and admin settings, topic creation;
+//! - [`store`]: how records are named in Redis;
+//! - [`telemetry`] and [`shutdown`]: logging and graceful shutdown for the binaries.
+
+pub mod envelope;
+pub mod kafka;
+pub mod settings;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+
+pub use envelope::Envelope;
+pub use settings::{PipelineSettings, StreamSettings};

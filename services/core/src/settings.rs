@@ -1,0 +1,271 @@
+//! Pipeline settings: the streams of a pipeline and their topics.
+//!
+//! Every service reads the same YAML file (locally a path given by `--settings`; in a
+//! cluster the operator renders it into a ConfigMap from the `PipelineConfig`):
+//!
+//! ```yaml
+//! streams:
+//!   - name: visit          # the stream, as it appears in URLs
+//!     topic: visit         # the Kafka topic; defaults to the stream name
+//!     partitions: 6        # partitions when the topic is created; defaults to 1
+//!     key: /userId         # optional JSON pointer to the partition key in the payload
+//! ```
+//!
+//! [`PipelineSettings::from_yaml`] is a pure function from text to checked settings: unknown
+//! fields, duplicate names and invalid topic names are errors that say what is wrong.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The longest Kafka topic name Kafka accepts.
+const MAX_TOPIC_LEN: usize = 249;
+
+/// The settings of one pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSettings {
+    /// The streams events can be sent to.
+    pub streams: Vec<StreamSettings>,
+}
+
+/// One stream: where its events go and how they are keyed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamSettings {
+    /// Name of the stream, used in URLs and store keys.
+    pub name: String,
+    /// Kafka topic of the stream; the stream name when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// Number of partitions used when the topic is created.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// JSON pointer (RFC 6901) to the partition key inside the payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+fn default_partitions() -> i32 {
+    1
+}
+
+/// Why a settings file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// The file could not be read.
+    #[error("cannot read pipeline settings {path}: {source}")]
+    Read {
+        /// The path that was read.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The text is not valid settings YAML.
+    #[error("pipeline settings are not valid: {0}")]
+    Yaml(#[from] serde_yaml_ng::Error),
+    /// The settings parse but break a rule.
+    #[error("pipeline settings are not valid: {0}")]
+    Invalid(String),
+}
+
+/// Why a partition key could not be taken from a payload.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// The payload has nothing at the stream's key pointer.
+    #[error("the payload has no value at the key pointer {0}")]
+    Missing(String),
+    /// The value at the key pointer is an object, an array or null.
+    #[error("the value at the key pointer {0} must be a string, a number or a boolean")]
+    NotScalar(String),
+}
+
+impl PipelineSettings {
+    /// Parses and checks settings from YAML text.
+    pub fn from_yaml(text: &str) -> Result<Self, SettingsError> {
+        let settings: PipelineSettings = serde_yaml_ng::from_str(text)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Reads, parses and checks a settings file.
+    pub fn from_file(path: &Path) -> Result<Self, SettingsError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text)
+    }
+
+    /// The settings as YAML text, as [`PipelineSettings::from_yaml`] reads it.
+    pub fn to_yaml(&self) -> String {
+        serde_yaml_ng::to_string(self).unwrap_or_default()
+    }
+
+    /// The stream called `name`.
+    pub fn stream(&self, name: &str) -> Option<&StreamSettings> {
+        self.streams.iter().find(|s| s.name == name)
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        let invalid = |m: String| Err(SettingsError::Invalid(m));
+        let mut names = BTreeMap::new();
+        let mut topics = BTreeMap::new();
+        for s in &self.streams {
+            if let Err(why) = check_name(&s.name, 200) {
+                return invalid(format!("stream name {:?} {why}", s.name));
+            }
+            if names.insert(s.name.as_str(), ()).is_some() {
+                return invalid(format!("stream {:?} is defined twice", s.name));
+            }
+            let topic = s.topic();
+            if let Err(why) = check_name(topic, MAX_TOPIC_LEN) {
+                return invalid(format!("topic {topic:?} of stream {:?} {why}", s.name));
+            }
+            if let Some(other) = topics.insert(topic, s.name.as_str()) {
+                return invalid(format!(
+                    "streams {other:?} and {:?} both use the topic {topic:?}",
+                    s.name
+                ));
+            }
+            if s.partitions < 1 {
+                return invalid(format!(
+                    "stream {:?} has {} partitions; it needs at least 1",
+                    s.name, s.partitions
+                ));
+            }
+            if let Some(key) = &s.key
+                && !key.starts_with('/')
+            {
+                return invalid(format!(
+                    "key {key:?} of stream {:?} is not a JSON pointer; it must start with '/', as in \"/userId\"",
+                    s.name
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl StreamSettings {
+    /// A stream whose topic has the stream's name.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            topic: None,
+            partitions: default_partitions(),
+            key: None,
+        }
+    }
+
+    /// The Kafka topic of the stream.
+    pub fn topic(&self) -> &str {
+        self.topic.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The partition key of `payload` at the stream's key pointer, if the stream has one.
+    pub fn key_of(&self, payload: &Value) -> Result<Option<String>, KeyError> {
+        let Some(pointer) = &self.key else {
+            return Ok(None);
+        };
+        match payload.pointer(pointer) {
+            None => Err(KeyError::Missing(pointer.clone())),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(v @ (Value::Number(_) | Value::Bool(_))) => Ok(Some(v.to_string())),
+            Some(_) => Err(KeyError::NotScalar(pointer.clone())),
+        }
+    }
+}
+
+/// Names of streams and topics: ASCII letters, digits, '.', '_' and '-', as Kafka allows.
+fn check_name(name: &str, max: usize) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("is empty".into());
+    }
+    if name.len() > max {
+        return Err(format!("is longer than {max} characters"));
+    }
+    if name == "." || name == ".." {
+        return Err("may not be '.' or '..'".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "contains {c:?}; only ASCII letters, digits, '.', '_' and '-' are allowed"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_streams_with_defaults() {
+        let s = PipelineSettings::from_yaml(
+            "streams:\n  - name: visit\n    key: /userId\n    partitions: 6\n  - name: activity\n    topic: act-v1\n",
+        )
+        .expect("valid");
+        let visit = s.stream("visit").expect("visit");
+        assert_eq!(visit.topic(), "visit");
+        assert_eq!(visit.partitions, 6);
+        let activity = s.stream("activity").expect("activity");
+        assert_eq!(activity.topic(), "act-v1");
+        assert_eq!(activity.partitions, 1);
+        assert!(s.stream("nope").is_none());
+    }
+
+    #[test]
+    fn yaml_round_trips() {
+        let mut stream = StreamSettings::new("chat");
+        stream.key = Some("/touser".into());
+        let s = PipelineSettings {
+            streams: vec![stream],
+        };
+        assert_eq!(PipelineSettings::from_yaml(&s.to_yaml()).expect("valid"), s);
+    }
+
+    fn error_of(yaml: &str) -> String {
+        PipelineSettings::from_yaml(yaml)
+            .expect_err("should be rejected")
+            .to_string()
+    }
+
+    #[test]
+    fn rejects_bad_settings_with_a_reason() {
+        assert!(error_of("streams:\n  - name: a\n    colour: red\n").contains("unknown field `colour`"));
+        assert!(error_of("streams:\n  - name: a\n  - name: a\n").contains("defined twice"));
+        assert!(error_of("streams:\n  - name: a b\n").contains("contains ' '"));
+        assert!(
+            error_of("streams:\n  - name: a\n  - name: b\n    topic: a\n")
+                .contains("both use the topic")
+        );
+        assert!(error_of("streams:\n  - name: a\n    partitions: 0\n").contains("at least 1"));
+        assert!(error_of("streams:\n  - name: a\n    key: userId\n").contains("JSON pointer"));
+        assert!(error_of("streams: 3\n").contains("not valid"));
+    }
+
+    #[test]
+    fn takes_the_key_from_the_payload() {
+        let mut s = StreamSettings::new("chat");
+        assert_eq!(s.key_of(&json!({"touser": "bob"})), Ok(None));
+        s.key = Some("/touser".into());
+        assert_eq!(s.key_of(&json!({"touser": "bob"})), Ok(Some("bob".into())));
+        assert_eq!(s.key_of(&json!({"touser": 7})), Ok(Some("7".into())));
+        assert_eq!(
+            s.key_of(&json!({"from": "ann"})),
+            Err(KeyError::Missing("/touser".into()))
+        );
+        assert_eq!(
+            s.key_of(&json!({"touser": {"a": 1}})),
+            Err(KeyError::NotScalar("/touser".into()))
+        );
+    }
+}

@@ -1,0 +1,23 @@
+//! How records are named in Redis, shared by the collector (writes) and ingest (reads).
+//!
+//! A record lives under `<prefix>:<stream>:<id>`, with `sluice` as the default prefix.
+//! Stream names cannot contain ':' and the id is the last part, so every key maps back to
+//! exactly one (stream, id).
+
+/// The default key prefix.
+pub const DEFAULT_PREFIX: &str = "sluice";
+
+/// The Redis key of the record `id` of `stream`.
+pub fn record_key(prefix: &str, stream: &str, id: &str) -> String {
+    format!("{prefix}:{stream}:{id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_join_prefix_stream_and_id() {
+        assert_eq!(record_key("sluice", "visit", "42"), "sluice:visit:42");
+    }
+}
