@@ -1,1 +1,14 @@
-fn main() {}
+//! `sluice-collector` binary: parses flags, then collects until SIGINT or SIGTERM.
+
+use anyhow::Context;
+use clap::Parser;
+use sluice_collector::{Args, run};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    sluice_core::telemetry::init(&args.log_level);
+    let shutdown = sluice_core::shutdown::on_signal();
+    run(args, shutdown).await.context("collector failed")?;
+    Ok(())
+}

@@ -4,6 +4,8 @@
 //! (`SLUICE_LOG`), which takes `tracing` filter directives such as
 //! `info,sluice_collector=debug`; `SLUICE_LOG_FORMAT=json` switches to JSON lines.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber. `filter` takes `tracing` directives, for example `info`.
@@ -14,6 +16,7 @@ pub fn init(filter: &str) {
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let json = std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
     // A second call (as in tests) keeps the first subscriber.
