@@ -1,1 +1,275 @@
-//! placeholder
+//! Helpers for tests against the real stack that `scripts/stack up` starts.
+//!
+//! Tests read the stack's addresses from the `SLUICE_*` environment variables, make their
+//! own topics, consumer groups and Redis key prefixes (so they run in parallel and leave
+//! nothing shared behind), and await conditions with a deadline instead of sleeping.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use sluice_core::kafka::{KafkaArgs, TopicSpec, ensure_topics};
+use sluice_core::{PipelineSettings, StreamSettings};
+
+/// Addresses of the running stack.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    /// Kafka bootstrap servers.
+    pub kafka_brokers: String,
+    /// Redis primary.
+    pub redis_url: String,
+    /// Redis replica.
+    pub redis_replica_url: String,
+    /// PostgreSQL.
+    pub database_url: String,
+}
+
+fn var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: start the stack with `eval \"$(scripts/stack up)\"`, or run `make test`")
+    })
+}
+
+impl Stack {
+    /// The stack named by the environment; panics with instructions when it is not set.
+    pub fn from_env() -> Self {
+        Self {
+            kafka_brokers: var("SLUICE_KAFKA_BROKERS"),
+            redis_url: var("SLUICE_REDIS_URL"),
+            redis_replica_url: var("SLUICE_REDIS_REPLICA_URL"),
+            database_url: var("SLUICE_DATABASE_URL"),
+        }
+    }
+
+    /// Kafka client settings for the stack.
+    pub fn kafka(&self) -> KafkaArgs {
+        KafkaArgs::new(&self.kafka_brokers)
+    }
+
+    /// A Redis connection to the primary.
+    pub async fn redis(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+        Ok(redis::Client::open(self.redis_url.as_str())?
+            .get_multiplexed_async_connection()
+            .await?)
+    }
+}
+
+/// A name no other test uses: `<prefix>-<uuid>`.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// A pipeline of fresh streams for one test: settings, their topics in Kafka, a settings
+/// file on disk, and a Redis key prefix of its own.
+pub struct Pipeline {
+    /// The settings.
+    pub settings: PipelineSettings,
+    /// Where the settings file is.
+    pub settings_path: PathBuf,
+    /// The Redis key prefix of this test.
+    pub key_prefix: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Pipeline {
+    /// Creates the streams' topics (with their `.dlq` topics) and writes the settings file.
+    pub async fn create(stack: &Stack, streams: Vec<StreamSettings>) -> anyhow::Result<Self> {
+        let settings = PipelineSettings { streams };
+        let mut topics = Vec::new();
+        for s in &settings.streams {
+            topics.push(TopicSpec {
+                name: s.topic().to_owned(),
+                partitions: s.partitions,
+            });
+            topics.push(TopicSpec {
+                name: format!("{}.dlq", s.name),
+                partitions: 1,
+            });
+        }
+        ensure_topics(&stack.kafka(), &topics).await?;
+        let dir = tempfile::tempdir()?;
+        let settings_path = dir.path().join("pipeline.yaml");
+        std::fs::write(&settings_path, settings.to_yaml())?;
+        Ok(Self {
+            settings,
+            settings_path,
+            key_prefix: unique("t"),
+            _dir: dir,
+        })
+    }
+}
+
+/// Calls `check` until it returns `Some`, or fails after `limit` saying what was awaited.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut last_error = None;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_error = Some(e),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            match last_error {
+                Some(e) => bail!("timed out after {limit:?} waiting for {what}; last error: {e:#}"),
+                None => bail!("timed out after {limit:?} waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every record of `topic` from the beginning up to its current end, read with a fresh
+/// consumer group. The end is taken first, so the call returns as soon as all are read.
+pub async fn read_topic(stack: &Stack, topic: &str) -> anyhow::Result<Vec<OwnedMessage>> {
+    let consumer: StreamConsumer = stack.kafka().consumer_config(&unique("reader")).create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut assignment = TopicPartitionList::new();
+    let mut remaining = 0i64;
+    for &p in &partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        remaining += high - low;
+        assignment.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    let mut out = Vec::new();
+    while (out.len() as i64) < remaining {
+        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .with_context(|| {
+                format!(
+                    "reading {topic}: {} of {remaining} records after 30 s",
+                    out.len()
+                )
+            })??;
+        out.push(m.detach());
+    }
+    Ok(out)
+}
+
+/// The number of records in `topic` (sum over partitions of end − start).
+pub fn topic_len(stack: &Stack, topic: &str) -> anyhow::Result<i64> {
+    let consumer: StreamConsumer = stack.kafka().consumer_config(&unique("len")).create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut total = 0;
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            let (low, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+            total += high - low;
+        }
+    }
+    Ok(total)
+}
+
+/// The payload of a Kafka record as JSON.
+pub fn json_of(m: &OwnedMessage) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_slice(
+        m.payload().context("record without value")?,
+    )?)
+}
+
+/// Path of a binary of this workspace, built next to the test executable.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("unexpected test executable location")?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} does not exist: build the binaries first with `cargo build --workspace --bins` (make test does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A child process that is killed when dropped, so a failing test leaves nothing running.
+pub struct Process {
+    name: String,
+    child: Child,
+}
+
+impl Process {
+    /// Starts a workspace binary with `args` and `envs`; its output goes to the test's.
+    pub fn spawn(name: &str, args: &[&str], envs: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(binary(name)?);
+        cmd.args(args)
+            .env("SLUICE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+        })
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Asks the process to stop (SIGTERM) and waits up to `limit` for it to exit; returns
+    /// whether it exited successfully.
+    pub async fn terminate(mut self, limit: Duration) -> anyhow::Result<bool> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("cannot send SIGTERM to {}", self.name);
+        }
+        let name = self.name.clone();
+        let exit = wait_for(&format!("{name} to exit"), limit, || {
+            let r = self.child.try_wait();
+            async move { Ok(r?) }
+        })
+        .await?;
+        Ok(exit.success())
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}

@@ -34,7 +34,11 @@ use sink::Sink;
 
 /// Command line and environment of `sluice-collector`.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "sluice-collector", version, about = "Sluice collector: Kafka in, sinks out")]
+#[command(
+    name = "sluice-collector",
+    version,
+    about = "Sluice collector: Kafka in, sinks out"
+)]
 pub struct Args {
     /// Pipeline settings file (streams and their topics).
     #[arg(long, env = "SLUICE_SETTINGS")]
@@ -43,13 +47,25 @@ pub struct Args {
     #[command(flatten)]
     pub kafka: KafkaArgs,
     /// Consumer group; instances in one group share the partitions.
-    #[arg(long, env = "SLUICE_COLLECTOR_GROUP", default_value = "sluice-collector")]
+    #[arg(
+        long,
+        env = "SLUICE_COLLECTOR_GROUP",
+        default_value = "sluice-collector"
+    )]
     pub group: String,
     /// Streams to collect, comma separated; all streams of the settings when empty.
-    #[arg(long = "streams", env = "SLUICE_COLLECTOR_STREAMS", value_delimiter = ',')]
+    #[arg(
+        long = "streams",
+        env = "SLUICE_COLLECTOR_STREAMS",
+        value_delimiter = ','
+    )]
     pub streams: Vec<String>,
     /// Redis the records are written to.
-    #[arg(long, env = "SLUICE_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "SLUICE_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
     pub redis_url: String,
     /// Prefix of the Redis keys of records.
     #[arg(long, env = "SLUICE_KEY_PREFIX", default_value = store::DEFAULT_PREFIX)]
@@ -91,7 +107,10 @@ pub fn dead_letter_topic(stream: &str) -> String {
 pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), CollectorError> {
     let settings = PipelineSettings::from_file(&args.settings)?;
     let sink = sink::redis::RedisSink::connect(&args.redis_url, args.key_prefix.clone()).await?;
-    Collector::new(&args, &settings).await?.run(sink, shutdown).await
+    Collector::new(&args, &settings)
+        .await?
+        .run(sink, shutdown)
+        .await
 }
 
 /// A consumer bound to its streams, and the producer for dead letters.
@@ -111,7 +130,11 @@ impl Collector {
         } else {
             args.streams
                 .iter()
-                .map(|name| settings.stream(name).ok_or_else(|| CollectorError::UnknownStream(name.clone())))
+                .map(|name| {
+                    settings
+                        .stream(name)
+                        .ok_or_else(|| CollectorError::UnknownStream(name.clone()))
+                })
                 .collect::<Result<_, _>>()?
         };
         if args.create_topics {
@@ -141,7 +164,11 @@ impl Collector {
     }
 
     /// Consumes and writes until `shutdown` is cancelled; then commits and leaves the group.
-    pub async fn run<S: Sink>(self, sink: S, shutdown: CancellationToken) -> Result<(), CollectorError> {
+    pub async fn run<S: Sink>(
+        self,
+        sink: S,
+        shutdown: CancellationToken,
+    ) -> Result<(), CollectorError> {
         loop {
             let first = tokio::select! {
                 biased;
@@ -173,8 +200,11 @@ impl Collector {
             }
         }
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(()) | Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => tracing::warn!(error = %e, "final commit failed; uncommitted records will be delivered again"),
+            Ok(())
+            | Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "final commit failed; uncommitted records will be delivered again")
+            }
         }
         tracing::info!("collector stopped");
         Ok(())
@@ -218,14 +248,26 @@ impl Collector {
                 tracing::debug!(error = %e, topic = m.topic(), partition = m.partition(), "offset not stored");
             }
         }
-        tracing::debug!(events = events.len(), records = batch.len(), "batch written");
+        tracing::debug!(
+            events = events.len(),
+            records = batch.len(),
+            "batch written"
+        );
         true
     }
 
     /// Sends a record that is not an event to its stream's dead-letter topic and waits for
     /// Kafka to acknowledge it. Returns false when shutdown interrupted it.
-    async fn dead_letter(&self, m: &BorrowedMessage<'_>, reason: &str, shutdown: &CancellationToken) -> bool {
-        let stream = self.streams.get(m.topic()).map_or(m.topic(), String::as_str);
+    async fn dead_letter(
+        &self,
+        m: &BorrowedMessage<'_>,
+        reason: &str,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let stream = self
+            .streams
+            .get(m.topic())
+            .map_or(m.topic(), String::as_str);
         let topic = dead_letter_topic(stream);
         tracing::warn!(%topic, source = m.topic(), partition = m.partition(), offset = m.offset(), %reason, "record is not an event; dead-lettering it");
         let mut backoff = Backoff::new();
@@ -239,10 +281,22 @@ impl Collector {
             let partition = m.partition().to_string();
             let offset = m.offset().to_string();
             headers = headers
-                .insert(Header { key: "sluice-error", value: Some(reason) })
-                .insert(Header { key: "sluice-source-topic", value: Some(m.topic()) })
-                .insert(Header { key: "sluice-source-partition", value: Some(&partition) })
-                .insert(Header { key: "sluice-source-offset", value: Some(&offset) });
+                .insert(Header {
+                    key: "sluice-error",
+                    value: Some(reason),
+                })
+                .insert(Header {
+                    key: "sluice-source-topic",
+                    value: Some(m.topic()),
+                })
+                .insert(Header {
+                    key: "sluice-source-partition",
+                    value: Some(&partition),
+                })
+                .insert(Header {
+                    key: "sluice-source-offset",
+                    value: Some(&offset),
+                });
             let mut record = FutureRecord::<[u8], [u8]>::to(&topic).headers(headers);
             if let Some(p) = m.payload() {
                 record = record.payload(p);

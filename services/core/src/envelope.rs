@@ -114,14 +114,15 @@ impl Envelope {
 
     /// The Kafka headers of this event.
     pub fn kafka_headers(&self) -> OwnedHeaders {
-        self.headers
-            .iter()
-            .fold(OwnedHeaders::new_with_capacity(self.headers.len()), |h, (k, v)| {
+        self.headers.iter().fold(
+            OwnedHeaders::new_with_capacity(self.headers.len()),
+            |h, (k, v)| {
                 h.insert(Header {
                     key: k,
                     value: Some(v.as_bytes()),
                 })
-            })
+            },
+        )
     }
 
     /// Decodes an event from a Kafka value and its headers. Headers that are not UTF-8
@@ -184,7 +185,8 @@ mod tests {
         let e = Envelope::new("s", None, json!({}));
         let v: Value = serde_json::from_slice(&e.encode_value()).expect("json");
         assert!(v.get("key").is_none());
-        let back = Envelope::decode::<OwnedHeaders>(Some(&e.encode_value()), None).expect("decodes");
+        let back =
+            Envelope::decode::<OwnedHeaders>(Some(&e.encode_value()), None).expect("decodes");
         assert_eq!(back.key, None);
     }
 

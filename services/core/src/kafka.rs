@@ -17,7 +17,11 @@ use rdkafka::types::RDKafkaErrorCode;
 #[derive(Debug, Clone, clap::Args)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers, comma separated.
-    #[arg(long = "kafka-brokers", env = "SLUICE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    #[arg(
+        long = "kafka-brokers",
+        env = "SLUICE_KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092"
+    )]
     pub brokers: String,
     /// Extra librdkafka properties as `name=value`, comma separated (for example
     /// `security.protocol=ssl`).

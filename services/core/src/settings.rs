@@ -240,7 +240,9 @@ mod tests {
 
     #[test]
     fn rejects_bad_settings_with_a_reason() {
-        assert!(error_of("streams:\n  - name: a\n    colour: red\n").contains("unknown field `colour`"));
+        assert!(
+            error_of("streams:\n  - name: a\n    colour: red\n").contains("unknown field `colour`")
+        );
         assert!(error_of("streams:\n  - name: a\n  - name: a\n").contains("defined twice"));
         assert!(error_of("streams:\n  - name: a b\n").contains("contains ' '"));
         assert!(

@@ -45,7 +45,11 @@ pub use error::ApiError;
 
 /// Command line and environment of `sluice-ingest`.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "sluice-ingest", version, about = "Sluice ingest: HTTP in, Kafka out")]
+#[command(
+    name = "sluice-ingest",
+    version,
+    about = "Sluice ingest: HTTP in, Kafka out"
+)]
 pub struct Args {
     /// Address the HTTP server listens on.
     #[arg(long, env = "SLUICE_INGEST_LISTEN", default_value = "127.0.0.1:8080")]
@@ -57,7 +61,11 @@ pub struct Args {
     #[command(flatten)]
     pub kafka: KafkaArgs,
     /// Redis holding the records written by collectors.
-    #[arg(long, env = "SLUICE_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "SLUICE_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
     pub redis_url: String,
     /// Prefix of the Redis keys of records.
     #[arg(long, env = "SLUICE_KEY_PREFIX", default_value = store::DEFAULT_PREFIX)]
@@ -115,7 +123,10 @@ impl App {
     }
 
     /// Like [`App::connect`], with settings already in hand.
-    pub async fn with_settings(args: &Args, settings: PipelineSettings) -> Result<Self, StartError> {
+    pub async fn with_settings(
+        args: &Args,
+        settings: PipelineSettings,
+    ) -> Result<Self, StartError> {
         if args.create_topics {
             let topics: Vec<TopicSpec> = settings
                 .streams
@@ -147,7 +158,13 @@ impl App {
 
     fn stream(&self, name: &str) -> Result<&StreamSettings, ApiError> {
         self.inner.settings.stream(name).ok_or_else(|| {
-            let known: Vec<&str> = self.inner.settings.streams.iter().map(|s| s.name.as_str()).collect();
+            let known: Vec<&str> = self
+                .inner
+                .settings
+                .streams
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect();
             ApiError::UnknownStream(name.to_owned(), known.join(", "))
         })
     }
@@ -174,7 +191,11 @@ pub fn router(app: App) -> Router {
 
 /// Serves the API on `listener` until `shutdown` is cancelled, then finishes the requests
 /// in flight and waits for their events to be acknowledged.
-pub async fn run(listener: TcpListener, app: App, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    app: App,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "ingest listening");
     axum::serve(listener, router(app.clone()))
         .with_graceful_shutdown(shutdown.cancelled_owned())

@@ -39,8 +39,11 @@ impl Sink for RedisSink {
         let mut pipe = redis::pipe();
         pipe.atomic();
         for e in batch {
-            pipe.set(store::record_key(&self.prefix, &e.stream, &e.id), e.encode_value())
-                .ignore();
+            pipe.set(
+                store::record_key(&self.prefix, &e.stream, &e.id),
+                e.encode_value(),
+            )
+            .ignore();
         }
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await?;
