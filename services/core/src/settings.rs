@@ -9,6 +9,10 @@
 //!     topic: visit         # the Kafka topic; defaults to the stream name
 //!     partitions: 6        # partitions when the topic is created; defaults to 1
 //!     key: /userId         # optional JSON pointer to the partition key in the payload
+//!     readTopic: visit.reads  # where GET publishes read events; defaults to <topic>.reads
+//!     schema:              # optional JSON Schema every event must satisfy
+//!       type: object
+//!       required: [userId]
 //! ```
 //!
 //! [`PipelineSettings::from_yaml`] is a pure function from text to checked settings: unknown
@@ -33,7 +37,7 @@ pub struct PipelineSettings {
 
 /// One stream: where its events go and how they are keyed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StreamSettings {
     /// Name of the stream, used in URLs and store keys.
     pub name: String,
@@ -46,6 +50,12 @@ pub struct StreamSettings {
     /// JSON pointer (RFC 6901) to the partition key inside the payload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// Topic the read path publishes read events to; `<topic>.reads` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_topic: Option<String>,
+    /// JSON Schema that every event of the stream must satisfy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<Value>,
 }
 
 fn default_partitions() -> i32 {
@@ -131,6 +141,19 @@ impl PipelineSettings {
                     s.name
                 ));
             }
+            let reads = s.read_topic();
+            if let Err(why) = check_name(&reads, MAX_TOPIC_LEN) {
+                return invalid(format!("read topic {reads:?} of stream {:?} {why}", s.name));
+            }
+            if let Some(schema) = &s.schema
+                && !schema.is_object()
+                && !schema.is_boolean()
+            {
+                return invalid(format!(
+                    "schema of stream {:?} must be a JSON Schema object",
+                    s.name
+                ));
+            }
             if s.partitions < 1 {
                 return invalid(format!(
                     "stream {:?} has {} partitions; it needs at least 1",
@@ -158,7 +181,16 @@ impl StreamSettings {
             topic: None,
             partitions: default_partitions(),
             key: None,
+            read_topic: None,
+            schema: None,
         }
+    }
+
+    /// The topic read events of this stream go to.
+    pub fn read_topic(&self) -> String {
+        self.read_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.reads", self.topic()))
     }
 
     /// The Kafka topic of the stream.
@@ -219,6 +251,7 @@ mod tests {
         let activity = s.stream("activity").expect("activity");
         assert_eq!(activity.topic(), "act-v1");
         assert_eq!(activity.partitions, 1);
+        assert_eq!(activity.read_topic(), "act-v1.reads");
         assert!(s.stream("nope").is_none());
     }
 

@@ -1,6 +1,7 @@
 //! How records are named in Redis, shared by the collector (writes) and ingest (reads).
 //!
-//! A record lives under `<prefix>:<stream>:<id>`, with `sluice` as the default prefix.
+//! A record lives under `<prefix>:<stream>:<id>`, with `sluice` as the default prefix; the
+//! senders with unsent messages for a user are the set `<prefix>:unsent:<user>`.
 //! Stream names cannot contain ':' and the id is the last part, so every key maps back to
 //! exactly one (stream, id).
 
@@ -10,6 +11,11 @@ pub const DEFAULT_PREFIX: &str = "sluice";
 /// The Redis key of the record `id` of `stream`.
 pub fn record_key(prefix: &str, stream: &str, id: &str) -> String {
     format!("{prefix}:{stream}:{id}")
+}
+
+/// The Redis set of senders with unsent messages for `user`.
+pub fn unsent_key(prefix: &str, user: &str) -> String {
+    format!("{prefix}:unsent:{user}")
 }
 
 #[cfg(test)]

@@ -5,26 +5,38 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use rdkafka::error::KafkaError;
 use serde::Serialize;
 use sluice_core::envelope::InvalidId;
-use sluice_core::settings::KeyError;
+
+use crate::publish::PublishError;
 
 /// Everything that can go wrong in a request.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// No stream of that name in the pipeline settings.
-    #[error("there is no stream named {0:?}; the streams of this pipeline are: {1}")]
-    UnknownStream(String, String),
+    /// The events could not be published (bad event, unknown stream, Kafka trouble).
+    #[error(transparent)]
+    Publish(#[from] PublishError),
     /// The body is not valid JSON.
     #[error("the request body is not valid JSON: {0}")]
     MalformedJson(#[source] serde_json::Error),
-    /// The body is JSON but not an object.
-    #[error("an event must be a JSON object, not {0}")]
-    NotAnObject(&'static str),
-    /// The partition key cannot be taken from the payload.
-    #[error("cannot take the partition key: {0}")]
-    Key(#[from] KeyError),
+    /// A line of an NDJSON body is not valid JSON.
+    #[error("line {line} of the NDJSON body is not valid JSON: {source}")]
+    MalformedLine {
+        /// 1-based line number.
+        line: usize,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The body holds no event.
+    #[error("the request holds no event")]
+    Empty,
+    /// The body holds more events than allowed.
+    #[error("the request holds {0} events; at most {1} are allowed in one request")]
+    TooManyEvents(usize, usize),
+    /// A request field is missing or of the wrong type.
+    #[error("{0}")]
+    InvalidField(String),
     /// The id in the path is not a valid event id.
     #[error("invalid event id: {0}")]
     InvalidId(#[from] InvalidId),
@@ -36,6 +48,9 @@ pub enum ApiError {
         /// What went wrong.
         message: String,
     },
+    /// A query parameter is invalid.
+    #[error("{0}")]
+    Query(String),
     /// No record with that id in the store (yet).
     #[error("no record {id:?} in stream {stream:?}")]
     NotFound {
@@ -47,12 +62,14 @@ pub enum ApiError {
     /// The path matches no endpoint.
     #[error("no endpoint at {0}")]
     NoRoute(String),
-    /// The producer queue is full: the client should retry later.
-    #[error("the Kafka producer queue is full; retry later")]
-    Overloaded,
-    /// Kafka did not acknowledge the event.
-    #[error("Kafka did not acknowledge the event: {0}")]
-    Kafka(#[source] KafkaError),
+    /// No valid API key.
+    #[error(
+        "a valid API key is required: send it as `Authorization: Bearer <key>` or `X-Api-Key: <key>`"
+    )]
+    Unauthorized,
+    /// Kafka is unreachable: ingest accepts nothing until it is back.
+    #[error("Kafka is unreachable; retry later")]
+    NotReady,
     /// The store could not be read.
     #[error("the record store is unavailable: {0}")]
     Store(#[source] redis::RedisError),
@@ -61,42 +78,84 @@ pub enum ApiError {
 impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
-            Self::UnknownStream(..) | Self::NotFound { .. } | Self::NoRoute(_) => {
-                StatusCode::NOT_FOUND
-            }
-            Self::MalformedJson(_) | Self::NotAnObject(_) | Self::Key(_) | Self::InvalidId(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::Publish(p) => match p {
+                PublishError::UnknownStream(..) => StatusCode::NOT_FOUND,
+                PublishError::Overloaded | PublishError::Kafka { .. } => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                _ => StatusCode::BAD_REQUEST,
+            },
+            Self::NotFound { .. } | Self::NoRoute(_) => StatusCode::NOT_FOUND,
+            Self::MalformedJson(_)
+            | Self::MalformedLine { .. }
+            | Self::Empty
+            | Self::InvalidField(_)
+            | Self::InvalidId(_)
+            | Self::Query(_) => StatusCode::BAD_REQUEST,
+            Self::TooManyEvents(..) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Body { status, .. } => *status,
-            Self::Overloaded | Self::Kafka(_) | Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::NotReady | Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
     /// The problem type: a stable, documented identifier of this kind of error.
-    fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> &'static str {
         match self {
-            Self::UnknownStream(..) => "unknown-stream",
-            Self::MalformedJson(_) => "malformed-json",
-            Self::NotAnObject(_) => "not-an-object",
-            Self::Key(_) => "missing-key",
+            Self::Publish(p) => match p {
+                PublishError::UnknownStream(..) => "unknown-stream",
+                PublishError::NotAnObject { .. } => "not-an-object",
+                PublishError::InvalidId { .. } | PublishError::IdNotScalar { .. } => "invalid-id",
+                PublishError::Key { .. } => "missing-key",
+                PublishError::Schema { .. } => "schema-violation",
+                PublishError::Overloaded => "overloaded",
+                PublishError::Kafka { .. } => "kafka-unavailable",
+            },
+            Self::MalformedJson(_) | Self::MalformedLine { .. } => "malformed-json",
+            Self::Empty => "empty-request",
+            Self::TooManyEvents(..) => "too-many-events",
+            Self::InvalidField(_) => "invalid-field",
             Self::InvalidId(_) => "invalid-id",
             Self::Body { .. } => "unreadable-body",
+            Self::Query(_) => "invalid-query",
             Self::NotFound { .. } => "record-not-found",
             Self::NoRoute(_) => "no-route",
-            Self::Overloaded => "overloaded",
-            Self::Kafka(_) => "kafka-unavailable",
+            Self::Unauthorized => "unauthorized",
+            Self::NotReady => "kafka-unavailable",
             Self::Store(_) => "store-unavailable",
         }
     }
+
+    /// Whether the client should retry later (503 with `Retry-After`).
+    fn retry_later(&self) -> bool {
+        self.status() == StatusCode::SERVICE_UNAVAILABLE
+    }
 }
 
-/// The RFC 7807 body.
-#[derive(Debug, Serialize)]
-struct Problem {
-    r#type: String,
-    title: &'static str,
-    status: u16,
-    detail: String,
+/// An RFC 7807 problem document.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Problem {
+    /// URI identifying the kind of problem.
+    pub r#type: String,
+    /// The HTTP status text.
+    pub title: &'static str,
+    /// The HTTP status code.
+    pub status: u16,
+    /// What is wrong, in words.
+    pub detail: String,
+}
+
+impl ApiError {
+    /// The problem document of this error.
+    pub fn problem(&self) -> Problem {
+        let status = self.status();
+        Problem {
+            r#type: format!("https://sluice.dev/problems/{}", self.kind()),
+            title: status.canonical_reason().unwrap_or("Error"),
+            status: status.as_u16(),
+            detail: self.to_string(),
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -105,12 +164,7 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::warn!(error = %self, "request failed");
         }
-        let problem = Problem {
-            r#type: format!("https://sluice.dev/problems/{}", self.kind()),
-            title: status.canonical_reason().unwrap_or("Error"),
-            status: status.as_u16(),
-            detail: self.to_string(),
-        };
+        let problem = self.problem();
         let body = serde_json::to_vec(&problem).unwrap_or_default();
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
@@ -118,8 +172,11 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if matches!(self, Self::Overloaded) {
+        if self.retry_later() {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if matches!(self, Self::Unauthorized) {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

@@ -1,54 +1,53 @@
-//! `sluice-ingest`: the front door. Events arrive over HTTP, are wrapped in an
-//! [`Envelope`] and published to their stream's Kafka topic; records are read back from
-//! Redis, where collectors write them.
+//! `sluice-ingest`: the front door. Events arrive over HTTP and WebSocket, are checked,
+//! wrapped in an [`Envelope`](sluice_core::Envelope) and published to their stream's Kafka
+//! topic; records are read back from Redis, where collectors write them.
 //!
-//! Flow of a `POST /v1/streams/{stream}/events`:
-//! 1. the stream is looked up in the pipeline settings (404 if unknown);
-//! 2. the body (at most `--max-body-bytes`) is parsed as one JSON object (400 otherwise);
-//! 3. the partition key is taken from the stream's key pointer, and an envelope with a fresh
-//!    UUIDv7 id is published with the idempotent `acks=all` producer;
-//! 4. the answer, 202 with the id, partition and offset, is sent only after Kafka
-//!    acknowledged the write. A full producer queue answers 503 with `Retry-After`.
+//! - [`http`]: the versioned JSON API, the workshop paths, health, metrics, OpenAPI;
+//! - [`ws`]: the WebSocket door, one ack or error frame per text frame;
+//! - [`publish`]: checks and publishes events, shared by every door;
+//! - [`input`]: request bodies (one object, an array, NDJSON) into payloads;
+//! - [`listener`]: the connection limit; [`metrics`]: Prometheus metrics.
 //!
-//! `GET /v1/streams/{stream}/records/{id}` answers the stored record from Redis, 404 when
-//! there is none yet.
+//! Ingest answers 2xx only after Kafka acknowledged every event of a request (unless the
+//! caller asks for `ack=none`); while Kafka is unreachable `/readyz` fails and publishing
+//! answers 503 with `Retry-After` at once, without queueing.
 
 pub mod error;
+pub mod http;
+pub mod input;
+pub mod listener;
+pub mod metrics;
+pub mod publish;
+pub mod ws;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{StatusCode, Uri, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::types::RDKafkaErrorCode;
-use redis::AsyncCommands;
+use rdkafka::producer::{FutureProducer, Producer};
 use redis::aio::ConnectionManager;
-use serde::Serialize;
-use serde_json::Value;
-use sluice_core::envelope::validate_id;
 use sluice_core::kafka::{KafkaArgs, TopicSpec, ensure_topics};
 use sluice_core::settings::SettingsError;
-use sluice_core::{Envelope, PipelineSettings, StreamSettings, store};
+use sluice_core::{PipelineSettings, store};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
+pub use http::router;
+
+use listener::LimitedListener;
+use metrics::Metrics;
+use publish::{Publisher, SchemaError, Streams};
 
 /// Command line and environment of `sluice-ingest`.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "sluice-ingest",
     version,
-    about = "Sluice ingest: HTTP in, Kafka out"
+    about = "Sluice ingest: HTTP and WebSocket in, Kafka out"
 )]
 pub struct Args {
     /// Address the HTTP server listens on.
@@ -60,25 +59,70 @@ pub struct Args {
     /// Kafka connection.
     #[command(flatten)]
     pub kafka: KafkaArgs,
-    /// Redis holding the records written by collectors.
+    /// Redis primary, where collectors write records.
     #[arg(
         long,
         env = "SLUICE_REDIS_URL",
         default_value = "redis://127.0.0.1:6379"
     )]
     pub redis_url: String,
+    /// Redis replica reads go to first; the primary answers when it is absent or misses.
+    #[arg(long, env = "SLUICE_REDIS_REPLICA_URL")]
+    pub redis_replica_url: Option<String>,
     /// Prefix of the Redis keys of records.
     #[arg(long, env = "SLUICE_KEY_PREFIX", default_value = store::DEFAULT_PREFIX)]
     pub key_prefix: String,
-    /// Create the streams' topics at start-up when they do not exist.
+    /// Create the streams' topics (and read-event topics) at start-up when absent.
     #[arg(long, env = "SLUICE_CREATE_TOPICS")]
     pub create_topics: bool,
-    /// Largest request body accepted, in bytes.
+    /// Publish a read event to the stream's read topic on every GET hit.
+    #[arg(long, env = "SLUICE_READ_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub read_events: bool,
+    /// Stream that `POST /v1/messages` publishes chat messages to.
+    #[arg(long, env = "SLUICE_MESSAGES_STREAM", default_value = "messages")]
+    pub messages_stream: String,
+    /// Largest request body, WebSocket message or frame accepted, in bytes.
     #[arg(long, env = "SLUICE_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Most events in one request or WebSocket message.
+    #[arg(long, env = "SLUICE_MAX_BATCH_EVENTS", default_value_t = 10_000)]
+    pub max_batch_events: usize,
+    /// Most connections held open at once (HTTP and WebSocket together).
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Longest simulated work `POST /v1/work?ms=N` accepts, in milliseconds.
+    #[arg(long, env = "SLUICE_WORK_MAX_MS", default_value_t = 10_000)]
+    pub work_max_ms: u64,
+    /// File of API keys, one per line (`#` starts a comment); when set, the `/v1` and
+    /// `/api` endpoints need one of them.
+    #[arg(long, env = "SLUICE_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
     /// Log filter, for example `info` or `info,sluice_ingest=debug`.
     #[arg(long, env = "SLUICE_LOG", default_value = "info")]
     pub log_level: String,
+}
+
+impl Args {
+    /// Settings for tests and embedding: every limit at its default.
+    pub fn new(settings: PathBuf, kafka: KafkaArgs, redis_url: String) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            settings,
+            kafka,
+            redis_url,
+            redis_replica_url: None,
+            key_prefix: store::DEFAULT_PREFIX.to_owned(),
+            create_topics: false,
+            read_events: true,
+            messages_stream: "messages".to_owned(),
+            max_body_bytes: 1024 * 1024,
+            max_batch_events: 10_000,
+            max_connections: 10_000,
+            work_max_ms: 10_000,
+            api_keys_file: None,
+            log_level: "info".to_owned(),
+        }
+    }
 }
 
 /// Why ingest cannot start.
@@ -87,6 +131,9 @@ pub enum StartError {
     /// The settings file is unusable.
     #[error(transparent)]
     Settings(#[from] SettingsError),
+    /// A stream's schema does not compile.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
     /// The Kafka client could not be created, or topics could not be created.
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
@@ -99,6 +146,14 @@ pub enum StartError {
         #[source]
         source: redis::RedisError,
     },
+    /// The API key file cannot be used.
+    #[error("API key file {path}: {reason}")]
+    ApiKeys {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// What the handlers share.
@@ -108,188 +163,179 @@ pub struct App {
 }
 
 struct Inner {
-    settings: PipelineSettings,
-    producer: FutureProducer,
+    streams: Streams,
+    publisher: Publisher,
     redis: ConnectionManager,
+    replica: Option<ConnectionManager>,
     key_prefix: String,
+    read_events: bool,
+    messages_stream: String,
     max_body_bytes: usize,
+    max_batch_events: usize,
+    max_connections: usize,
+    work_max_ms: u64,
+    api_keys: Vec<Vec<u8>>,
+    kafka_ready: AtomicBool,
+    metrics: Arc<Metrics>,
+    /// Cancelled when the server shuts down; long-lived connections (WebSocket) close.
+    closing: CancellationToken,
+}
+
+async fn redis_connection(url: &str) -> Result<ConnectionManager, StartError> {
+    let redis_error = |source| StartError::Redis {
+        url: url.to_owned(),
+        source,
+    };
+    let client = redis::Client::open(url).map_err(redis_error)?;
+    client.get_connection_manager().await.map_err(redis_error)
+}
+
+/// Reads an API key file: one key per line; blank lines and `#` comments are skipped.
+pub fn read_api_keys(path: &Path) -> Result<Vec<Vec<u8>>, StartError> {
+    let error = |reason: String| StartError::ApiKeys {
+        path: path.display().to_string(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
+    let keys: Vec<Vec<u8>> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.as_bytes().to_vec())
+        .collect();
+    if keys.is_empty() {
+        return Err(error("holds no key".to_owned()));
+    }
+    if let Some(short) = keys.iter().find(|k| k.len() < 16) {
+        return Err(error(format!(
+            "a key of {} characters is too short to be safe; use at least 16",
+            short.len()
+        )));
+    }
+    Ok(keys)
 }
 
 impl App {
     /// Reads the settings, creates the Kafka producer and connects to Redis.
     pub async fn connect(args: &Args) -> Result<Self, StartError> {
         let settings = PipelineSettings::from_file(&args.settings)?;
-        Self::with_settings(args, settings).await
-    }
-
-    /// Like [`App::connect`], with settings already in hand.
-    pub async fn with_settings(
-        args: &Args,
-        settings: PipelineSettings,
-    ) -> Result<Self, StartError> {
+        let streams = Streams::new(&settings)?;
         if args.create_topics {
-            let topics: Vec<TopicSpec> = settings
-                .streams
-                .iter()
-                .map(|s| TopicSpec {
+            let mut topics = Vec::new();
+            for s in &settings.streams {
+                topics.push(TopicSpec {
                     name: s.topic().to_owned(),
                     partitions: s.partitions,
-                })
-                .collect();
+                });
+                if args.read_events {
+                    topics.push(TopicSpec {
+                        name: s.read_topic(),
+                        partitions: s.partitions,
+                    });
+                }
+            }
             ensure_topics(&args.kafka, &topics).await?;
         }
         let producer: FutureProducer = args.kafka.producer_config().create()?;
-        let redis_error = |source| StartError::Redis {
-            url: args.redis_url.clone(),
-            source,
+        let redis = redis_connection(&args.redis_url).await?;
+        let replica = match &args.redis_replica_url {
+            Some(url) => Some(redis_connection(url).await?),
+            None => None,
         };
-        let client = redis::Client::open(args.redis_url.as_str()).map_err(redis_error)?;
-        let redis = client.get_connection_manager().await.map_err(redis_error)?;
+        let api_keys = match &args.api_keys_file {
+            Some(path) => read_api_keys(path)?,
+            None => Vec::new(),
+        };
+        let metrics = Arc::new(Metrics::new());
         Ok(Self {
             inner: Arc::new(Inner {
-                settings,
-                producer,
+                streams,
+                publisher: Publisher::new(producer, metrics.clone()),
                 redis,
+                replica,
                 key_prefix: args.key_prefix.clone(),
+                read_events: args.read_events,
+                messages_stream: args.messages_stream.clone(),
                 max_body_bytes: args.max_body_bytes,
+                max_batch_events: args.max_batch_events,
+                max_connections: args.max_connections,
+                work_max_ms: args.work_max_ms,
+                api_keys,
+                // Optimistic until the first check says otherwise.
+                kafka_ready: AtomicBool::new(true),
+                metrics,
+                closing: CancellationToken::new(),
             }),
         })
     }
 
-    fn stream(&self, name: &str) -> Result<&StreamSettings, ApiError> {
-        self.inner.settings.stream(name).ok_or_else(|| {
-            let known: Vec<&str> = self
-                .inner
-                .settings
-                .streams
-                .iter()
-                .map(|s| s.name.as_str())
-                .collect();
-            ApiError::UnknownStream(name.to_owned(), known.join(", "))
-        })
+    /// Whether Kafka answered the last metadata request.
+    pub fn kafka_ready(&self) -> bool {
+        self.inner.kafka_ready.load(Ordering::Relaxed)
+    }
+
+    /// Asks Kafka for metadata every `interval` and keeps [`App::kafka_ready`] up to date,
+    /// until `shutdown` is cancelled.
+    pub async fn watch_kafka(self, interval: Duration, shutdown: CancellationToken) {
+        loop {
+            let producer = self.inner.publisher.producer().clone();
+            let answer = tokio::task::spawn_blocking(move || {
+                producer
+                    .client()
+                    .fetch_metadata(None, Duration::from_secs(2))
+                    .map(|_| ())
+            })
+            .await;
+            let ready = matches!(answer, Ok(Ok(())));
+            let was = self.inner.kafka_ready.swap(ready, Ordering::Relaxed);
+            match (was, ready, answer) {
+                (true, false, Ok(Err(e))) => {
+                    tracing::error!(error = %e, "Kafka is unreachable; refusing events until it is back")
+                }
+                (true, false, _) => {
+                    tracing::error!("Kafka is unreachable; refusing events until it is back")
+                }
+                (false, true, _) => tracing::info!("Kafka is reachable again"),
+                _ => {}
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+        }
     }
 
     /// Waits up to `timeout` for queued events to be acknowledged.
     pub fn flush(&self, timeout: Duration) {
-        if let Err(e) = self.inner.producer.flush(timeout) {
+        if let Err(e) = self.inner.publisher.producer().flush(timeout) {
             tracing::error!(error = %e, "events still unacknowledged at shutdown");
         }
     }
 }
 
-/// The HTTP API.
-pub fn router(app: App) -> Router {
-    let limit = app.inner.max_body_bytes;
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/v1/streams/{stream}/events", post(publish))
-        .route("/v1/streams/{stream}/records/{id}", get(read_record))
-        .fallback(no_route)
-        .layer(DefaultBodyLimit::max(limit))
-        .with_state(app)
-}
-
-/// Serves the API on `listener` until `shutdown` is cancelled, then finishes the requests
-/// in flight and waits for their events to be acknowledged.
+/// Serves HTTP and WebSocket on `listener` until `shutdown` is cancelled; then stops
+/// accepting, finishes the requests in flight and waits for their events to be acknowledged.
 pub async fn run(
     listener: TcpListener,
     app: App,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "ingest listening");
+    tokio::spawn(
+        app.clone()
+            .watch_kafka(Duration::from_secs(1), shutdown.clone()),
+    );
+    let closing = app.inner.closing.clone();
+    let on_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        on_shutdown.cancelled().await;
+        closing.cancel();
+    });
+    let listener = LimitedListener::new(listener, app.inner.max_connections);
     axum::serve(listener, router(app.clone()))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;
     app.flush(Duration::from_secs(10));
+    tracing::info!("ingest stopped");
     Ok(())
-}
-
-async fn healthz() -> impl IntoResponse {
-    Json(serde_json::json!({"status": "ok"}))
-}
-
-async fn no_route(uri: Uri) -> ApiError {
-    ApiError::NoRoute(uri.path().to_owned())
-}
-
-/// The answer to an accepted event.
-#[derive(Debug, Serialize)]
-pub struct Accepted {
-    /// The event id.
-    pub id: String,
-    /// The Kafka partition it was written to.
-    pub partition: i32,
-    /// Its offset in that partition.
-    pub offset: i64,
-}
-
-async fn publish(
-    State(app): State<App>,
-    Path(stream): Path<String>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    let stream = app.stream(&stream)?;
-    let body = body.map_err(|r| ApiError::Body {
-        status: r.status(),
-        message: r.body_text(),
-    })?;
-    let payload: Value = serde_json::from_slice(&body).map_err(ApiError::MalformedJson)?;
-    if !payload.is_object() {
-        return Err(ApiError::NotAnObject(json_kind(&payload)));
-    }
-    let key = stream.key_of(&payload)?;
-    let envelope = Envelope::new(&stream.name, key, payload);
-    let value = envelope.encode_value();
-    let mut record = FutureRecord::to(stream.topic())
-        .payload(&value)
-        .headers(envelope.kafka_headers());
-    if let Some(key) = &envelope.key {
-        record = record.key(key.as_str());
-    }
-    let delivery = app
-        .inner
-        .producer
-        .send(record, Duration::ZERO)
-        .await
-        .map_err(|(e, _)| match e {
-            KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => ApiError::Overloaded,
-            e => ApiError::Kafka(e),
-        })?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(Accepted {
-            id: envelope.id,
-            partition: delivery.partition,
-            offset: delivery.offset,
-        }),
-    ))
-}
-
-async fn read_record(
-    State(app): State<App>,
-    Path((stream, id)): Path<(String, String)>,
-) -> Result<Response, ApiError> {
-    let stream = app.stream(&stream)?;
-    validate_id(&id)?;
-    let key = store::record_key(&app.inner.key_prefix, &stream.name, &id);
-    let mut redis = app.inner.redis.clone();
-    let record: Option<String> = redis.get(&key).await.map_err(ApiError::Store)?;
-    match record {
-        Some(json) => Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response()),
-        None => Err(ApiError::NotFound {
-            stream: stream.name.clone(),
-            id,
-        }),
-    }
-}
-
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }

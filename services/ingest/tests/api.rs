@@ -10,16 +10,13 @@ use sluice_testkit::{Pipeline, Stack, json_of, read_topic, unique};
 use tower::ServiceExt;
 
 async fn app_for(stack: &Stack, pipeline: &Pipeline) -> App {
-    let args = Args {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        settings: pipeline.settings_path.clone(),
-        kafka: stack.kafka(),
-        redis_url: stack.redis_url.clone(),
-        key_prefix: pipeline.key_prefix.clone(),
-        create_topics: false,
-        max_body_bytes: 1024,
-        log_level: "info".into(),
-    };
+    let mut args = Args::new(
+        pipeline.settings_path.clone(),
+        stack.kafka(),
+        stack.redis_url.clone(),
+    );
+    args.key_prefix = pipeline.key_prefix.clone();
+    args.max_body_bytes = 1024;
     App::connect(&args).await.expect("ingest starts")
 }
 

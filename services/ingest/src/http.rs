@@ -1,0 +1,518 @@
+//! The HTTP API: handlers, routes, the OpenAPI document, auth and request metrics.
+//!
+//! Every `/v1` and `/api` route is described with `utoipa` next to its handler; the
+//! router and the document at `GET /openapi.json` are built from the same list, so they
+//! cannot drift apart.
+
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Router, extract::DefaultBodyLimit};
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sluice_core::envelope::validate_id;
+use sluice_core::{Envelope, store};
+use subtle::ConstantTimeEq;
+use utoipa::{OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::App;
+use crate::error::{ApiError, Problem};
+use crate::input;
+use crate::publish::{Ack, Hints, Published};
+
+/// Header naming the event id of a single event.
+pub const ID_HEADER: &str = "x-sluice-id";
+/// Header naming the partition key of every event of a request.
+pub const KEY_HEADER: &str = "x-sluice-key";
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Sluice ingest API",
+        description = "Publish events to Kafka over HTTP; read stored records back."
+    ),
+    components(schemas(Problem))
+)]
+struct ApiDoc;
+
+/// The whole HTTP API.
+pub fn router(app: App) -> Router {
+    let (router, openapi) = api_router().split_for_parts();
+    let openapi_json = openapi.to_pretty_json().unwrap_or_default();
+    let protected = router
+        // The workshop paths are served with and without the trailing slash.
+        .route("/api/visit/v1", post(post_visit))
+        .route("/api/activity/v1", post(post_activity))
+        .route("/v1/streams/{stream}/ws", get(crate::ws::upgrade))
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_api_key));
+    let limit = app.inner.max_body_bytes;
+    protected
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route(
+            "/openapi.json",
+            get(
+                move || async move { ([(header::CONTENT_TYPE, "application/json")], openapi_json) },
+            ),
+        )
+        .fallback(no_route)
+        .layer(middleware::from_fn_with_state(app.clone(), record_metrics))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(app)
+}
+
+/// The documented routes.
+fn api_router() -> OpenApiRouter<App> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(publish_events))
+        .routes(routes!(read_record))
+        .routes(routes!(post_message))
+        .routes(routes!(unsent))
+        .routes(routes!(work))
+        .routes(routes!(post_visit))
+        .routes(routes!(post_activity))
+}
+
+/// The OpenAPI document of the API.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_router().into_openapi()
+}
+
+async fn record_metrics(State(app): State<App>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let method = request.method().as_str().to_owned();
+    let start = Instant::now();
+    let response = next.run(request).await;
+    app.inner
+        .metrics
+        .request(&route, &method, response.status().as_u16(), start.elapsed());
+    response
+}
+
+async fn require_api_key(State(app): State<App>, request: Request, next: Next) -> Response {
+    let keys = &app.inner.api_keys;
+    if keys.is_empty() {
+        return next.run(request).await;
+    }
+    let headers = request.headers();
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        .map(str::trim)
+        .unwrap_or_default()
+        .as_bytes();
+    // Compare against every key without stopping early, in constant time per key.
+    let mut valid = subtle::Choice::from(0);
+    for key in keys {
+        valid |= key.as_slice().ct_eq(given);
+    }
+    if bool::from(valid) {
+        next.run(request).await
+    } else {
+        ApiError::Unauthorized.into_response()
+    }
+}
+
+async fn healthz() -> impl IntoResponse {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(app): State<App>) -> Result<Json<Value>, ApiError> {
+    if app.kafka_ready() {
+        Ok(Json(json!({"status": "ready"})))
+    } else {
+        Err(ApiError::NotReady)
+    }
+}
+
+async fn metrics(State(app): State<App>) -> impl IntoResponse {
+    let depth = i64::from(rdkafka::producer::Producer::in_flight_count(
+        app.inner.publisher.producer(),
+    ));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.inner.metrics.encode(depth),
+    )
+}
+
+async fn no_route(uri: Uri) -> ApiError {
+    ApiError::NoRoute(uri.path().to_owned())
+}
+
+/// Query of the publish endpoints.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct PublishQuery {
+    /// `all` (default): answer after Kafka acknowledged; `none`: answer once queued.
+    ack: Option<String>,
+}
+
+/// The answer to published events.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum PublishResponse {
+    /// One event was sent.
+    Single(Published),
+    /// A batch was sent.
+    Batch {
+        /// Number of events.
+        count: usize,
+        /// Each event, in request order.
+        events: Vec<Published>,
+    },
+}
+
+fn ack_of(query: Result<Query<PublishQuery>, QueryRejection>) -> Result<Ack, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::Query(e.body_text()))?;
+    match query.ack.as_deref() {
+        None | Some("all") => Ok(Ack::All),
+        Some("none") => Ok(Ack::None),
+        Some(other) => Err(ApiError::Query(format!(
+            "ack must be \"all\" or \"none\", not {other:?}"
+        ))),
+    }
+}
+
+fn header_str(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(|s| Some(s.to_owned())).map_err(|_| {
+            ApiError::InvalidField(format!("the header {name} must be visible ASCII"))
+        }),
+    }
+}
+
+fn hints_of(headers: &HeaderMap) -> Result<Hints, ApiError> {
+    let mut hints = Hints {
+        id: header_str(headers, ID_HEADER)?,
+        key: header_str(headers, KEY_HEADER)?,
+        headers: Vec::new(),
+    };
+    if let Some(tp) = header_str(headers, "traceparent")? {
+        hints.headers.push(("traceparent".to_owned(), tp));
+    }
+    Ok(hints)
+}
+
+/// Parses a body and publishes its events to `stream`.
+async fn publish_body(
+    app: &App,
+    stream: &str,
+    query: Result<Query<PublishQuery>, QueryRejection>,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<PublishResponse>), ApiError> {
+    let stream = app.inner.streams.get(stream).inspect_err(|_| {
+        app.inner.metrics.rejected("", "unknown-stream");
+    })?;
+    let ack = ack_of(query)?;
+    let body = body.map_err(|r| ApiError::Body {
+        status: r.status(),
+        message: r.body_text(),
+    })?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let payloads = input::parse(
+        &body,
+        input::is_ndjson(content_type),
+        app.inner.max_batch_events,
+    )?;
+    let hints = hints_of(headers)?;
+    if !app.kafka_ready() {
+        return Err(ApiError::NotReady);
+    }
+    let mut published = app
+        .inner
+        .publisher
+        .publish(stream, payloads.events, &hints, payloads.batch, ack)
+        .await?;
+    let body = if payloads.batch {
+        PublishResponse::Batch {
+            count: published.len(),
+            events: published,
+        }
+    } else {
+        PublishResponse::Single(published.remove(0))
+    };
+    Ok((StatusCode::ACCEPTED, Json(body)))
+}
+
+/// Publish events to a stream.
+///
+/// The body is one JSON object, a JSON array of objects, or NDJSON
+/// (`Content-Type: application/x-ndjson`). Answers 202 once Kafka acknowledged every
+/// event (or once queued with `ack=none`). A bad event rejects the whole request and
+/// nothing is published.
+#[utoipa::path(
+    post,
+    path = "/v1/streams/{stream}/events",
+    params(
+        ("stream" = String, Path, description = "Stream name"),
+        PublishQuery,
+        ("x-sluice-id" = Option<String>, Header, description = "Id of a single event"),
+        ("x-sluice-key" = Option<String>, Header, description = "Partition key for every event"),
+    ),
+    request_body(content = Value, description = "An event object, an array of them, or NDJSON"),
+    responses(
+        (status = 202, description = "Published", body = PublishResponse),
+        (status = 400, description = "Malformed or invalid event", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown stream", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body or batch too large", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Kafka unreachable or producer queue full; retry after `Retry-After`", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn publish_events(
+    State(app): State<App>,
+    Path(stream): Path<String>,
+    query: Result<Query<PublishQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<PublishResponse>), ApiError> {
+    publish_body(&app, &stream, query, &headers, body).await
+}
+
+/// Report a visit (workshop path; publishes to the stream `visit`).
+#[utoipa::path(
+    post,
+    path = "/api/visit/v1/",
+    params(PublishQuery),
+    request_body(content = Value, description = "A visit report, an array of them, or NDJSON"),
+    responses((status = 202, description = "Published", body = PublishResponse))
+)]
+async fn post_visit(
+    State(app): State<App>,
+    query: Result<Query<PublishQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<PublishResponse>), ApiError> {
+    publish_body(&app, "visit", query, &headers, body).await
+}
+
+/// Report an activity (workshop path; publishes to the stream `activity`).
+#[utoipa::path(
+    post,
+    path = "/api/activity/v1/",
+    params(PublishQuery),
+    request_body(content = Value, description = "An activity report, an array of them, or NDJSON"),
+    responses((status = 202, description = "Published", body = PublishResponse))
+)]
+async fn post_activity(
+    State(app): State<App>,
+    query: Result<Query<PublishQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<PublishResponse>), ApiError> {
+    publish_body(&app, "activity", query, &headers, body).await
+}
+
+/// Reads `key` from the replica, falling back to the primary on a miss or an error.
+async fn read_with_fallback<T, F, Fut>(app: &App, read: F) -> Result<Option<T>, ApiError>
+where
+    F: Fn(ConnectionManager) -> Fut,
+    Fut: Future<Output = redis::RedisResult<Option<T>>>,
+{
+    if let Some(replica) = &app.inner.replica {
+        match read(replica.clone()).await {
+            Ok(Some(v)) => return Ok(Some(v)),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "redis replica read failed; asking the primary"),
+        }
+    }
+    read(app.inner.redis.clone()).await.map_err(ApiError::Store)
+}
+
+/// Read a stored record.
+///
+/// Reads from the Redis replica (the primary when the replica misses), and on a hit
+/// publishes a read event to the stream's read topic without delaying the answer.
+#[utoipa::path(
+    get,
+    path = "/v1/streams/{stream}/records/{id}",
+    params(("stream" = String, Path, description = "Stream name"), ("id" = String, Path, description = "Event id")),
+    responses(
+        (status = 200, description = "The stored record", body = Value),
+        (status = 404, description = "Unknown stream, or no such record yet", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn read_record(
+    State(app): State<App>,
+    Path((stream, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let stream = app.inner.streams.get(&stream)?;
+    validate_id(&id)?;
+    let name = stream.settings.name.clone();
+    let key = store::record_key(&app.inner.key_prefix, &name, &id);
+    let record: Option<String> = read_with_fallback(&app, |mut c| {
+        let key = key.clone();
+        async move { c.get(&key).await }
+    })
+    .await?;
+    let Some(json) = record else {
+        return Err(ApiError::NotFound { stream: name, id });
+    };
+    if app.inner.read_events {
+        let publisher = app.inner.publisher.clone();
+        let topic = stream.settings.read_topic();
+        tokio::spawn(async move {
+            let event = Envelope::new(
+                format!("{name}.reads"),
+                Some(id.clone()),
+                json!({"id": id, "stream": name}),
+            );
+            publisher.publish_envelope(&topic, event).await;
+        });
+    }
+    Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response())
+}
+
+/// A chat message.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+pub struct Message {
+    /// Sender.
+    pub fromuser: String,
+    /// Recipient; the partition key, so one user's messages keep their order.
+    pub touser: String,
+    /// The text.
+    pub msg: String,
+}
+
+/// Send a chat message.
+///
+/// Publishes `{fromuser, touser, msg}` to the messages stream with `touser` as the key.
+#[utoipa::path(
+    post,
+    path = "/v1/messages",
+    request_body = Message,
+    responses(
+        (status = 202, description = "Published", body = Published),
+        (status = 400, description = "Not a valid message", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn post_message(
+    State(app): State<App>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Published>), ApiError> {
+    let stream = app.inner.streams.get(&app.inner.messages_stream)?;
+    let body = body.map_err(|r| ApiError::Body {
+        status: r.status(),
+        message: r.body_text(),
+    })?;
+    let value: Value = serde_json::from_slice(&body).map_err(ApiError::MalformedJson)?;
+    let message: Message = serde_json::from_value(value.clone()).map_err(|e| {
+        ApiError::InvalidField(format!(
+            "a message is {{\"fromuser\", \"touser\", \"msg\"}}, all strings: {e}"
+        ))
+    })?;
+    for (field, v) in [("fromuser", &message.fromuser), ("touser", &message.touser)] {
+        if v.is_empty() || v.len() > 128 || v.contains(':') || v.chars().any(char::is_control) {
+            return Err(ApiError::InvalidField(format!(
+                "{field} must be 1 to 128 characters without ':' or control characters"
+            )));
+        }
+    }
+    if !app.kafka_ready() {
+        return Err(ApiError::NotReady);
+    }
+    let hints = Hints {
+        key: Some(message.touser.clone()),
+        ..Hints::default()
+    };
+    let mut published = app
+        .inner
+        .publisher
+        .publish(stream, vec![value], &hints, false, Ack::All)
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(published.remove(0))))
+}
+
+/// Users with unsent messages for a recipient.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Unsent {
+    /// The recipient.
+    pub user: String,
+    /// Senders with unsent messages to them, sorted.
+    pub senders: Vec<String>,
+}
+
+/// Who has unsent messages for a user.
+///
+/// Reads the set the messages collector keeps, from the Redis replica.
+#[utoipa::path(
+    get,
+    path = "/v1/users/{user}/unsent",
+    params(("user" = String, Path, description = "The recipient")),
+    responses((status = 200, description = "Senders with unsent messages", body = Unsent))
+)]
+async fn unsent(
+    State(app): State<App>,
+    Path(user): Path<String>,
+) -> Result<Json<Unsent>, ApiError> {
+    let key = store::unsent_key(&app.inner.key_prefix, &user);
+    let senders: Option<Vec<String>> = read_with_fallback(&app, |mut c| {
+        let key = key.clone();
+        async move {
+            let members: Vec<String> = c.smembers(&key).await?;
+            Ok((!members.is_empty()).then_some(members))
+        }
+    })
+    .await?;
+    let mut senders = senders.unwrap_or_default();
+    senders.sort();
+    Ok(Json(Unsent { user, senders }))
+}
+
+/// Query of the work endpoint.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct WorkQuery {
+    /// Milliseconds of simulated work.
+    ms: u64,
+}
+
+/// Simulate compute-heavy work.
+///
+/// Waits `ms` milliseconds without holding a thread: each request is a task, so
+/// throughput follows concurrency ÷ `ms`.
+#[utoipa::path(
+    post,
+    path = "/v1/work",
+    params(WorkQuery),
+    responses(
+        (status = 200, description = "Done", body = Value),
+        (status = 400, description = "ms missing or over the limit", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn work(
+    State(app): State<App>,
+    query: Result<Query<WorkQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(WorkQuery { ms }) = query.map_err(|e| ApiError::Query(e.body_text()))?;
+    if ms > app.inner.work_max_ms {
+        return Err(ApiError::Query(format!(
+            "ms is {ms}; at most {} is allowed",
+            app.inner.work_max_ms
+        )));
+    }
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    Ok(Json(json!({"ms": ms})))
+}

@@ -1,0 +1,143 @@
+//! Request bodies into payloads: one JSON object, a JSON array of objects (a batch), or
+//! NDJSON (one object per line, `Content-Type: application/x-ndjson`).
+//!
+//! Parsing happens before anything is published, so a malformed body changes nothing.
+
+use serde_json::Value;
+
+use crate::error::ApiError;
+
+/// The payloads of a body, and whether they came as a batch.
+#[derive(Debug, PartialEq)]
+pub struct Payloads {
+    /// The events.
+    pub events: Vec<Value>,
+    /// True for an array or NDJSON, whose errors name each event's position.
+    pub batch: bool,
+}
+
+/// Whether a content type announces NDJSON.
+pub fn is_ndjson(content_type: Option<&str>) -> bool {
+    content_type
+        .and_then(|ct| ct.split(';').next())
+        .map(|ct| ct.trim().to_ascii_lowercase())
+        .is_some_and(|ct| {
+            matches!(
+                ct.as_str(),
+                "application/x-ndjson" | "application/jsonl" | "application/ndjson"
+            )
+        })
+}
+
+/// Parses `body`; at most `max_events` events are allowed.
+pub fn parse(body: &[u8], ndjson: bool, max_events: usize) -> Result<Payloads, ApiError> {
+    if ndjson {
+        let mut events = Vec::new();
+        for (n, line) in body.split(|b| *b == b'\n').enumerate() {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            if events.len() == max_events {
+                let total = events.len()
+                    + 1
+                    + body[..]
+                        .split(|b| *b == b'\n')
+                        .skip(n + 1)
+                        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+                        .count();
+                return Err(ApiError::TooManyEvents(total, max_events));
+            }
+            events.push(serde_json::from_slice(line).map_err(|source| {
+                ApiError::MalformedLine {
+                    line: n + 1,
+                    source,
+                }
+            })?);
+        }
+        if events.is_empty() {
+            return Err(ApiError::Empty);
+        }
+        return Ok(Payloads {
+            events,
+            batch: true,
+        });
+    }
+    match serde_json::from_slice(body).map_err(ApiError::MalformedJson)? {
+        Value::Array(events) => {
+            if events.is_empty() {
+                return Err(ApiError::Empty);
+            }
+            if events.len() > max_events {
+                return Err(ApiError::TooManyEvents(events.len(), max_events));
+            }
+            Ok(Payloads {
+                events,
+                batch: true,
+            })
+        }
+        single => Ok(Payloads {
+            events: vec![single],
+            batch: false,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn one_object_an_array_or_ndjson() {
+        assert_eq!(
+            parse(br#"{"a":1}"#, false, 10).expect("ok"),
+            Payloads {
+                events: vec![json!({"a": 1})],
+                batch: false
+            }
+        );
+        assert_eq!(
+            parse(br#"[{"a":1},{"a":2}]"#, false, 10)
+                .expect("ok")
+                .events
+                .len(),
+            2
+        );
+        let nd = parse(b"{\"a\":1}\r\n\n{\"a\":2}\n", true, 10).expect("ok");
+        assert_eq!(nd.events, vec![json!({"a": 1}), json!({"a": 2})]);
+        assert!(nd.batch);
+    }
+
+    #[test]
+    fn errors_say_where() {
+        let err = parse(b"{\"a\":1}\n{\"a\":\n", true, 10).expect_err("bad line");
+        assert!(
+            err.to_string().starts_with("line 2 of the NDJSON body"),
+            "{err}"
+        );
+        assert!(matches!(parse(b"[]", false, 10), Err(ApiError::Empty)));
+        assert!(matches!(parse(b"\n\n", true, 10), Err(ApiError::Empty)));
+        assert!(matches!(
+            parse(b"[{},{},{}]", false, 2),
+            Err(ApiError::TooManyEvents(3, 2))
+        ));
+        assert!(matches!(
+            parse(b"{}\n{}\n{}\n", true, 2),
+            Err(ApiError::TooManyEvents(3, 2))
+        ));
+        assert!(matches!(
+            parse(b"{", false, 2),
+            Err(ApiError::MalformedJson(_))
+        ));
+    }
+
+    #[test]
+    fn ndjson_content_types() {
+        assert!(is_ndjson(Some("application/x-ndjson")));
+        assert!(is_ndjson(Some("application/x-ndjson; charset=utf-8")));
+        assert!(is_ndjson(Some("application/jsonl")));
+        assert!(!is_ndjson(Some("application/json")));
+        assert!(!is_ndjson(None));
+    }
+}

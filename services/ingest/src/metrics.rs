@@ -1,0 +1,193 @@
+//! Prometheus metrics of ingest, served on `GET /metrics`.
+//!
+//! Names start with `sluice_ingest_`; labels are bounded: the route template (never the
+//! concrete path), the status code, the stream (only streams of the settings) and a fixed
+//! set of reject reasons.
+
+use std::sync::atomic::AtomicI64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    method: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DoorLabels {
+    door: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StreamLabels {
+    stream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectLabels {
+    stream: String,
+    reason: String,
+}
+
+/// The metrics of one ingest process.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RouteLabels, Histogram>,
+    produced: Family<StreamLabels, Counter>,
+    rejected: Family<RejectLabels, Counter>,
+    delivery_failed: Family<StreamLabels, Counter>,
+    queue_depth: Gauge<i64, AtomicI64>,
+    connections: Family<DoorLabels, Gauge<i64, AtomicI64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sluice_ingest");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by route, method and status",
+            requests.clone(),
+        );
+        let latency = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by route",
+            latency.clone(),
+        );
+        let produced = Family::<StreamLabels, Counter>::default();
+        registry.register(
+            "events_produced",
+            "Events handed to the Kafka producer",
+            produced.clone(),
+        );
+        let rejected = Family::<RejectLabels, Counter>::default();
+        registry.register(
+            "events_rejected",
+            "Events refused, by reason",
+            rejected.clone(),
+        );
+        let delivery_failed = Family::<StreamLabels, Counter>::default();
+        registry.register(
+            "delivery_failures",
+            "Requests with events Kafka did not acknowledge",
+            delivery_failed.clone(),
+        );
+        let queue_depth = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "producer_queue_depth",
+            "Events queued in the producer and not yet acknowledged",
+            queue_depth.clone(),
+        );
+        let connections = Family::<DoorLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "open_connections",
+            "Open connections by door",
+            connections.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            produced,
+            rejected,
+            delivery_failed,
+            queue_depth,
+            connections,
+        }
+    }
+
+    /// Counts one HTTP request.
+    pub fn request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_owned(),
+                method: method.to_owned(),
+                status,
+            })
+            .inc();
+        self.latency
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts events handed to the producer.
+    pub fn produced(&self, stream: &str, n: u64) {
+        self.produced
+            .get_or_create(&StreamLabels {
+                stream: stream.to_owned(),
+            })
+            .inc_by(n);
+    }
+
+    /// Counts a refused request.
+    pub fn rejected(&self, stream: &str, reason: &str) {
+        self.rejected
+            .get_or_create(&RejectLabels {
+                stream: stream.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a request whose events Kafka did not all acknowledge.
+    pub fn delivery_failed(&self, stream: &str) {
+        self.delivery_failed
+            .get_or_create(&StreamLabels {
+                stream: stream.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Tracks open connections of a door (`http`, `ws`, `tcp-write`, `tcp-read`).
+    pub fn connection_opened(&self, door: &str) {
+        self.connections
+            .get_or_create(&DoorLabels {
+                door: door.to_owned(),
+            })
+            .inc();
+    }
+
+    /// See [`Metrics::connection_opened`].
+    pub fn connection_closed(&self, door: &str) {
+        self.connections
+            .get_or_create(&DoorLabels {
+                door: door.to_owned(),
+            })
+            .dec();
+    }
+
+    /// The Prometheus text exposition, with the producer queue depth read now.
+    pub fn encode(&self, queue_depth: i64) -> String {
+        self.queue_depth.set(queue_depth);
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

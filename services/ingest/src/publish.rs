@@ -1,0 +1,520 @@
+//! Turning accepted input into events on Kafka; shared by the HTTP, WebSocket and TCP doors.
+//!
+//! [`Streams`] holds each stream's settings with its compiled JSON Schema. A door hands
+//! [`Publisher::publish`] the payloads of one request together with what the request said
+//! about ids and keys. Every payload is checked first — object, id, key, schema — so a bad
+//! event rejects the whole request and nothing of it reaches Kafka. Then all records are
+//! queued on the idempotent producer at once and their acknowledgements awaited together.
+//!
+//! A full producer queue is [`PublishError::Overloaded`] (HTTP 503 with `Retry-After`);
+//! the queue is bounded, so ingest never buffers without limit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::future::join_all;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+use serde::Serialize;
+use serde_json::Value;
+use sluice_core::envelope::{InvalidId, validate_id};
+use sluice_core::settings::KeyError;
+use sluice_core::{Envelope, PipelineSettings, StreamSettings};
+
+use crate::metrics::Metrics;
+
+/// A stream with its compiled schema.
+pub struct Stream {
+    /// The stream's settings.
+    pub settings: StreamSettings,
+    schema: Option<jsonschema::Validator>,
+}
+
+/// All streams of the pipeline, by name.
+pub struct Streams {
+    by_name: HashMap<String, Arc<Stream>>,
+    names: String,
+}
+
+/// A stream's JSON Schema does not compile.
+#[derive(Debug, thiserror::Error)]
+#[error("the JSON Schema of stream {stream:?} is invalid: {message}")]
+pub struct SchemaError {
+    stream: String,
+    message: String,
+}
+
+impl Streams {
+    /// Compiles the schemas of every stream.
+    pub fn new(settings: &PipelineSettings) -> Result<Self, SchemaError> {
+        let mut by_name = HashMap::new();
+        for s in &settings.streams {
+            let schema = match &s.schema {
+                Some(schema) => {
+                    Some(jsonschema::validator_for(schema).map_err(|e| SchemaError {
+                        stream: s.name.clone(),
+                        message: e.to_string(),
+                    })?)
+                }
+                None => None,
+            };
+            by_name.insert(
+                s.name.clone(),
+                Arc::new(Stream {
+                    settings: s.clone(),
+                    schema,
+                }),
+            );
+        }
+        let names = settings
+            .streams
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Ok(Self { by_name, names })
+    }
+
+    /// The stream called `name`.
+    pub fn get(&self, name: &str) -> Result<&Arc<Stream>, PublishError> {
+        self.by_name
+            .get(name)
+            .ok_or_else(|| PublishError::UnknownStream(name.to_owned(), self.names.clone()))
+    }
+}
+
+/// Why events were not published. Every variant but the last two means nothing was sent.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// No stream of that name.
+    #[error("there is no stream named {0:?}; the streams of this pipeline are: {1}")]
+    UnknownStream(String, String),
+    /// An event is not a JSON object.
+    #[error("{at}an event must be a JSON object, not {kind}")]
+    NotAnObject {
+        /// Where in the request (`event 3: `), or empty for a single event.
+        at: String,
+        /// What it was instead.
+        kind: &'static str,
+    },
+    /// An event's id is unusable.
+    #[error("{at}invalid event id: {source}")]
+    InvalidId {
+        /// Where in the request.
+        at: String,
+        /// Why.
+        #[source]
+        source: InvalidId,
+    },
+    /// An event's `id` field is neither a string nor an integer.
+    #[error("{at}the field \"id\" must be a string or an integer")]
+    IdNotScalar {
+        /// Where in the request.
+        at: String,
+    },
+    /// The partition key could not be taken.
+    #[error("{at}cannot take the partition key: {source}")]
+    Key {
+        /// Where in the request.
+        at: String,
+        /// Why.
+        #[source]
+        source: KeyError,
+    },
+    /// An event does not satisfy the stream's schema.
+    #[error(
+        "{at}the event does not match the schema of stream {stream:?}: at {path:?}: {message} (rule {rule})"
+    )]
+    Schema {
+        /// Where in the request.
+        at: String,
+        /// The stream.
+        stream: String,
+        /// JSON pointer into the event where validation failed (`""` is the whole event).
+        path: String,
+        /// What is wrong.
+        message: String,
+        /// JSON pointer to the failing keyword in the schema.
+        rule: String,
+    },
+    /// The producer queue is full.
+    #[error("the Kafka producer queue is full; retry later")]
+    Overloaded,
+    /// Kafka did not acknowledge every event.
+    #[error(
+        "Kafka did not acknowledge {failed} of {total} events: {source}; retry with the same ids (sinks are idempotent on event ids)"
+    )]
+    Kafka {
+        /// Events not acknowledged.
+        failed: usize,
+        /// Events in the request.
+        total: usize,
+        /// The first error.
+        #[source]
+        source: KafkaError,
+    },
+}
+
+/// What a request says about its events beyond their payloads.
+#[derive(Debug, Default, Clone)]
+pub struct Hints {
+    /// An id for the event (`X-Sluice-Id`); only for a single event.
+    pub id: Option<String>,
+    /// A partition key for every event (`X-Sluice-Key`), overriding the stream's pointer.
+    pub key: Option<String>,
+    /// Extra headers for every event, such as `traceparent`.
+    pub headers: Vec<(String, String)>,
+}
+
+/// Whether to wait for Kafka's acknowledgement before answering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ack {
+    /// Answer after Kafka acknowledged every event (the default).
+    #[default]
+    All,
+    /// Answer once the events are queued (fire-and-forget).
+    None,
+}
+
+/// One published event.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Published {
+    /// The event id.
+    pub id: String,
+    /// Kafka partition; absent with `ack=none`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<i32>,
+    /// Offset in that partition; absent with `ack=none`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<i64>,
+}
+
+/// Publishes events to Kafka.
+#[derive(Clone)]
+pub struct Publisher {
+    producer: FutureProducer,
+    metrics: Arc<Metrics>,
+}
+
+impl Publisher {
+    /// A publisher on `producer`.
+    pub fn new(producer: FutureProducer, metrics: Arc<Metrics>) -> Self {
+        Self { producer, metrics }
+    }
+
+    /// The producer.
+    pub fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+
+    /// Publishes one prepared event to `topic` and waits for the acknowledgement; a failure
+    /// is logged and counted. For events ingest makes itself, such as read events.
+    pub async fn publish_envelope(&self, topic: &str, envelope: Envelope) {
+        let value = envelope.encode_value();
+        let mut record = FutureRecord::to(topic)
+            .payload(&value)
+            .headers(envelope.kafka_headers());
+        if let Some(key) = &envelope.key {
+            record = record.key(key.as_str());
+        }
+        match self.producer.send(record, std::time::Duration::ZERO).await {
+            Ok(_) => self.metrics.produced(&envelope.stream, 1),
+            Err((e, _)) => {
+                self.metrics.delivery_failed(&envelope.stream);
+                tracing::warn!(%topic, error = %e, "read event not published");
+            }
+        }
+    }
+
+    /// Checks every payload, then publishes them all to `stream`. `batch` says whether the
+    /// payloads came as a batch (errors then name the event's position).
+    pub async fn publish(
+        &self,
+        stream: &Stream,
+        payloads: Vec<Value>,
+        hints: &Hints,
+        batch: bool,
+        ack: Ack,
+    ) -> Result<Vec<Published>, PublishError> {
+        let name = stream.settings.name.as_str();
+        let envelopes = match prepare(stream, payloads, hints, batch) {
+            Ok(e) => e,
+            Err(e) => {
+                self.metrics.rejected(name, reject_reason(&e));
+                return Err(e);
+            }
+        };
+        let topic = stream.settings.topic();
+        let mut pending: Vec<(String, Option<DeliveryFuture>)> =
+            Vec::with_capacity(envelopes.len());
+        for envelope in envelopes {
+            let value = envelope.encode_value();
+            let mut record = FutureRecord::to(topic)
+                .payload(&value)
+                .headers(envelope.kafka_headers());
+            if let Some(key) = &envelope.key {
+                record = record.key(key.as_str());
+            }
+            match self.producer.send_result(record) {
+                Ok(delivery) => pending.push((envelope.id, Some(delivery))),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    self.metrics.rejected(name, "overloaded");
+                    // Events queued before this one are still delivered.
+                    return Err(PublishError::Overloaded);
+                }
+                Err((e, _)) => {
+                    self.metrics.rejected(name, "kafka");
+                    return Err(PublishError::Kafka {
+                        failed: 1,
+                        total: pending.len() + 1,
+                        source: e,
+                    });
+                }
+            }
+        }
+        self.metrics.produced(name, pending.len() as u64);
+        if ack == Ack::None {
+            let metrics = self.metrics.clone();
+            let stream_name = name.to_owned();
+            let deliveries: Vec<DeliveryFuture> =
+                pending.iter_mut().filter_map(|(_, d)| d.take()).collect();
+            tokio::spawn(async move {
+                for result in join_all(deliveries).await {
+                    if !matches!(result, Ok(Ok(_))) {
+                        metrics.delivery_failed(&stream_name);
+                    }
+                }
+            });
+            return Ok(pending
+                .into_iter()
+                .map(|(id, _)| Published {
+                    id,
+                    partition: None,
+                    offset: None,
+                })
+                .collect());
+        }
+        let ids: Vec<String> = pending.iter().map(|(id, _)| id.clone()).collect();
+        let results = join_all(pending.into_iter().filter_map(|(_, d)| d)).await;
+        let total = results.len();
+        let mut published = Vec::with_capacity(total);
+        let mut first_error = None;
+        let mut failed = 0;
+        for (id, result) in ids.into_iter().zip(results) {
+            match result {
+                Ok(Ok(delivery)) => published.push(Published {
+                    id,
+                    partition: Some(delivery.partition),
+                    offset: Some(delivery.offset),
+                }),
+                Ok(Err((e, _))) => {
+                    failed += 1;
+                    first_error.get_or_insert(e);
+                }
+                Err(_cancelled) => {
+                    failed += 1;
+                    first_error.get_or_insert(KafkaError::Canceled);
+                }
+            }
+        }
+        match first_error {
+            None => Ok(published),
+            Some(source) => {
+                self.metrics.delivery_failed(name);
+                Err(PublishError::Kafka {
+                    failed,
+                    total,
+                    source,
+                })
+            }
+        }
+    }
+}
+
+fn reject_reason(e: &PublishError) -> &'static str {
+    match e {
+        PublishError::UnknownStream(..) => "unknown-stream",
+        PublishError::NotAnObject { .. } => "not-an-object",
+        PublishError::InvalidId { .. } | PublishError::IdNotScalar { .. } => "invalid-id",
+        PublishError::Key { .. } => "missing-key",
+        PublishError::Schema { .. } => "schema",
+        PublishError::Overloaded => "overloaded",
+        PublishError::Kafka { .. } => "kafka",
+    }
+}
+
+/// Checks every payload and wraps it in an envelope; the first bad one fails them all.
+pub fn prepare(
+    stream: &Stream,
+    payloads: Vec<Value>,
+    hints: &Hints,
+    batch: bool,
+) -> Result<Vec<Envelope>, PublishError> {
+    let settings = &stream.settings;
+    let mut out = Vec::with_capacity(payloads.len());
+    for (n, payload) in payloads.into_iter().enumerate() {
+        let at = if batch {
+            format!("event {n}: ")
+        } else {
+            String::new()
+        };
+        let Value::Object(fields) = &payload else {
+            return Err(PublishError::NotAnObject {
+                at,
+                kind: json_kind(&payload),
+            });
+        };
+        let id = match (&hints.id, fields.get("id")) {
+            (Some(id), _) if !batch => Some(id.clone()),
+            (_, Some(Value::String(id))) => Some(id.clone()),
+            (_, Some(Value::Number(n))) if n.is_i64() || n.is_u64() => Some(n.to_string()),
+            (_, Some(_)) => return Err(PublishError::IdNotScalar { at }),
+            _ => None,
+        };
+        if let Some(id) = &id {
+            validate_id(id).map_err(|source| PublishError::InvalidId {
+                at: at.clone(),
+                source,
+            })?;
+        }
+        let key = match &hints.key {
+            Some(k) => Some(k.clone()),
+            None => settings
+                .key_of(&payload)
+                .map_err(|source| PublishError::Key {
+                    at: at.clone(),
+                    source,
+                })?,
+        };
+        if let Some(schema) = &stream.schema
+            && let Some(error) = schema.iter_errors(&payload).next()
+        {
+            return Err(PublishError::Schema {
+                at,
+                stream: settings.name.clone(),
+                path: error.instance_path().to_string(),
+                message: error.to_string(),
+                rule: error.schema_path().to_string(),
+            });
+        }
+        let mut envelope = Envelope::new(&settings.name, key, payload);
+        if let Some(id) = id {
+            envelope.id = id;
+        }
+        for (k, v) in &hints.headers {
+            envelope.headers.insert(k.clone(), v.clone());
+        }
+        out.push(envelope);
+    }
+    Ok(out)
+}
+
+/// A name for the kind of a JSON value, for error messages.
+pub fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn stream(yaml: &str) -> Arc<Stream> {
+        let settings = PipelineSettings::from_yaml(yaml).expect("settings");
+        let streams = Streams::new(&settings).expect("schemas compile");
+        streams
+            .get(&settings.streams[0].name)
+            .expect("stream")
+            .clone()
+    }
+
+    #[test]
+    fn ids_come_from_the_header_the_payload_or_are_made() {
+        let s = stream("streams:\n  - name: s\n");
+        let hints = Hints {
+            id: Some("from-header".into()),
+            ..Hints::default()
+        };
+        let e = prepare(&s, vec![json!({"id": "from-payload"})], &hints, false).expect("ok");
+        assert_eq!(e[0].id, "from-header");
+        let e = prepare(
+            &s,
+            vec![json!({"id": "from-payload"}), json!({"id": 42}), json!({})],
+            &hints,
+            true,
+        )
+        .expect("ok");
+        assert_eq!(e[0].id, "from-payload");
+        assert_eq!(e[1].id, "42");
+        assert_eq!(
+            uuid::Uuid::parse_str(&e[2].id)
+                .expect("uuid")
+                .get_version_num(),
+            7
+        );
+    }
+
+    #[test]
+    fn one_bad_event_rejects_the_batch_and_names_its_position() {
+        let s = stream("streams:\n  - name: s\n");
+        let err = prepare(&s, vec![json!({}), json!(3)], &Hints::default(), true).expect_err("bad");
+        assert_eq!(
+            err.to_string(),
+            "event 1: an event must be a JSON object, not a number"
+        );
+        let err =
+            prepare(&s, vec![json!({"id": {"x": 1}})], &Hints::default(), false).expect_err("bad");
+        assert!(matches!(err, PublishError::IdNotScalar { .. }));
+        let err =
+            prepare(&s, vec![json!({"id": "a b"})], &Hints::default(), false).expect_err("bad");
+        assert!(err.to_string().contains("white space"), "{err}");
+    }
+
+    #[test]
+    fn key_header_overrides_the_pointer() {
+        let s = stream("streams:\n  - name: s\n    key: /user\n");
+        let e = prepare(&s, vec![json!({"user": "ann"})], &Hints::default(), false).expect("ok");
+        assert_eq!(e[0].key.as_deref(), Some("ann"));
+        let hints = Hints {
+            key: Some("bob".into()),
+            ..Hints::default()
+        };
+        let e = prepare(&s, vec![json!({})], &hints, false).expect("ok");
+        assert_eq!(e[0].key.as_deref(), Some("bob"));
+        let err = prepare(&s, vec![json!({})], &Hints::default(), false).expect_err("no key");
+        assert!(matches!(err, PublishError::Key { .. }));
+    }
+
+    #[test]
+    fn schema_errors_name_the_path_and_the_rule() {
+        let s = stream(
+            "streams:\n  - name: points\n    schema:\n      type: object\n      required: [lat]\n      properties:\n        lat: {type: number, minimum: -90, maximum: 90}\n",
+        );
+        assert!(prepare(&s, vec![json!({"lat": 45.5})], &Hints::default(), false).is_ok());
+        let err = prepare(&s, vec![json!({"lat": 91})], &Hints::default(), false).expect_err("bad");
+        let PublishError::Schema { path, rule, .. } = &err else {
+            panic!("not a schema error: {err}")
+        };
+        assert_eq!(path, "/lat");
+        assert!(rule.ends_with("/maximum"), "{rule}");
+        let err = prepare(&s, vec![json!({})], &Hints::default(), false).expect_err("bad");
+        assert!(err.to_string().contains("required"), "{err}");
+    }
+
+    #[test]
+    fn invalid_schemas_are_refused_at_start() {
+        let settings =
+            PipelineSettings::from_yaml("streams:\n  - name: s\n    schema: {type: 12}\n")
+                .expect("yaml");
+        let err = Streams::new(&settings).err().expect("invalid schema");
+        assert!(err.to_string().contains("stream \"s\""), "{err}");
+    }
+}

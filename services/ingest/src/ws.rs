@@ -1,0 +1,110 @@
+//! The WebSocket door: `GET /v1/streams/{stream}/ws`.
+//!
+//! Each text message is one event (a JSON object) or a batch (a JSON array). Messages are
+//! handled one after another, and each is answered, in order, with
+//! `{"ok": true, "ids": [...]}` once Kafka acknowledged its events, or with
+//! `{"ok": false, "error": <problem>}`. A bad message gets its error and the connection
+//! stays open; binary messages are refused the same way. Messages and frames are limited
+//! to `--max-body-bytes`. On shutdown the server closes the connection after the message
+//! in hand is answered.
+
+use std::sync::Arc;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::{Path, State};
+use axum::response::Response;
+use serde_json::{Value, json};
+
+use crate::App;
+use crate::error::ApiError;
+use crate::input;
+use crate::publish::{Ack, Hints, Stream};
+
+/// Upgrades the connection, once the stream is known to exist.
+pub async fn upgrade(
+    State(app): State<App>,
+    Path(stream): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let stream = app.inner.streams.get(&stream)?.clone();
+    let limit = app.inner.max_body_bytes;
+    Ok(ws
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| serve(app, stream, socket)))
+}
+
+async fn serve(app: App, stream: Arc<Stream>, mut socket: WebSocket) {
+    let metrics = app.inner.metrics.clone();
+    metrics.connection_opened("ws");
+    let closing = app.inner.closing.clone();
+    loop {
+        let message = tokio::select! {
+            () = closing.cancelled() => {
+                let _ = socket
+                    .send(Message::Close(Some(CloseFrame {
+                        code: close_code::AWAY,
+                        reason: "server shutting down".into(),
+                    })))
+                    .await;
+                break;
+            }
+            m = socket.recv() => m,
+        };
+        let reply = match message {
+            None => break,
+            Some(Err(e)) => {
+                // Over the size limit, or a protocol error: the socket cannot go on.
+                tracing::debug!(error = %e, "websocket closed with an error");
+                break;
+            }
+            Some(Ok(Message::Text(text))) => answer(&app, &stream, text.as_bytes()).await,
+            Some(Ok(Message::Binary(_))) => error_frame(&ApiError::InvalidField(
+                "binary messages are not accepted; send events as text".to_owned(),
+            )),
+            Some(Ok(Message::Close(_))) => break,
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+        };
+        if socket
+            .send(Message::Text(reply.to_string().into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    metrics.connection_closed("ws");
+}
+
+async fn answer(app: &App, stream: &Stream, text: &[u8]) -> Value {
+    let result = async {
+        let payloads = input::parse(text, false, app.inner.max_batch_events)?;
+        if !app.kafka_ready() {
+            return Err(ApiError::NotReady);
+        }
+        let published = app
+            .inner
+            .publisher
+            .publish(
+                stream,
+                payloads.events,
+                &Hints::default(),
+                payloads.batch,
+                Ack::All,
+            )
+            .await?;
+        Ok(published)
+    }
+    .await;
+    match result {
+        Ok(published) => json!({
+            "ok": true,
+            "ids": published.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+        }),
+        Err(e) => error_frame(&e),
+    }
+}
+
+fn error_frame(e: &ApiError) -> Value {
+    json!({"ok": false, "error": e.problem()})
+}
