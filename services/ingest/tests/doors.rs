@@ -1,0 +1,741 @@
+//! Every door of a running ingest server (real listener, real Kafka and Redis): batches,
+//! NDJSON, ids and keys, workshop paths, chat messages, the read path, WebSocket, the work
+//! endpoint, auth, limits, readiness, metrics and the OpenAPI document.
+
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use rdkafka::Message as _;
+use redis::AsyncCommands;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sluice_core::StreamSettings;
+use sluice_ingest::{App, Args, run};
+use sluice_testkit::{Pipeline, Stack, json_of, read_topic, topic_len, unique, wait_for};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+/// A running ingest server for one test; stopped when dropped.
+struct Server {
+    base: String,
+    client: reqwest::Client,
+    stop: CancellationToken,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn start(stack: &Stack, pipeline: &Pipeline, tweak: impl FnOnce(&mut Args)) -> Server {
+    let mut args = Args::new(
+        pipeline.settings_path.clone(),
+        stack.kafka(),
+        stack.redis_url.clone(),
+    );
+    args.key_prefix = pipeline.key_prefix.clone();
+    args.redis_replica_url = Some(stack.redis_replica_url.clone());
+    tweak(&mut args);
+    let app = App::connect(&args).await.expect("ingest starts");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let stop = CancellationToken::new();
+    tokio::spawn(run(listener, app, stop.clone()));
+    Server {
+        base,
+        client: reqwest::Client::new(),
+        stop,
+    }
+}
+
+impl Server {
+    async fn post(&self, path: &str, content_type: &str, body: &str) -> (StatusCode, Value) {
+        let r = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", content_type)
+            .body(body.to_owned())
+            .send()
+            .await
+            .expect("request");
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post_json(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        self.post(path, "application/json", &body.to_string()).await
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, String) {
+        let r = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("request");
+        (r.status(), r.text().await.expect("body"))
+    }
+}
+
+fn stream(name: &str) -> StreamSettings {
+    StreamSettings::new(unique(name))
+}
+
+#[tokio::test]
+async fn batches_and_ndjson_are_published_with_their_ids() {
+    let stack = Stack::from_env();
+    let s = stream("batch");
+    let (name, topic) = (s.name.clone(), s.topic().to_owned());
+    let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
+    let server = start(&stack, &pipeline, |_| {}).await;
+    let path = format!("/v1/streams/{name}/events");
+
+    let (status, body) = server
+        .post_json(
+            &path,
+            &json!([{"id": "a-1", "n": 1}, {"id": 2, "n": 2}, {"n": 3}]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["count"], 3);
+    let ids: Vec<&str> = body["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(&ids[..2], ["a-1", "2"]);
+    assert!(body["events"][2]["offset"].is_i64());
+
+    let (status, body) = server
+        .post(
+            &path,
+            "application/x-ndjson",
+            "{\"n\":4}\n{\"n\":5}\n\n{\"n\":6}\n",
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["count"], 3);
+
+    // A single event takes its id from X-Sluice-Id.
+    let r = server
+        .client
+        .post(format!("{}{path}", server.base))
+        .header("x-sluice-id", "chosen-id")
+        .json(&json!({"n": 7}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert_eq!(r.json::<Value>().await.expect("json")["id"], "chosen-id");
+
+    let records = read_topic(&stack, &topic).await.expect("topic");
+    let mut ns: Vec<u64> = records
+        .iter()
+        .map(|r| {
+            json_of(r).expect("json")["payload"]["n"]
+                .as_u64()
+                .expect("n")
+        })
+        .collect();
+    ns.sort_unstable();
+    assert_eq!(ns, [1, 2, 3, 4, 5, 6, 7]);
+    let ids: Vec<String> = records
+        .iter()
+        .map(|r| {
+            json_of(r).expect("json")["id"]
+                .as_str()
+                .expect("id")
+                .to_owned()
+        })
+        .collect();
+    assert!(ids.contains(&"a-1".to_owned()) && ids.contains(&"chosen-id".to_owned()));
+}
+
+#[tokio::test]
+async fn every_bad_input_gets_its_error_and_nothing_is_published() {
+    let stack = Stack::from_env();
+    let mut s = stream("bad");
+    s.key = Some("/user".into());
+    s.schema = Some(json!({
+        "type": "object",
+        "required": ["user", "lat"],
+        "properties": {"lat": {"type": "number", "minimum": -90, "maximum": 90}}
+    }));
+    let (name, topic) = (s.name.clone(), s.topic().to_owned());
+    let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
+    let server = start(&stack, &pipeline, |a| {
+        a.max_body_bytes = 4096;
+        a.max_batch_events = 5;
+    })
+    .await;
+    let path = format!("/v1/streams/{name}/events");
+    let good = json!({"user": "ann", "lat": 10.5});
+
+    let cases: Vec<(&str, String, StatusCode, &str, &str)> = vec![
+        (
+            "application/json",
+            "{\"user\":".into(),
+            StatusCode::BAD_REQUEST,
+            "malformed-json",
+            "not valid JSON",
+        ),
+        (
+            "application/json",
+            "\"text\"".into(),
+            StatusCode::BAD_REQUEST,
+            "not-an-object",
+            "not a string",
+        ),
+        (
+            "application/json",
+            "[]".into(),
+            StatusCode::BAD_REQUEST,
+            "empty-request",
+            "no event",
+        ),
+        (
+            "application/json",
+            json!([good, good, good, good, good, good]).to_string(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-many-events",
+            "at most 5",
+        ),
+        (
+            "application/json",
+            json!([good, 17]).to_string(),
+            StatusCode::BAD_REQUEST,
+            "not-an-object",
+            "event 1:",
+        ),
+        (
+            "application/json",
+            json!({"lat": 1}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "missing-key",
+            "/user",
+        ),
+        (
+            "application/json",
+            json!({"user": "ann", "lat": 91}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "schema-violation",
+            "\"/lat\"",
+        ),
+        (
+            "application/json",
+            json!({"user": "ann"}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "schema-violation",
+            "required",
+        ),
+        (
+            "application/json",
+            json!({"user": "ann", "lat": 1, "id": "has space"}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "invalid-id",
+            "white space",
+        ),
+        (
+            "application/json",
+            json!({"user": "ann", "lat": 1, "id": [1]}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "invalid-id",
+            "string or an integer",
+        ),
+        (
+            "application/x-ndjson",
+            format!("{good}\n{{oops\n"),
+            StatusCode::BAD_REQUEST,
+            "malformed-json",
+            "line 2",
+        ),
+        (
+            "application/json",
+            format!("{{\"user\":\"{}\"}}", "x".repeat(5000)),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "unreadable-body",
+            "",
+        ),
+    ];
+    for (content_type, body, status, kind, detail) in cases {
+        let (got, problem) = server.post(&path, content_type, &body).await;
+        assert_eq!(got, status, "{body:.80} -> {problem}");
+        assert_eq!(
+            problem["type"],
+            format!("https://sluice.dev/problems/{kind}"),
+            "{body:.80}"
+        );
+        assert!(
+            problem["detail"].as_str().expect("detail").contains(detail),
+            "{problem}"
+        );
+    }
+    let (status, problem) = server.post_json(&format!("{path}?ack=maybe"), &good).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(problem["type"], "https://sluice.dev/problems/invalid-query");
+    let (status, problem) = server.post_json("/v1/streams/nowhere/events", &good).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{problem}");
+
+    assert_eq!(
+        topic_len(&stack, &topic).expect("len"),
+        0,
+        "nothing reached Kafka"
+    );
+    let (status, _) = server.post_json(&path, &good).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(topic_len(&stack, &topic).expect("len"), 1);
+}
+
+#[tokio::test]
+async fn workshop_paths_publish_to_visit_and_activity() {
+    let stack = Stack::from_env();
+    let mut visit = StreamSettings::new("visit");
+    visit.topic = Some(unique("visit"));
+    let mut activity = StreamSettings::new("activity");
+    activity.topic = Some(unique("activity"));
+    let (visit_topic, activity_topic) = (visit.topic().to_owned(), activity.topic().to_owned());
+    let pipeline = Pipeline::create(&stack, vec![visit, activity])
+        .await
+        .expect("pipeline");
+    let server = start(&stack, &pipeline, |_| {}).await;
+
+    for path in [
+        "/api/visit/v1/",
+        "/api/visit/v1",
+        "/api/activity/v1/",
+        "/api/activity/v1",
+    ] {
+        let (status, body) = server
+            .post_json(path, &json!({"userId": "u1", "path": path}))
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{path}: {body}");
+    }
+    for topic in [visit_topic, activity_topic] {
+        let records = read_topic(&stack, &topic).await.expect("topic");
+        assert_eq!(records.len(), 2, "{topic}");
+    }
+}
+
+#[tokio::test]
+async fn fire_and_forget_answers_before_the_acknowledgement() {
+    let stack = Stack::from_env();
+    let s = stream("fnf");
+    let (name, topic) = (s.name.clone(), s.topic().to_owned());
+    let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
+    let server = start(&stack, &pipeline, |_| {}).await;
+    let (status, body) = server
+        .post_json(
+            &format!("/v1/streams/{name}/events?ack=none"),
+            &json!({"n": 1}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert!(body["id"].is_string());
+    assert!(
+        body.get("offset").is_none(),
+        "no offset without waiting: {body}"
+    );
+    wait_for(
+        "the event on the topic",
+        Duration::from_secs(30),
+        || async { Ok((topic_len(&stack, &topic)? > 0).then_some(())) },
+    )
+    .await
+    .expect("delivered");
+    let records = read_topic(&stack, &topic).await.expect("topic");
+    assert_eq!(json_of(&records[0]).expect("json")["id"], body["id"]);
+}
+
+#[tokio::test]
+async fn chat_messages_are_keyed_by_recipient_and_unsent_senders_are_listed() {
+    let stack = Stack::from_env();
+    let s = stream("messages");
+    let (name, topic) = (s.name.clone(), s.topic().to_owned());
+    let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
+    let server = start(&stack, &pipeline, |a| a.messages_stream = name.clone()).await;
+
+    let (status, body) = server
+        .post_json(
+            "/v1/messages",
+            &json!({"fromuser": "ann", "touser": "bob", "msg": "hi"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let (status, problem) = server
+        .post_json("/v1/messages", &json!({"fromuser": "ann", "msg": "hi"}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        problem["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("touser"),
+        "{problem}"
+    );
+    let records = read_topic(&stack, &topic).await.expect("topic");
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].key(), Some(&b"bob"[..]));
+    assert_eq!(json_of(&records[0]).expect("json")["payload"]["msg"], "hi");
+
+    // The collector keeps the set on the primary; ingest reads it from the replica.
+    let mut redis = stack.redis().await.expect("redis");
+    let key = format!("{}:unsent:bob", pipeline.key_prefix);
+    let _: () = redis.sadd(&key, &["cyd", "ann"]).await.expect("sadd");
+    let (status, body) = server.get("/v1/users/bob/unsent").await;
+    assert_eq!(status, StatusCode::OK);
+    let body: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(body, json!({"user": "bob", "senders": ["ann", "cyd"]}));
+    let (_, body) = server.get("/v1/users/nobody/unsent").await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).expect("json")["senders"],
+        json!([])
+    );
+}
+
+#[tokio::test]
+async fn a_read_hit_publishes_a_read_event() {
+    let stack = Stack::from_env();
+    let s = stream("reads");
+    let name = s.name.clone();
+    let read_topic_name = s.read_topic();
+    let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
+    sluice_core::kafka::ensure_topics(
+        &stack.kafka(),
+        &[sluice_core::kafka::TopicSpec {
+            name: read_topic_name.clone(),
+            partitions: 1,
+        }],
+    )
+    .await
+    .expect("read topic");
+    let server = start(&stack, &pipeline, |_| {}).await;
+
+    let mut redis = stack.redis().await.expect("redis");
+    let record = json!({"id": "r1", "stream": name, "payload": {"x": 1}});
+    let _: () = redis
+        .set(
+            format!("{}:{name}:r1", pipeline.key_prefix),
+            record.to_string(),
+        )
+        .await
+        .expect("set");
+    let (status, body) = server.get(&format!("/v1/streams/{name}/records/r1")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(serde_json::from_str::<Value>(&body).expect("json"), record);
+    let (status, _) = server.get(&format!("/v1/streams/{name}/records/r2")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let len = wait_for("the read event", Duration::from_secs(30), || async {
+        let n = topic_len(&stack, &read_topic_name)?;
+        Ok((n > 0).then_some(n))
+    })
+    .await
+    .expect("read event");
+    assert_eq!(len, 1, "one read event for the one hit");
+    let events = read_topic(&stack, &read_topic_name).await.expect("topic");
+    assert_eq!(
+        json_of(&events[0]).expect("json")["payload"],
+        json!({"id": "r1", "stream": name})
+    );
+}
+
+#[tokio::test]
+async fn websocket_acks_each_message_in_order_and_survives_a_bad_one() {
+    let stack = Stack::from_env();
+    let s = stream("ws");
+    let (name, topic) = (s.name.clone(), s.topic().to_owned());
+    let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
+    let server = start(&stack, &pipeline, |a| a.max_body_bytes = 2048).await;
+    let url = format!(
+        "{}/v1/streams/{name}/ws",
+        server.base.replace("http://", "ws://")
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("connect");
+
+    let frames = [
+        json!({"id": "w1", "n": 1}).to_string(),
+        "{not json".to_owned(),
+        json!([{"id": "w2"}, {"id": "w3"}]).to_string(),
+        json!(42).to_string(),
+        json!({"id": "w4"}).to_string(),
+    ];
+    for f in &frames {
+        socket.send(Message::text(f.clone())).await.expect("send");
+    }
+    socket
+        .send(Message::binary(vec![1u8, 2, 3]))
+        .await
+        .expect("send");
+    socket
+        .send(Message::text(json!({"id": "w5"}).to_string()))
+        .await
+        .expect("send");
+    let mut replies = Vec::new();
+    while replies.len() < 7 {
+        match socket.next().await.expect("reply").expect("frame") {
+            Message::Text(t) => replies.push(serde_json::from_str::<Value>(&t).expect("json")),
+            _ => continue,
+        }
+    }
+    assert_eq!(replies[0], json!({"ok": true, "ids": ["w1"]}));
+    assert_eq!(replies[1]["ok"], false);
+    assert_eq!(
+        replies[1]["error"]["type"],
+        "https://sluice.dev/problems/malformed-json"
+    );
+    assert_eq!(replies[2], json!({"ok": true, "ids": ["w2", "w3"]}));
+    assert_eq!(
+        replies[3]["error"]["type"],
+        "https://sluice.dev/problems/not-an-object"
+    );
+    assert_eq!(replies[4], json!({"ok": true, "ids": ["w4"]}));
+    assert_eq!(
+        replies[5]["error"]["type"],
+        "https://sluice.dev/problems/invalid-field"
+    );
+    assert_eq!(replies[6], json!({"ok": true, "ids": ["w5"]}));
+
+    // A message over the size limit closes that connection only.
+    socket
+        .send(Message::text("x".repeat(4096)))
+        .await
+        .expect("send");
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match socket.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return true,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .expect("the oversized message ends the connection");
+    assert!(closed);
+    let (mut again, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("reconnect");
+    again
+        .send(Message::text(json!({"id": "w6"}).to_string()))
+        .await
+        .expect("send");
+    let reply = again.next().await.expect("reply").expect("frame");
+    assert_eq!(
+        serde_json::from_str::<Value>(reply.to_text().expect("text")).expect("json")["ids"],
+        json!(["w6"])
+    );
+
+    let ids: Vec<String> = read_topic(&stack, &topic)
+        .await
+        .expect("topic")
+        .iter()
+        .map(|r| {
+            json_of(r).expect("json")["id"]
+                .as_str()
+                .expect("id")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 6, "{ids:?}");
+}
+
+#[tokio::test]
+async fn work_endpoint_runs_requests_concurrently() {
+    let stack = Stack::from_env();
+    let pipeline = Pipeline::create(&stack, vec![stream("work")])
+        .await
+        .expect("pipeline");
+    let server = start(&stack, &pipeline, |a| a.work_max_ms = 1000).await;
+    let (status, problem) = server.post_json("/v1/work?ms=5000", &json!({})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        problem["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("at most 1000")
+    );
+
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..500 {
+        let (client, url) = (
+            server.client.clone(),
+            format!("{}/v1/work?ms=200", server.base),
+        );
+        tasks.spawn(async move { client.post(url).send().await.map(|r| r.status()) });
+    }
+    while let Some(status) = tasks.join_next().await {
+        assert_eq!(status.expect("task").expect("request"), StatusCode::OK);
+    }
+    // One after another would take 100 s; concurrently it is a fraction of that.
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(50),
+        "500 × 200 ms took {elapsed:?}"
+    );
+}
+
+#[tokio::test]
+async fn api_keys_guard_the_api_but_not_health() {
+    let stack = Stack::from_env();
+    let s = stream("auth");
+    let name = s.name.clone();
+    let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
+    let dir = tempfile::tempdir().expect("dir");
+    let keys = dir.path().join("keys");
+    std::fs::write(
+        &keys,
+        "# keys\nfirst-key-0123456789\n\nsecond-key-0123456789\n",
+    )
+    .expect("write");
+    let server = start(&stack, &pipeline, |a| a.api_keys_file = Some(keys.clone())).await;
+    let url = format!("{}/v1/streams/{name}/events", server.base);
+
+    let r = server
+        .client
+        .post(&url)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    let r = server
+        .client
+        .post(&url)
+        .bearer_auth("wrong-key-0123456789")
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = server
+        .client
+        .post(&url)
+        .bearer_auth("second-key-0123456789")
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let r = server
+        .client
+        .post(&url)
+        .header("x-api-key", "first-key-0123456789")
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert_eq!(server.get("/healthz").await.0, StatusCode::OK);
+
+    std::fs::write(&keys, "short\n").expect("write");
+    let mut args = Args::new(
+        pipeline.settings_path.clone(),
+        stack.kafka(),
+        stack.redis_url.clone(),
+    );
+    args.api_keys_file = Some(keys);
+    let err = App::connect(&args).await.err().expect("short keys refused");
+    assert!(err.to_string().contains("too short"), "{err}");
+}
+
+#[tokio::test]
+async fn unreachable_kafka_means_not_ready_and_503_at_once() {
+    let stack = Stack::from_env();
+    let s = stream("down");
+    let name = s.name.clone();
+    let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
+    // A port nothing listens on.
+    let dead = sluice_testkit::free_port().expect("port");
+    let server = start(&stack, &pipeline, |a| {
+        a.kafka = sluice_core::kafka::KafkaArgs::new(format!("127.0.0.1:{dead}"))
+    })
+    .await;
+
+    wait_for("/readyz to fail", Duration::from_secs(30), || async {
+        Ok((server.get("/readyz").await.0 == StatusCode::SERVICE_UNAVAILABLE).then_some(()))
+    })
+    .await
+    .expect("not ready");
+    assert_eq!(
+        server.get("/healthz").await.0,
+        StatusCode::OK,
+        "alive while not ready"
+    );
+    let r = server
+        .client
+        .post(format!("{}/v1/streams/{name}/events", server.base))
+        .json(&json!({"n": 1}))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("answered without waiting for Kafka");
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers()["retry-after"], "1");
+}
+
+#[tokio::test]
+async fn metrics_and_openapi_describe_the_service() {
+    let stack = Stack::from_env();
+    let s = stream("meta");
+    let name = s.name.clone();
+    let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
+    let server = start(&stack, &pipeline, |_| {}).await;
+    assert_eq!(
+        server
+            .post_json(&format!("/v1/streams/{name}/events"), &json!({}))
+            .await
+            .0,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        server
+            .post(
+                &format!("/v1/streams/{name}/events"),
+                "application/json",
+                "{"
+            )
+            .await
+            .0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(server.get("/readyz").await.0, StatusCode::OK);
+
+    let (status, text) = server.get("/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(text.contains("sluice_ingest_http_requests_total{route=\"/v1/streams/{stream}/events\",method=\"POST\",status=\"202\"} 1"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "sluice_ingest_events_produced_total{{stream=\"{name}\"}} 1"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("sluice_ingest_producer_queue_depth"),
+        "{text}"
+    );
+
+    let (status, doc) = server.get("/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    let doc: Value = serde_json::from_str(&doc).expect("json");
+    for path in [
+        "/v1/streams/{stream}/events",
+        "/v1/streams/{stream}/records/{id}",
+        "/v1/messages",
+        "/v1/users/{user}/unsent",
+        "/v1/work",
+        "/api/visit/v1/",
+        "/api/activity/v1/",
+    ] {
+        assert!(
+            doc["paths"].get(path).is_some(),
+            "{path} missing from the OpenAPI document"
+        );
+    }
+}
