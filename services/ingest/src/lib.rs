@@ -4,6 +4,7 @@
 //!
 //! - [`http`]: the versioned JSON API, the workshop paths, health, metrics, OpenAPI;
 //! - [`ws`]: the WebSocket door, one ack or error frame per text frame;
+//! - [`tcp`]: the JSON-lines write and read ports of the buffered store;
 //! - [`publish`]: checks and publishes events, shared by every door;
 //! - [`input`]: request bodies (one object, an array, NDJSON) into payloads;
 //! - [`listener`]: the connection limit; [`metrics`]: Prometheus metrics.
@@ -18,6 +19,7 @@ pub mod input;
 pub mod listener;
 pub mod metrics;
 pub mod publish;
+pub mod tcp;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -93,6 +95,25 @@ pub struct Args {
     /// Longest simulated work `POST /v1/work?ms=N` accepts, in milliseconds.
     #[arg(long, env = "SLUICE_WORK_MAX_MS", default_value_t = 10_000)]
     pub work_max_ms: u64,
+    /// Address of the TCP JSON-lines write port (for example 127.0.0.1:2525); off when unset.
+    #[arg(long, env = "SLUICE_TCP_WRITE_LISTEN")]
+    pub tcp_write_listen: Option<SocketAddr>,
+    /// Address of the TCP read port (for example 127.0.0.1:2526); off when unset.
+    #[arg(long, env = "SLUICE_TCP_READ_LISTEN")]
+    pub tcp_read_listen: Option<SocketAddr>,
+    /// Stream the TCP write port publishes to and the read port reads.
+    #[arg(long, env = "SLUICE_TCP_STREAM", default_value = "records")]
+    pub tcp_stream: String,
+    /// Lines the TCP write buffer holds before answering `error busy`; also how many
+    /// recent writes the read port serves from memory.
+    #[arg(long, env = "SLUICE_QUEUE_SIZE", default_value_t = 10_000)]
+    pub queue_size: usize,
+    /// Workers publishing the TCP write buffer to Kafka.
+    #[arg(long, env = "SLUICE_WORKER_SIZE", default_value_t = 4)]
+    pub worker_size: usize,
+    /// Longest TCP line accepted, in bytes.
+    #[arg(long, env = "SLUICE_MAX_LINE_BYTES", default_value_t = 64 * 1024)]
+    pub max_line_bytes: usize,
     /// File of API keys, one per line (`#` starts a comment); when set, the `/v1` and
     /// `/api` endpoints need one of them.
     #[arg(long, env = "SLUICE_API_KEYS_FILE")]
@@ -119,6 +140,12 @@ impl Args {
             max_batch_events: 10_000,
             max_connections: 10_000,
             work_max_ms: 10_000,
+            tcp_write_listen: None,
+            tcp_read_listen: None,
+            tcp_stream: "records".to_owned(),
+            queue_size: 10_000,
+            worker_size: 4,
+            max_line_bytes: 64 * 1024,
             api_keys_file: None,
             log_level: "info".to_owned(),
         }
@@ -179,6 +206,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// Cancelled when the server shuts down; long-lived connections (WebSocket) close.
     closing: CancellationToken,
+    tcp_stream: String,
+    tcp: Option<Arc<tcp::Buffer>>,
 }
 
 async fn redis_connection(url: &str) -> Result<ConnectionManager, StartError> {
@@ -247,10 +276,22 @@ impl App {
             None => Vec::new(),
         };
         let metrics = Arc::new(Metrics::new());
+        let publisher = Publisher::new(producer, metrics.clone());
+        let closing = CancellationToken::new();
+        let tcp = settings.stream(&args.tcp_stream).map(|s| {
+            tcp::Buffer::start(
+                publisher.clone(),
+                s.topic().to_owned(),
+                args.queue_size,
+                args.worker_size,
+                args.max_line_bytes,
+                closing.clone(),
+            )
+        });
         Ok(Self {
             inner: Arc::new(Inner {
                 streams,
-                publisher: Publisher::new(producer, metrics.clone()),
+                publisher,
                 redis,
                 replica,
                 key_prefix: args.key_prefix.clone(),
@@ -264,7 +305,9 @@ impl App {
                 // Optimistic until the first check says otherwise.
                 kafka_ready: AtomicBool::new(true),
                 metrics,
-                closing: CancellationToken::new(),
+                closing,
+                tcp_stream: args.tcp_stream.clone(),
+                tcp,
             }),
         })
     }
@@ -303,6 +346,19 @@ impl App {
                 () = tokio::time::sleep(interval) => {}
             }
         }
+    }
+
+    /// The TCP write buffer, when the TCP stream is in the settings.
+    pub fn tcp_buffer(&self) -> Option<&Arc<tcp::Buffer>> {
+        self.inner.tcp.as_ref()
+    }
+
+    /// A Redis connection for reads: the replica when there is one.
+    pub fn read_connection(&self) -> ConnectionManager {
+        self.inner
+            .replica
+            .clone()
+            .unwrap_or_else(|| self.inner.redis.clone())
     }
 
     /// Waits up to `timeout` for queued events to be acknowledged.

@@ -13,6 +13,30 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    run(listener, app, shutdown).await?;
+    let mut doors = tokio::task::JoinSet::new();
+    if let Some(addr) = args.tcp_write_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        doors.spawn(sluice_ingest::tcp::serve_write(
+            l,
+            app.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if let Some(addr) = args.tcp_read_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        doors.spawn(sluice_ingest::tcp::serve_read(
+            l,
+            app.clone(),
+            shutdown.clone(),
+        ));
+    }
+    run(listener, app.clone(), shutdown).await?;
+    while doors.join_next().await.is_some() {}
+    // What the TCP doors queued last is acknowledged before the process ends.
+    app.flush(std::time::Duration::from_secs(10));
     Ok(())
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use futures::future::join_all;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use serde::Serialize;
 use serde_json::Value;
@@ -238,88 +238,29 @@ impl Publisher {
         ack: Ack,
     ) -> Result<Vec<Published>, PublishError> {
         let name = stream.settings.name.as_str();
-        let envelopes = match prepare(stream, payloads, hints, batch) {
-            Ok(e) => e,
-            Err(e) => {
-                self.metrics.rejected(name, reject_reason(&e));
-                return Err(e);
-            }
-        };
-        let topic = stream.settings.topic();
-        let mut pending: Vec<(String, Option<DeliveryFuture>)> =
-            Vec::with_capacity(envelopes.len());
-        for envelope in envelopes {
-            let value = envelope.encode_value();
-            let mut record = FutureRecord::to(topic)
-                .payload(&value)
-                .headers(envelope.kafka_headers());
-            if let Some(key) = &envelope.key {
-                record = record.key(key.as_str());
-            }
-            match self.producer.send_result(record) {
-                Ok(delivery) => pending.push((envelope.id, Some(delivery))),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    self.metrics.rejected(name, "overloaded");
-                    // Events queued before this one are still delivered.
-                    return Err(PublishError::Overloaded);
-                }
-                Err((e, _)) => {
-                    self.metrics.rejected(name, "kafka");
-                    return Err(PublishError::Kafka {
-                        failed: 1,
-                        total: pending.len() + 1,
-                        source: e,
-                    });
-                }
-            }
-        }
-        self.metrics.produced(name, pending.len() as u64);
-        if ack == Ack::None {
-            let metrics = self.metrics.clone();
-            let stream_name = name.to_owned();
-            let deliveries: Vec<DeliveryFuture> =
-                pending.iter_mut().filter_map(|(_, d)| d.take()).collect();
-            tokio::spawn(async move {
-                for result in join_all(deliveries).await {
-                    if !matches!(result, Ok(Ok(_))) {
-                        metrics.delivery_failed(&stream_name);
-                    }
-                }
-            });
-            return Ok(pending
-                .into_iter()
-                .map(|(id, _)| Published {
-                    id,
-                    partition: None,
-                    offset: None,
-                })
-                .collect());
-        }
-        let ids: Vec<String> = pending.iter().map(|(id, _)| id.clone()).collect();
-        let results = join_all(pending.into_iter().filter_map(|(_, d)| d)).await;
-        let total = results.len();
+        let envelopes = prepare(stream, payloads, hints, batch).inspect_err(|e| {
+            self.metrics.rejected(name, reject_reason(e));
+        })?;
+        let total = envelopes.len();
+        let results = self.send(stream.settings.topic(), envelopes, ack).await;
         let mut published = Vec::with_capacity(total);
         let mut first_error = None;
         let mut failed = 0;
-        for (id, result) in ids.into_iter().zip(results) {
+        for result in results {
             match result {
-                Ok(Ok(delivery)) => published.push(Published {
-                    id,
-                    partition: Some(delivery.partition),
-                    offset: Some(delivery.offset),
-                }),
-                Ok(Err((e, _))) => {
+                Ok(p) => published.push(p),
+                Err(e) => {
                     failed += 1;
                     first_error.get_or_insert(e);
-                }
-                Err(_cancelled) => {
-                    failed += 1;
-                    first_error.get_or_insert(KafkaError::Canceled);
                 }
             }
         }
         match first_error {
             None => Ok(published),
+            Some(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
+                self.metrics.rejected(name, "overloaded");
+                Err(PublishError::Overloaded)
+            }
             Some(source) => {
                 self.metrics.delivery_failed(name);
                 Err(PublishError::Kafka {
@@ -329,6 +270,85 @@ impl Publisher {
                 })
             }
         }
+    }
+
+    /// Queues every envelope on the producer at once, then (with [`Ack::All`]) awaits
+    /// their acknowledgements together. One result per envelope, in order; an envelope
+    /// that found the producer queue full fails with `QueueFull` and was not sent.
+    pub async fn send(
+        &self,
+        topic: &str,
+        envelopes: Vec<Envelope>,
+        ack: Ack,
+    ) -> Vec<Result<Published, KafkaError>> {
+        let mut pending = Vec::with_capacity(envelopes.len());
+        let mut sent = 0u64;
+        let stream = envelopes
+            .first()
+            .map(|e| e.stream.clone())
+            .unwrap_or_default();
+        for envelope in envelopes {
+            let value = envelope.encode_value();
+            let mut record = FutureRecord::to(topic)
+                .payload(&value)
+                .headers(envelope.kafka_headers());
+            if let Some(key) = &envelope.key {
+                record = record.key(key.as_str());
+            }
+            match self.producer.send_result(record) {
+                Ok(delivery) => {
+                    sent += 1;
+                    pending.push((envelope.id, Ok(delivery)));
+                }
+                Err((e, _)) => pending.push((envelope.id, Err(e))),
+            }
+        }
+        self.metrics.produced(&stream, sent);
+        if ack == Ack::None {
+            let mut out = Vec::with_capacity(pending.len());
+            let mut deliveries = Vec::new();
+            for (id, result) in pending {
+                out.push(result.map(|d| {
+                    deliveries.push(d);
+                    Published {
+                        id,
+                        partition: None,
+                        offset: None,
+                    }
+                }));
+            }
+            let metrics = self.metrics.clone();
+            tokio::spawn(async move {
+                for result in join_all(deliveries).await {
+                    if !matches!(result, Ok(Ok(_))) {
+                        metrics.delivery_failed(&stream);
+                    }
+                }
+            });
+            return out;
+        }
+        let (ids, futures): (Vec<String>, Vec<_>) = pending.into_iter().unzip();
+        let outcomes = join_all(futures.into_iter().map(|f| async move {
+            match f {
+                Ok(delivery) => match delivery.await {
+                    Ok(Ok(d)) => Ok((d.partition, d.offset)),
+                    Ok(Err((e, _))) => Err(e),
+                    Err(_) => Err(KafkaError::Canceled),
+                },
+                Err(e) => Err(e),
+            }
+        }))
+        .await;
+        ids.into_iter()
+            .zip(outcomes)
+            .map(|(id, outcome)| {
+                outcome.map(|(partition, offset)| Published {
+                    id,
+                    partition: Some(partition),
+                    offset: Some(offset),
+                })
+            })
+            .collect()
     }
 }
 

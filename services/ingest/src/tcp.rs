@@ -1,0 +1,446 @@
+//! The TCP doors of the buffered store (JSON lines).
+//!
+//! **Write port** (`--tcp-write-listen`, 2525 by convention): one JSON object per line,
+//! such as `{"id":"1","name":"John Doe","age":"25"}`. Each line is checked like an HTTP
+//! event of the stream `--tcp-stream`, remembered in the buffer of recent writes, and put
+//! on a bounded queue (`--queue-size`). `--worker-size` workers take what is queued, in
+//! batches, and publish it to Kafka. Every line is answered, in order, with `ok <id>` once
+//! Kafka acknowledged it, or `error <reason>`: a bad line, a line over `--max-line-bytes`,
+//! or `error busy ...` when the queue is full. An error never closes the connection.
+//!
+//! **Read port** (`--tcp-read-listen`, 2526): a request line `get <id>` is answered with the
+//! record's line, or `error not found <id>`; `all` (or `get data`) dumps every record, one
+//! per line, then `end <count>`. Records come from the buffer of recent writes where
+//! present, else from the store (the records collectors wrote to Redis).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+use futures::{SinkExt, StreamExt};
+use redis::AsyncCommands;
+use serde_json::Value;
+use sluice_core::{Envelope, store};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{Decoder, Encoder, Framed, LinesCodec, LinesCodecError};
+use tokio_util::sync::CancellationToken;
+
+use crate::App;
+use crate::listener::LimitedListener;
+use crate::publish::{Ack, Hints, prepare};
+
+/// One input line, or why there is none: a bad line never ends the connection.
+pub enum Line {
+    /// A line of text, without its end of line.
+    Text(String),
+    /// A line over the length limit (skipped up to its end).
+    TooLong,
+    /// A line that is not UTF-8.
+    NotUtf8,
+}
+
+/// Newline-delimited text with a length limit, where an over-long or non-UTF-8 line is an
+/// item of its own rather than an error that would end the stream.
+pub struct BoundedLines(LinesCodec);
+
+impl BoundedLines {
+    /// Lines of at most `max` bytes.
+    pub fn new(max: usize) -> Self {
+        Self(LinesCodec::new_with_max_length(max))
+    }
+
+    fn map(r: Result<Option<String>, LinesCodecError>) -> Result<Option<Line>, LinesCodecError> {
+        match r {
+            Ok(line) => Ok(line.map(Line::Text)),
+            Err(LinesCodecError::MaxLineLengthExceeded) => Ok(Some(Line::TooLong)),
+            Err(LinesCodecError::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                Ok(Some(Line::NotUtf8))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Decoder for BoundedLines {
+    type Item = Line;
+    type Error = LinesCodecError;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Line>, LinesCodecError> {
+        Self::map(self.0.decode(buf))
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Line>, LinesCodecError> {
+        Self::map(self.0.decode_eof(buf))
+    }
+}
+
+impl Encoder<String> for BoundedLines {
+    type Error = LinesCodecError;
+
+    fn encode(&mut self, line: String, buf: &mut BytesMut) -> Result<(), LinesCodecError> {
+        self.0.encode(line, buf)
+    }
+}
+
+type Lines<T> = Framed<T, BoundedLines>;
+
+/// An accepted line waiting for Kafka.
+struct Job {
+    envelope: Envelope,
+    reply: oneshot::Sender<Result<(), String>>,
+}
+
+/// Recent writes, newest last, at most `capacity` of them.
+struct Recent {
+    capacity: usize,
+    order: VecDeque<String>,
+    records: HashMap<String, Value>,
+}
+
+impl Recent {
+    fn insert(&mut self, id: String, payload: Value) {
+        if self.records.insert(id.clone(), payload).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.records.remove(&old);
+            }
+        }
+    }
+}
+
+/// The buffered store behind the TCP ports: the queue, its workers and recent writes.
+pub struct Buffer {
+    queue: mpsc::Sender<Job>,
+    recent: Mutex<Recent>,
+    max_line_bytes: usize,
+}
+
+impl Buffer {
+    /// Creates the queue and starts `workers` workers publishing to `stream`'s topic. They
+    /// run until `closing` is cancelled, then publish what is still queued and stop.
+    pub fn start(
+        app_publisher: crate::publish::Publisher,
+        topic: String,
+        queue_size: usize,
+        workers: usize,
+        max_line_bytes: usize,
+        closing: CancellationToken,
+    ) -> Arc<Self> {
+        let (tx, rx) = mpsc::channel::<Job>(queue_size.max(1));
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..workers.max(1) {
+            let (rx, publisher, topic, closing) = (
+                rx.clone(),
+                app_publisher.clone(),
+                topic.clone(),
+                closing.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    let mut jobs = Vec::new();
+                    {
+                        let mut rx = rx.lock().await;
+                        let first = tokio::select! {
+                            biased;
+                            job = rx.recv() => job,
+                            () = closing.cancelled() => rx.try_recv().ok(),
+                        };
+                        let Some(first) = first else { return };
+                        jobs.push(first);
+                        while jobs.len() < 1000 {
+                            match rx.try_recv() {
+                                Ok(job) => jobs.push(job),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    let (envelopes, replies): (Vec<_>, Vec<_>) =
+                        jobs.into_iter().map(|j| (j.envelope, j.reply)).unzip();
+                    let results = publisher.send(&topic, envelopes, Ack::All).await;
+                    for (reply, result) in replies.into_iter().zip(results) {
+                        let _ = reply.send(result.map(|_| ()).map_err(|e| format!("kafka: {e}")));
+                    }
+                }
+            });
+        }
+        Arc::new(Self {
+            queue: tx,
+            recent: Mutex::new(Recent {
+                capacity: queue_size.max(1),
+                order: VecDeque::new(),
+                records: HashMap::new(),
+            }),
+            max_line_bytes,
+        })
+    }
+
+    fn remember(&self, id: &str, payload: &Value) {
+        if let Ok(mut recent) = self.recent.lock() {
+            recent.insert(id.to_owned(), payload.clone());
+        }
+    }
+
+    fn recent(&self, id: &str) -> Option<Value> {
+        self.recent
+            .lock()
+            .ok()
+            .and_then(|r| r.records.get(id).cloned())
+    }
+
+    fn recent_all(&self) -> Vec<(String, Value)> {
+        self.recent
+            .lock()
+            .map(|r| {
+                r.order
+                    .iter()
+                    .filter_map(|id| r.records.get(id).map(|v| (id.clone(), v.clone())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Serves the write port until `shutdown` is cancelled.
+pub async fn serve_write(listener: TcpListener, app: App, shutdown: CancellationToken) {
+    serve(listener, app, shutdown, "tcp-write", handle_write).await;
+}
+
+/// Serves the read port until `shutdown` is cancelled.
+pub async fn serve_read(listener: TcpListener, app: App, shutdown: CancellationToken) {
+    serve(listener, app, shutdown, "tcp-read", handle_read).await;
+}
+
+async fn serve<H, F>(
+    listener: TcpListener,
+    app: App,
+    shutdown: CancellationToken,
+    door: &'static str,
+    handle: H,
+) where
+    H: Fn(App, Lines<crate::listener::LimitedStream>, CancellationToken) -> F
+        + Copy
+        + Send
+        + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, door, "TCP door listening");
+    }
+    let mut listener = LimitedListener::new(listener, app.inner.max_connections);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept_limited() => accepted,
+        };
+        let max = app.tcp_buffer().map_or(64 * 1024, |b| b.max_line_bytes);
+        let framed = Framed::new(stream, BoundedLines::new(max));
+        let (app, shutdown) = (app.clone(), shutdown.clone());
+        connections.spawn(async move {
+            app.inner.metrics.connection_opened(door);
+            handle(app.clone(), framed, shutdown).await;
+            app.inner.metrics.connection_closed(door);
+        });
+        while connections.try_join_next().is_some() {}
+    }
+    // Connections finish the line in hand and close.
+    while connections.join_next().await.is_some() {}
+}
+
+/// Reads the next line; `None` at the end of the connection or on shutdown.
+async fn next_line<T: AsyncRead + AsyncWrite + Unpin>(
+    framed: &mut Lines<T>,
+    shutdown: &CancellationToken,
+) -> Option<Result<Line, LinesCodecError>> {
+    tokio::select! {
+        () = shutdown.cancelled() => None,
+        line = framed.next() => line,
+    }
+}
+
+async fn handle_write<T: AsyncRead + AsyncWrite + Unpin>(
+    app: App,
+    mut framed: Lines<T>,
+    shutdown: CancellationToken,
+) {
+    while let Some(line) = next_line(&mut framed, &shutdown).await {
+        let answer = match line {
+            Ok(Line::Text(line)) if line.trim().is_empty() => continue,
+            Ok(Line::Text(line)) => write_line(&app, &line).await,
+            Ok(Line::TooLong) => {
+                let max = app.tcp_buffer().map_or(0, |b| b.max_line_bytes);
+                format!("error line too long: at most {max} bytes")
+            }
+            Ok(Line::NotUtf8) => "error the line is not UTF-8".to_owned(),
+            Err(_) => break,
+        };
+        if framed.send(answer).await.is_err() {
+            break;
+        }
+    }
+}
+
+async fn write_line(app: &App, line: &str) -> String {
+    let Some(buffer) = app.tcp_buffer() else {
+        return "error the TCP write port has no stream".to_owned();
+    };
+    let stream = match app.inner.streams.get(&app.inner.tcp_stream) {
+        Ok(s) => s,
+        Err(e) => return format!("error {e}"),
+    };
+    let payload: Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => return format!("error not valid JSON: {e}"),
+    };
+    let mut envelopes = match prepare(stream, vec![payload], &Hints::default(), false) {
+        Ok(e) => e,
+        Err(e) => {
+            app.inner
+                .metrics
+                .rejected(&stream.settings.name, "tcp-invalid");
+            return format!("error {e}");
+        }
+    };
+    if !app.kafka_ready() {
+        return "error busy: Kafka is unreachable; retry later".to_owned();
+    }
+    let envelope = envelopes.remove(0);
+    let id = envelope.id.clone();
+    buffer.remember(&id, &envelope.payload);
+    let (reply, answer) = oneshot::channel();
+    if buffer.queue.try_send(Job { envelope, reply }).is_err() {
+        app.inner
+            .metrics
+            .rejected(&stream.settings.name, "overloaded");
+        return "error busy: the queue is full; retry later".to_owned();
+    }
+    match answer.await {
+        Ok(Ok(())) => format!("ok {id}"),
+        Ok(Err(e)) => format!("error {e}"),
+        Err(_) => "error shutting down".to_owned(),
+    }
+}
+
+async fn handle_read<T: AsyncRead + AsyncWrite + Unpin>(
+    app: App,
+    mut framed: Lines<T>,
+    shutdown: CancellationToken,
+) {
+    while let Some(line) = next_line(&mut framed, &shutdown).await {
+        let request = match line {
+            Ok(Line::Text(l)) => l,
+            Ok(Line::TooLong | Line::NotUtf8) => {
+                if framed
+                    .send("error unknown request; send `get <id>` or `all`".to_owned())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                continue;
+            }
+            Err(_) => break,
+        };
+        let request = request.trim();
+        let result = match request {
+            "" => continue,
+            "all" | "get data" => dump(&app, &mut framed).await,
+            _ => match request.strip_prefix("get ").map(str::trim) {
+                Some(id) if !id.is_empty() => {
+                    let answer = match lookup(&app, id).await {
+                        Ok(Some(record)) => record.to_string(),
+                        Ok(None) => format!("error not found {id}"),
+                        Err(e) => format!("error store unavailable: {e}"),
+                    };
+                    framed.send(answer).await.map_err(|_| ())
+                }
+                _ => framed
+                    .send("error unknown request; send `get <id>` or `all`".to_owned())
+                    .await
+                    .map_err(|_| ()),
+            },
+        };
+        if result.is_err() {
+            break;
+        }
+    }
+}
+
+fn payload_of(record: &str) -> Option<Value> {
+    let mut v: Value = serde_json::from_str(record).ok()?;
+    Some(v.get_mut("payload").map(Value::take).unwrap_or(v))
+}
+
+async fn lookup(app: &App, id: &str) -> Result<Option<Value>, redis::RedisError> {
+    if let Some(payload) = app.tcp_buffer().and_then(|b| b.recent(id)) {
+        return Ok(Some(payload));
+    }
+    let key = store::record_key(&app.inner.key_prefix, &app.inner.tcp_stream, id);
+    let mut conn = app.read_connection();
+    let record: Option<String> = conn.get(&key).await?;
+    Ok(record.as_deref().and_then(payload_of))
+}
+
+async fn dump<T: AsyncRead + AsyncWrite + Unpin>(
+    app: &App,
+    framed: &mut Lines<T>,
+) -> Result<(), ()> {
+    let mut sent = HashSet::new();
+    let mut count = 0u64;
+    for (id, payload) in app.tcp_buffer().map(|b| b.recent_all()).unwrap_or_default() {
+        framed.feed(payload.to_string()).await.map_err(|_| ())?;
+        sent.insert(id);
+        count += 1;
+    }
+    let prefix = store::record_key(&app.inner.key_prefix, &app.inner.tcp_stream, "");
+    let mut scan_conn = app.read_connection();
+    let mut get_conn = app.read_connection();
+    let keys: Result<Vec<String>, redis::RedisError> = async {
+        let mut iter: redis::AsyncIter<'_, String> =
+            scan_conn.scan_match(format!("{prefix}*")).await?;
+        let mut keys = Vec::new();
+        while let Some(key) = iter.next_item().await {
+            keys.push(key?);
+        }
+        Ok(keys)
+    }
+    .await;
+    let keys = match keys {
+        Ok(k) => k,
+        Err(e) => {
+            framed
+                .send(format!("error store unavailable: {e}"))
+                .await
+                .map_err(|_| ())?;
+            return Ok(());
+        }
+    };
+    for chunk in keys.chunks(500) {
+        let chunk: Vec<&String> = chunk
+            .iter()
+            .filter(|k| !sent.contains(k.trim_start_matches(&prefix)))
+            .collect();
+        if chunk.is_empty() {
+            continue;
+        }
+        let values: Vec<Option<String>> = match get_conn.mget(&chunk).await {
+            Ok(v) => v,
+            Err(e) => {
+                framed
+                    .send(format!("error store unavailable: {e}"))
+                    .await
+                    .map_err(|_| ())?;
+                return Ok(());
+            }
+        };
+        for payload in values.iter().flatten().filter_map(|r| payload_of(r)) {
+            framed.feed(payload.to_string()).await.map_err(|_| ())?;
+            count += 1;
+        }
+    }
+    framed.send(format!("end {count}")).await.map_err(|_| ())
+}

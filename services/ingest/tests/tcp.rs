@@ -1,0 +1,208 @@
+//! The TCP doors of the buffered store against the real Kafka and Redis, with a real
+//! collector storing what ingest published.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use clap::Parser;
+use serde_json::{Value, json};
+use sluice_core::StreamSettings;
+use sluice_ingest::{App, Args};
+use sluice_testkit::{Pipeline, Stack, unique, wait_for};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+const CONNECTIONS: usize = 1000;
+const LINES: usize = 3;
+
+/// Sends `lines` on one connection, retrying a line answered `error busy`; returns the ids.
+async fn write_lines(addr: String, conn: usize) -> anyhow::Result<Vec<String>> {
+    let stream = TcpStream::connect(&addr).await?;
+    let (read, mut write) = stream.into_split();
+    let mut answers = BufReader::new(read).lines();
+    let mut ids = Vec::new();
+    for n in 0..LINES {
+        let line =
+            json!({"id": format!("c{conn}-{n}"), "name": "John Doe", "age": "25"}).to_string();
+        loop {
+            write.write_all(format!("{line}\n").as_bytes()).await?;
+            let answer = answers
+                .next_line()
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("connection closed"))?;
+            if let Some(id) = answer.strip_prefix("ok ") {
+                ids.push(id.to_owned());
+                break;
+            }
+            anyhow::ensure!(
+                answer.starts_with("error busy"),
+                "unexpected answer {answer:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(ids)
+}
+
+#[tokio::test]
+async fn a_thousand_connections_write_and_the_read_port_returns_every_record() {
+    let stack = Stack::from_env();
+    let mut stream = StreamSettings::new(unique("records"));
+    stream.partitions = 3;
+    let name = stream.name.clone();
+    let pipeline = Pipeline::create(&stack, vec![stream])
+        .await
+        .expect("pipeline");
+
+    let mut args = Args::new(
+        pipeline.settings_path.clone(),
+        stack.kafka(),
+        stack.redis_url.clone(),
+    );
+    args.key_prefix = pipeline.key_prefix.clone();
+    args.redis_replica_url = Some(stack.redis_replica_url.clone());
+    args.tcp_stream = name.clone();
+    // A buffer smaller than what is sent: writers meet `error busy` and the read port must
+    // find older records in the store.
+    args.queue_size = 500;
+    args.worker_size = 4;
+    args.max_line_bytes = 1024;
+    let app = App::connect(&args).await.expect("ingest");
+    let stop = CancellationToken::new();
+    let write_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let read_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let write_addr = write_listener.local_addr().expect("addr").to_string();
+    let read_addr = read_listener.local_addr().expect("addr").to_string();
+    tokio::spawn(sluice_ingest::tcp::serve_write(
+        write_listener,
+        app.clone(),
+        stop.clone(),
+    ));
+    tokio::spawn(sluice_ingest::tcp::serve_read(
+        read_listener,
+        app.clone(),
+        stop.clone(),
+    ));
+
+    let collector = sluice_collector::Args::parse_from([
+        "sluice-collector",
+        "--settings",
+        pipeline.settings_path.to_str().expect("path"),
+        "--kafka-brokers",
+        &stack.kafka_brokers,
+        "--redis-url",
+        &stack.redis_url,
+        "--key-prefix",
+        &pipeline.key_prefix,
+        "--group",
+        &unique("group"),
+    ]);
+    tokio::spawn(sluice_collector::run(collector, stop.clone()));
+
+    // Bad lines first: each gets its error line and the connection stays usable.
+    let mut probe = BufReader::new(TcpStream::connect(&write_addr).await.expect("connect"));
+    for (line, expected) in [
+        ("{not json".to_owned(), "error not valid JSON"),
+        ("[1,2]".to_owned(), "error an event must be a JSON object"),
+        (
+            format!("{{\"pad\":\"{}\"}}", "x".repeat(2000)),
+            "error line too long",
+        ),
+        ("{\"id\":\"bad id\"}".to_owned(), "error invalid event id"),
+    ] {
+        probe
+            .get_mut()
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .expect("write");
+        let mut answer = String::new();
+        probe.read_line(&mut answer).await.expect("answer");
+        assert!(answer.starts_with(expected), "{line:.40} -> {answer}");
+    }
+    probe
+        .get_mut()
+        .write_all(b"\xff\xfe{}\n")
+        .await
+        .expect("write");
+    let mut answer = String::new();
+    probe.read_line(&mut answer).await.expect("answer");
+    assert_eq!(answer, "error the line is not UTF-8\n");
+
+    let mut writers = tokio::task::JoinSet::new();
+    for conn in 0..CONNECTIONS {
+        writers.spawn(write_lines(write_addr.clone(), conn));
+    }
+    let mut acknowledged = BTreeSet::new();
+    while let Some(ids) = writers.join_next().await {
+        acknowledged.extend(ids.expect("task").expect("writer"));
+    }
+    assert_eq!(acknowledged.len(), CONNECTIONS * LINES);
+
+    let read = TcpStream::connect(&read_addr).await.expect("connect");
+    let (r, mut w) = read.into_split();
+    let mut lines = BufReader::new(r).lines();
+    w.write_all(b"get c7-2\n").await.expect("write");
+    let record: Value =
+        serde_json::from_str(&lines.next_line().await.expect("line").expect("record"))
+            .expect("json");
+    assert_eq!(
+        record,
+        json!({"id": "c7-2", "name": "John Doe", "age": "25"})
+    );
+    w.write_all(b"get nope\n").await.expect("write");
+    assert_eq!(
+        lines.next_line().await.expect("line").expect("answer"),
+        "error not found nope"
+    );
+    w.write_all(b"what\n").await.expect("write");
+    assert!(
+        lines
+            .next_line()
+            .await
+            .expect("line")
+            .expect("answer")
+            .starts_with("error unknown request")
+    );
+
+    // Once the collector stored everything, `all` returns every record exactly once.
+    let redis = stack.redis().await.expect("redis");
+    wait_for(
+        "the collector to store every record",
+        Duration::from_secs(60),
+        || {
+            let mut redis = redis.clone();
+            let pattern = format!("{}:{name}:*", pipeline.key_prefix);
+            let want = acknowledged.len();
+            async move {
+                let keys: Vec<String> = redis::AsyncCommands::keys(&mut redis, pattern).await?;
+                Ok((keys.len() >= want).then_some(()))
+            }
+        },
+    )
+    .await
+    .expect("stored");
+    for request in ["all", "get data"] {
+        w.write_all(format!("{request}\n").as_bytes())
+            .await
+            .expect("write");
+        let mut dumped = Vec::new();
+        loop {
+            let line = lines.next_line().await.expect("line").expect("dump line");
+            if let Some(count) = line.strip_prefix("end ") {
+                assert_eq!(count.parse::<usize>().expect("count"), dumped.len());
+                break;
+            }
+            let v: Value = serde_json::from_str(&line).expect("json");
+            dumped.push(v["id"].as_str().expect("id").to_owned());
+        }
+        let unique_ids: BTreeSet<String> = dumped.iter().cloned().collect();
+        assert_eq!(unique_ids.len(), dumped.len(), "no record twice");
+        assert_eq!(unique_ids, acknowledged, "every acknowledged record");
+    }
+    stop.cancel();
+}
