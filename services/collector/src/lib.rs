@@ -228,6 +228,15 @@ impl Collector {
                 }
             }
         }
+        // One span per event, continuing the trace ingest started; they end with the write.
+        let spans: Vec<tracing::Span> = events
+            .iter()
+            .map(|e| {
+                let span = tracing::info_span!("sink.write", otel.kind = "consumer", sink = sink.name(), stream = %e.stream, event.id = %e.id);
+                sluice_core::telemetry::continue_trace(&span, &e.headers);
+                span
+            })
+            .collect();
         let mut backoff = Backoff::new();
         loop {
             match sink.write(&events).await {
@@ -242,6 +251,7 @@ impl Collector {
                 }
             }
         }
+        drop(spans);
         for m in batch {
             if let Err(e) = self.consumer.store_offset_from_message(m) {
                 // The partition was taken away meanwhile; its new owner replays the record.

@@ -7,8 +7,9 @@ use sluice_collector::{Args, run};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    sluice_core::telemetry::init(&args.log_level);
+    let telemetry = sluice_core::telemetry::init("sluice-collector", &args.log_level);
     let shutdown = sluice_core::shutdown::on_signal();
-    run(args, shutdown).await.context("collector failed")?;
-    Ok(())
+    let result = run(args, shutdown).await.context("collector failed");
+    telemetry.shutdown();
+    result
 }

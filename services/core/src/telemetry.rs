@@ -1,28 +1,184 @@
-//! Logging set-up shared by the binaries.
+//! Logs and traces, set up once per binary.
 //!
 //! Log lines go to stderr through `tracing`. The level comes from `--log-level`
 //! (`SLUICE_LOG`), which takes `tracing` filter directives such as
 //! `info,sluice_collector=debug`; `SLUICE_LOG_FORMAT=json` switches to JSON lines.
+//!
+//! Every `tracing` span is also an OpenTelemetry span. When `OTEL_EXPORTER_OTLP_ENDPOINT`
+//! (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, spans are exported there over OTLP
+//! (HTTP/protobuf); otherwise they still get real trace ids, so the W3C `traceparent`
+//! that ingest puts in each event's Kafka headers ([`inject`]) lets the collector continue
+//! the same trace ([`extract`]) whether or not anything records it.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
-/// Installs the global subscriber. `filter` takes `tracing` directives, for example `info`.
-pub fn init(filter: &str) {
+/// Keeps the tracer provider alive; [`Telemetry::shutdown`] flushes spans still buffered.
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+impl Telemetry {
+    /// Exports what is still buffered and stops the exporter.
+    pub fn shutdown(self) {
+        if let Err(e) = self.provider.shutdown() {
+            eprintln!("trace exporter shutdown: {e}");
+        }
+    }
+}
+
+fn otlp_configured() -> bool {
+    [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var(v).is_ok_and(|s| !s.is_empty()))
+}
+
+/// A tracer provider for `service`: exporting over OTLP when an endpoint is configured.
+pub fn tracer_provider(service: &'static str) -> SdkTracerProvider {
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service)
+        .build();
+    let mut builder = SdkTracerProvider::builder().with_resource(resource);
+    if otlp_configured() {
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+        {
+            Ok(exporter) => builder = builder.with_batch_exporter(exporter),
+            Err(e) => {
+                eprintln!("cannot create the OTLP trace exporter ({e}); spans are not exported")
+            }
+        }
+    }
+    builder.build()
+}
+
+/// Installs logging and tracing for `service`. `filter` takes `tracing` directives, for
+/// example `info`. A second call (as in tests) keeps the first subscriber.
+pub fn init(service: &'static str, filter: &str) -> Telemetry {
+    init_with(tracer_provider(service), service, filter)
+}
+
+/// Like [`init`], with a tracer provider made by the caller (tests use an in-memory one).
+pub fn init_with(provider: SdkTracerProvider, service: &'static str, filter: &str) -> Telemetry {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|e| {
         eprintln!("invalid log filter {filter:?} ({e}); using \"info\"");
         EnvFilter::new("info")
     });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let json = std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let json = std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    // A second call (as in tests) keeps the first subscriber.
-    let _ = if json {
-        builder.json().try_init()
+    let fmt = if json {
+        fmt.json().boxed()
     } else {
-        builder.try_init()
+        fmt.boxed()
     };
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service));
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init();
+    Telemetry { provider }
+}
+
+struct MapInjector<'a>(&'a mut BTreeMap<String, String>);
+
+impl Injector for MapInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_owned(), value);
+    }
+}
+
+struct MapExtractor<'a>(&'a BTreeMap<String, String>);
+
+impl Extractor for MapExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}
+
+/// Writes the current span's context into `headers` as W3C `traceparent` (and
+/// `tracestate`). Nothing is written outside a recorded span.
+pub fn inject(headers: &mut BTreeMap<String, String>) {
+    let cx = tracing::Span::current().context();
+    TraceContextPropagator::new().inject_context(&cx, &mut MapInjector(headers));
+}
+
+/// The trace context carried in `headers`, to continue the trace in `span`.
+pub fn continue_trace(span: &tracing::Span, headers: &BTreeMap<String, String>) {
+    let cx = extract(headers);
+    let _ = span.set_parent(cx);
+}
+
+/// The trace context carried in `headers`.
+pub fn extract(headers: &BTreeMap<String, String>) -> opentelemetry::Context {
+    TraceContextPropagator::new().extract(&MapExtractor(headers))
+}
+
+/// The trace context carried in HTTP headers.
+pub fn extract_http(headers: &http::HeaderMap) -> opentelemetry::Context {
+    let map: BTreeMap<String, String> = ["traceparent", "tracestate"]
+        .iter()
+        .filter_map(|k| {
+            headers
+                .get(*k)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| ((*k).to_owned(), v.to_owned()))
+        })
+        .collect();
+    extract(&map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::TraceContextExt;
+
+    #[test]
+    fn a_traceparent_survives_the_round_trip() {
+        let mut headers = BTreeMap::new();
+        headers.insert(
+            "traceparent".to_owned(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+        );
+        let cx = extract(&headers);
+        let span = cx.span();
+        let sc = span.span_context();
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(sc.span_id().to_string(), "00f067aa0ba902b7");
+        assert!(sc.is_sampled());
+        let mut out = BTreeMap::new();
+        TraceContextPropagator::new().inject_context(&cx, &mut MapInjector(&mut out));
+        assert_eq!(out.get("traceparent"), headers.get("traceparent"));
+    }
+
+    #[test]
+    fn no_context_no_header() {
+        let mut headers = BTreeMap::new();
+        inject(&mut headers);
+        assert!(headers.is_empty());
+    }
 }

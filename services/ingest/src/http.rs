@@ -20,8 +20,10 @@ use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sluice_core::envelope::validate_id;
-use sluice_core::{Envelope, store};
+use sluice_core::{Envelope, store, telemetry};
 use subtle::ConstantTimeEq;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use utoipa::{OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -68,7 +70,7 @@ pub fn router(app: App) -> Router {
             ),
         )
         .fallback(no_route)
-        .layer(middleware::from_fn_with_state(app.clone(), record_metrics))
+        .layer(middleware::from_fn_with_state(app.clone(), observe))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(app)
 }
@@ -90,18 +92,30 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     api_router().into_openapi()
 }
 
-async fn record_metrics(State(app): State<App>, request: Request, next: Next) -> Response {
+/// A span per request, continuing the caller's trace (`traceparent`), and request metrics.
+async fn observe(State(app): State<App>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or("unmatched", |p| p.as_str())
         .to_owned();
     let method = request.method().as_str().to_owned();
+    let span = tracing::info_span!(
+        "http.request",
+        otel.name = format!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+    );
+    let _ = span.set_parent(telemetry::extract_http(request.headers()));
     let start = Instant::now();
-    let response = next.run(request).await;
+    let response = next.run(request).instrument(span.clone()).await;
+    let status = response.status().as_u16();
+    span.record("http.response.status_code", status);
     app.inner
         .metrics
-        .request(&route, &method, response.status().as_u16(), start.elapsed());
+        .request(&route, &method, status, start.elapsed());
     response
 }
 
@@ -203,15 +217,11 @@ fn header_str(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiErro
 }
 
 fn hints_of(headers: &HeaderMap) -> Result<Hints, ApiError> {
-    let mut hints = Hints {
+    Ok(Hints {
         id: header_str(headers, ID_HEADER)?,
         key: header_str(headers, KEY_HEADER)?,
         headers: Vec::new(),
-    };
-    if let Some(tp) = header_str(headers, "traceparent")? {
-        hints.headers.push(("traceparent".to_owned(), tp));
-    }
-    Ok(hints)
+    })
 }
 
 /// Parses a body and publishes its events to `stream`.

@@ -7,7 +7,7 @@ use sluice_ingest::{App, Args, run};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    sluice_core::telemetry::init(&args.log_level);
+    let telemetry = sluice_core::telemetry::init("sluice-ingest", &args.log_level);
     let shutdown = sluice_core::shutdown::on_signal();
     let app = App::connect(&args).await.context("cannot start ingest")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -38,5 +38,6 @@ async fn main() -> anyhow::Result<()> {
     while doors.join_next().await.is_some() {}
     // What the TCP doors queued last is acknowledged before the process ends.
     app.flush(std::time::Duration::from_secs(10));
+    telemetry.shutdown();
     Ok(())
 }

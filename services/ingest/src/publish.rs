@@ -425,6 +425,8 @@ pub fn prepare(
         for (k, v) in &hints.headers {
             envelope.headers.insert(k.clone(), v.clone());
         }
+        // The trace continues from the current span (the request, message or line).
+        sluice_core::telemetry::inject(&mut envelope.headers);
         out.push(envelope);
     }
     Ok(out)

@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{Decoder, Encoder, Framed, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::App;
 use crate::listener::LimitedListener;
@@ -270,7 +271,10 @@ async fn handle_write<T: AsyncRead + AsyncWrite + Unpin>(
     while let Some(line) = next_line(&mut framed, &shutdown).await {
         let answer = match line {
             Ok(Line::Text(line)) if line.trim().is_empty() => continue,
-            Ok(Line::Text(line)) => write_line(&app, &line).await,
+            Ok(Line::Text(line)) => {
+                let span = tracing::info_span!("tcp.line", otel.kind = "server");
+                write_line(&app, &line).instrument(span).await
+            }
             Ok(Line::TooLong) => {
                 let max = app.tcp_buffer().map_or(0, |b| b.max_line_bytes);
                 format!("error line too long: at most {max} bytes")

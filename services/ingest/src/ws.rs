@@ -14,6 +14,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_
 use axum::extract::{Path, State};
 use axum::response::Response;
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use crate::App;
 use crate::error::ApiError;
@@ -58,7 +59,12 @@ async fn serve(app: App, stream: Arc<Stream>, mut socket: WebSocket) {
                 tracing::debug!(error = %e, "websocket closed with an error");
                 break;
             }
-            Some(Ok(Message::Text(text))) => answer(&app, &stream, text.as_bytes()).await,
+            Some(Ok(Message::Text(text))) => {
+                let span = tracing::info_span!("ws.message", otel.kind = "server", stream = %stream.settings.name);
+                answer(&app, &stream, text.as_bytes())
+                    .instrument(span)
+                    .await
+            }
             Some(Ok(Message::Binary(_))) => error_frame(&ApiError::InvalidField(
                 "binary messages are not accepted; send events as text".to_owned(),
             )),

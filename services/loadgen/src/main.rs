@@ -6,7 +6,7 @@ use sluice_loadgen::{Args, run};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    sluice_core::telemetry::init(&args.log_level);
+    let _telemetry = sluice_core::telemetry::init("sluice-loadgen", &args.log_level);
     let report = run(&args).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
