@@ -273,3 +273,75 @@ pub fn free_port() -> anyhow::Result<u16> {
         .local_addr()?
         .port())
 }
+
+/// A Kafka broker of a test's own, started with `scripts/stack kafka-up` on free ports in a
+/// temporary directory, for tests that stop and restart a broker. Stopped when dropped.
+pub struct OwnBroker {
+    dir: tempfile::TempDir,
+    port: u16,
+    controller_port: u16,
+}
+
+impl OwnBroker {
+    /// Starts a new broker and waits until it answers metadata requests.
+    pub async fn start() -> anyhow::Result<Self> {
+        let broker = Self {
+            dir: tempfile::tempdir()?,
+            port: free_port()?,
+            controller_port: free_port()?,
+        };
+        broker.up().await?;
+        Ok(broker)
+    }
+
+    /// Starts the broker again (same data) and waits until it answers.
+    pub async fn up(&self) -> anyhow::Result<()> {
+        let this = (self.dir.path().to_owned(), self.port, self.controller_port);
+        tokio::task::spawn_blocking(move || Self::run_script(&this.0, this.1, this.2, "kafka-up"))
+            .await?
+    }
+
+    /// Stops the broker and waits until its process is gone.
+    pub async fn down(&self) -> anyhow::Result<()> {
+        let this = (self.dir.path().to_owned(), self.port, self.controller_port);
+        tokio::task::spawn_blocking(move || Self::run_script(&this.0, this.1, this.2, "kafka-down"))
+            .await?
+    }
+
+    fn run_script(
+        dir: &std::path::Path,
+        port: u16,
+        controller_port: u16,
+        command: &str,
+    ) -> anyhow::Result<()> {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/stack");
+        let status = Command::new(script)
+            .arg(command)
+            .env("SLUICE_STACK_DIR", dir)
+            .env("SLUICE_STACK_KAFKA_PORT", port.to_string())
+            .env(
+                "SLUICE_STACK_KAFKA_CONTROLLER_PORT",
+                controller_port.to_string(),
+            )
+            .stdout(Stdio::null())
+            .status()?;
+        anyhow::ensure!(status.success(), "scripts/stack {command} failed");
+        Ok(())
+    }
+
+    /// Its bootstrap address.
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let _ = Self::run_script(
+            self.dir.path(),
+            self.port,
+            self.controller_port,
+            "kafka-down",
+        );
+    }
+}

@@ -681,6 +681,60 @@ async fn unreachable_kafka_means_not_ready_and_503_at_once() {
 }
 
 #[tokio::test]
+async fn readiness_follows_kafka_away_and_back_without_a_restart() {
+    let stack = Stack::from_env();
+    let broker = sluice_testkit::OwnBroker::start()
+        .await
+        .expect("own broker");
+    let own = Stack {
+        kafka_brokers: broker.brokers(),
+        ..stack.clone()
+    };
+    let s = stream("flaky");
+    let name = s.name.clone();
+    let pipeline = Pipeline::create(&own, vec![s]).await.expect("pipeline");
+    let server = start(&own, &pipeline, |_| {}).await;
+    let path = format!("/v1/streams/{name}/events");
+    let ready = |want: StatusCode| {
+        let server = &server;
+        async move {
+            wait_for(
+                &format!("/readyz to answer {want}"),
+                Duration::from_secs(90),
+                || async { Ok((server.get("/readyz").await.0 == want).then_some(())) },
+            )
+            .await
+        }
+    };
+    ready(StatusCode::OK).await.expect("ready");
+    assert_eq!(
+        server.post_json(&path, &json!({"n": 1})).await.0,
+        StatusCode::ACCEPTED
+    );
+
+    broker.down().await.expect("stop broker");
+    ready(StatusCode::SERVICE_UNAVAILABLE)
+        .await
+        .expect("not ready while Kafka is away");
+    let (status, problem) = server.post_json(&path, &json!({"n": 2})).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        problem["type"],
+        "https://sluice.dev/problems/kafka-unavailable"
+    );
+
+    broker.up().await.expect("restart broker");
+    ready(StatusCode::OK).await.expect("ready again");
+    let (status, body) = server.post_json(&path, &json!({"n": 3})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(
+        topic_len(&own, &name).expect("len"),
+        2,
+        "events 1 and 3, not 2"
+    );
+}
+
+#[tokio::test]
 async fn metrics_and_openapi_describe_the_service() {
     let stack = Stack::from_env();
     let s = stream("meta");
