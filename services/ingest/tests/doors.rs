@@ -735,6 +735,43 @@ async fn readiness_follows_kafka_away_and_back_without_a_restart() {
 }
 
 #[tokio::test]
+async fn connections_over_the_limit_wait_for_a_free_slot() {
+    let stack = Stack::from_env();
+    let pipeline = Pipeline::create(&stack, vec![stream("limit")])
+        .await
+        .expect("pipeline");
+    let server = start(&stack, &pipeline, |a| a.max_connections = 2).await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let first = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let second = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    // Both slots are held by idle connections: a third is not served...
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
+    let request = client.get(format!("{}/healthz", server.base)).send();
+    tokio::pin!(request);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut request)
+            .await
+            .is_err(),
+        "a third connection was served while two were held"
+    );
+    // ...until one closes.
+    drop(first);
+    let response = tokio::time::timeout(Duration::from_secs(30), request)
+        .await
+        .expect("served once a slot is free")
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    drop(second);
+}
+
+#[tokio::test]
 async fn metrics_and_openapi_describe_the_service() {
     let stack = Stack::from_env();
     let s = stream("meta");
