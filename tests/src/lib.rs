@@ -77,19 +77,33 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Creates the streams' topics (with their `.dlq` topics) and writes the settings file.
+    /// Creates the streams' topics (with their `.retry` and `.dlq` topics) and writes the
+    /// settings file.
     pub async fn create(stack: &Stack, streams: Vec<StreamSettings>) -> anyhow::Result<Self> {
-        let settings = PipelineSettings { streams };
+        Self::create_with(
+            stack,
+            PipelineSettings {
+                streams,
+                retry: Default::default(),
+            },
+        )
+        .await
+    }
+
+    /// Like [`Pipeline::create`], with whole settings (for a retry policy).
+    pub async fn create_with(stack: &Stack, settings: PipelineSettings) -> anyhow::Result<Self> {
         let mut topics = Vec::new();
         for s in &settings.streams {
             topics.push(TopicSpec {
                 name: s.topic().to_owned(),
                 partitions: s.partitions,
             });
-            topics.push(TopicSpec {
-                name: format!("{}.dlq", s.name),
-                partitions: 1,
-            });
+            for suffix in ["retry", "dlq"] {
+                topics.push(TopicSpec {
+                    name: format!("{}.{suffix}", s.name),
+                    partitions: s.partitions,
+                });
+            }
         }
         ensure_topics(&stack.kafka(), &topics).await?;
         let dir = tempfile::tempdir()?;
@@ -173,6 +187,31 @@ pub fn topic_len(stack: &Stack, topic: &str) -> anyhow::Result<i64> {
         }
     }
     Ok(total)
+}
+
+/// Whether consumer group `group` has committed every partition of `topic` up to its end.
+pub fn committed_to_end(stack: &Stack, group: &str, topic: &str) -> anyhow::Result<bool> {
+    let consumer: StreamConsumer = stack.kafka().consumer_config(group).create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut partitions = TopicPartitionList::new();
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            partitions.add_partition(topic, p.id());
+        }
+    }
+    let committed = consumer.committed_offsets(partitions, Duration::from_secs(10))?;
+    for element in committed.elements() {
+        let (_, high) =
+            consumer.fetch_watermarks(topic, element.partition(), Duration::from_secs(10))?;
+        let at = match element.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        };
+        if at < high {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// The payload of a Kafka record as JSON.
@@ -264,6 +303,122 @@ impl Drop for Process {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// Publishes `events` to `topic` with an idempotent `acks=all` producer, as ingest does,
+/// and returns once Kafka acknowledged all of them.
+pub async fn produce(
+    stack: &Stack,
+    topic: &str,
+    events: &[sluice_core::Envelope],
+) -> anyhow::Result<()> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = stack.kafka().producer_config().create()?;
+    let mut pending = Vec::new();
+    for e in events {
+        let value = e.encode_value();
+        let mut record = FutureRecord::to(topic)
+            .payload(&value)
+            .headers(e.kafka_headers());
+        if let Some(k) = &e.key {
+            record = record.key(k.as_str());
+        }
+        pending.push(producer.send_result(record).map_err(|(e, _)| e)?);
+    }
+    for p in pending {
+        p.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}
+
+/// Publishes raw bytes (for records that are not events).
+pub async fn produce_raw(
+    stack: &Stack,
+    topic: &str,
+    key: &str,
+    value: &[u8],
+) -> anyhow::Result<()> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = stack.kafka().producer_config().create()?;
+    producer
+        .send(
+            FutureRecord::to(topic).key(key).payload(value),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    Ok(())
+}
+
+/// A TCP proxy on 127.0.0.1 in front of a server, to cut it off and bring it back as an
+/// outage would, without touching the server that other tests share.
+pub struct Proxy {
+    port: u16,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    generation: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Starts a proxy forwarding to `target` (`host:port`).
+    pub async fn start(target: &str) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (generation, _) = tokio::sync::watch::channel(0u64);
+        let target = target.to_owned();
+        let (flag, gen_tx) = (up.clone(), generation.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                let mut cut = gen_tx.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            port,
+            up,
+            generation,
+            task,
+        })
+    }
+
+    /// The proxy's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Drops every connection and refuses new ones until [`Proxy::restore`].
+    pub fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

@@ -1,36 +1,50 @@
-//! `sluice-collector`: consumes the topics of its streams in a consumer group and writes
-//! the events to a sink, at least once.
+//! `sluice-collector`: consumes the topics of its streams in consumer groups and writes the
+//! events to one sink, at least once, with retry and dead-letter topics.
 //!
-//! The loop:
-//! 1. wait for a record, then take whatever else is already fetched, up to `--batch-size`;
-//! 2. decode each record into an [`Envelope`]; a record that is not an envelope goes to the
-//!    stream's dead-letter topic `<stream>.dlq`, with the reason in the `sluice-error` header;
-//! 3. write the decoded events to the sink, retrying with backoff until it confirms;
-//! 4. only then store the records' offsets, which the consumer commits every second.
+//! - [`consume`]: the consumer loop: batches, partitions in parallel, offsets, retries;
+//! - [`sink`]: the sinks (`redis`, `redis-index`, `file`, `postgres`) behind one trait;
+//! - [`metrics`]: Prometheus metrics, with consumer lag per partition.
 //!
-//! A record's offset is therefore stored only once it is in the sink or acknowledged on the
-//! dead-letter topic. Rebalances happen inside `recv`, between batches, so a batch in flight
-//! always finishes before its partitions are given up; on shutdown the current batch
-//! finishes and the stored offsets are committed before the consumer leaves the group. A
-//! crash replays from the last commit, and the sink's idempotent writes absorb the replay.
+//! Each group runs two consumers: the main one on the streams' topics, and a retry
+//! consumer (group `<group>.retry`) on their `<stream>.retry` topics. A write that keeps
+//! failing goes to `<stream>.retry` with its attempt count; the retry consumer writes it
+//! again after the pipeline's backoff, and after the last attempt sends it to
+//! `<stream>.dlq`. An offset is stored only once its event is in the sink or acknowledged
+//! on a retry or dead-letter topic.
 
+pub mod consume;
+pub mod metrics;
 pub mod sink;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures::FutureExt;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use axum::routing::get;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use sluice_core::kafka::{KafkaArgs, TopicSpec, ensure_topics};
-use sluice_core::settings::SettingsError;
-use sluice_core::{Envelope, PipelineSettings, store};
+use sluice_core::settings::{SettingsError, parse_duration};
+use sluice_core::{PipelineSettings, StreamSettings, store};
 use tokio_util::sync::CancellationToken;
 
-use sink::Sink;
+use consume::{Mode, Worker, WorkerConfig};
+use metrics::Metrics;
+use sink::{AnySink, SinkError};
+
+/// The sink a collector writes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SinkKind {
+    /// Each event's JSON under `<prefix>:<stream>:<id>`, plus per-minute aggregates.
+    Redis,
+    /// Per recipient, the senders with unsent messages (chat).
+    RedisIndex,
+    /// JSON lines per stream and partition under `--record-directory`.
+    File,
+    /// Rows in PostgreSQL, upserted on (stream, id).
+    Postgres,
+}
 
 /// Command line and environment of `sluice-collector`.
 #[derive(Debug, Clone, clap::Parser)]
@@ -40,7 +54,7 @@ use sink::Sink;
     about = "Sluice collector: Kafka in, sinks out"
 )]
 pub struct Args {
-    /// Pipeline settings file (streams and their topics).
+    /// Pipeline settings file (streams and their topics, retry policy).
     #[arg(long, env = "SLUICE_SETTINGS")]
     pub settings: PathBuf,
     /// Kafka connection.
@@ -60,25 +74,75 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub streams: Vec<String>,
-    /// Redis the records are written to.
+    /// Groups and topics as `group:topic[,group:topic...]`; replaces --group and --streams.
+    #[arg(long, env = "SLUICE_COLLECTOR_GROUPS", value_delimiter = ',')]
+    pub groups: Vec<String>,
+    /// Where events are written.
+    #[arg(long, env = "SLUICE_SINK", value_enum, default_value = "redis")]
+    pub sink: SinkKind,
+    /// Redis the `redis` and `redis-index` sinks write to (the primary).
     #[arg(
         long,
         env = "SLUICE_REDIS_URL",
         default_value = "redis://127.0.0.1:6379"
     )]
     pub redis_url: String,
-    /// Prefix of the Redis keys of records.
+    /// Prefix of the Redis keys.
     #[arg(long, env = "SLUICE_KEY_PREFIX", default_value = store::DEFAULT_PREFIX)]
     pub key_prefix: String,
+    /// Expiry of records in Redis (`3600s`, `24h`); records never expire when unset.
+    #[arg(long, env = "SLUICE_RECORD_TTL", value_parser = parse_duration_arg)]
+    pub record_ttl: Option<Duration>,
+    /// Directory of the `file` sink.
+    #[arg(long, env = "SLUICE_RECORD_DIRECTORY", default_value = "records")]
+    pub record_directory: PathBuf,
+    /// The `file` sink starts a new segment at this size, in bytes.
+    #[arg(long, env = "SLUICE_FILE_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub file_max_bytes: u64,
+    /// The `file` sink starts a new segment after this long (`10m`, `1h`).
+    #[arg(long, env = "SLUICE_FILE_MAX_AGE", default_value = "1h", value_parser = parse_duration_arg)]
+    pub file_max_age: Duration,
+    /// When the `file` sink syncs to disk.
+    #[arg(long, env = "SLUICE_FSYNC", value_enum, default_value = "batch")]
+    pub fsync: sink::file::Fsync,
+    /// PostgreSQL of the `postgres` sink.
+    #[arg(
+        long,
+        env = "SLUICE_DATABASE_URL",
+        default_value = "postgres://sluice@127.0.0.1:5432/sluice"
+    )]
+    pub database_url: String,
+    /// Table of the `postgres` sink, created if absent.
+    #[arg(long, env = "SLUICE_TABLE", default_value = "sluice_events")]
+    pub table: String,
+    /// Connection attempts to the database at start-up.
+    #[arg(long, env = "SLUICE_DB_CONNECT_ATTEMPTS", default_value_t = 10)]
+    pub db_connect_attempts: u32,
+    /// Wait between connection attempts (`10s`).
+    #[arg(long, env = "SLUICE_DB_CONNECT_BACKOFF", default_value = "10s", value_parser = parse_duration_arg)]
+    pub db_connect_backoff: Duration,
     /// Most records written to the sink in one batch.
     #[arg(long, env = "SLUICE_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
-    /// Create the dead-letter topics at start-up when they do not exist.
+    /// Partitions written concurrently; order within a partition is always kept.
+    #[arg(long, env = "SLUICE_CONCURRENT_COUNT", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub concurrent_count: u32,
+    /// Tries of a batch write before its events go to the retry topic.
+    #[arg(long, env = "SLUICE_WRITE_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub write_attempts: u32,
+    /// Create the retry and dead-letter topics at start-up when absent.
     #[arg(long, env = "SLUICE_CREATE_TOPICS")]
     pub create_topics: bool,
+    /// Address of the `/metrics` and `/healthz` endpoints; off when unset.
+    #[arg(long, env = "SLUICE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Log filter, for example `info` or `info,sluice_collector=debug`.
     #[arg(long, env = "SLUICE_LOG", default_value = "info")]
     pub log_level: String,
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 500ms, 10s, 5m or 1h"))
 }
 
 /// Why the collector stopped with an error.
@@ -87,15 +151,18 @@ pub enum CollectorError {
     /// The settings file is unusable.
     #[error(transparent)]
     Settings(#[from] SettingsError),
-    /// A stream named on the command line is not in the settings.
-    #[error("stream {0:?} is not in the pipeline settings")]
-    UnknownStream(String),
+    /// A stream or topic named on the command line is not in the settings.
+    #[error("{0}")]
+    Selection(String),
     /// A Kafka client could not be created or subscribed.
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
     /// The sink could not be reached at start-up.
     #[error("sink: {0}")]
-    Sink(#[from] sink::SinkError),
+    Sink(#[from] SinkError),
+    /// The metrics endpoint could not listen.
+    #[error("metrics endpoint: {0}")]
+    Metrics(#[source] std::io::Error),
 }
 
 /// The dead-letter topic of `stream`.
@@ -103,260 +170,229 @@ pub fn dead_letter_topic(stream: &str) -> String {
     format!("{stream}.dlq")
 }
 
-/// Runs a collector writing to Redis until `shutdown` is cancelled.
+/// The retry topic of `stream`.
+pub fn retry_topic(stream: &str) -> String {
+    format!("{stream}.retry")
+}
+
+/// Which streams each consumer group collects.
+pub fn plan_groups<'a>(
+    args: &Args,
+    settings: &'a PipelineSettings,
+) -> Result<BTreeMap<String, Vec<&'a StreamSettings>>, CollectorError> {
+    let mut plan: BTreeMap<String, Vec<&StreamSettings>> = BTreeMap::new();
+    if !args.groups.is_empty() {
+        for entry in &args.groups {
+            let (group, topic) = entry.split_once(':').ok_or_else(|| {
+                CollectorError::Selection(format!("--groups entry {entry:?} is not group:topic"))
+            })?;
+            let stream = settings
+                .streams
+                .iter()
+                .find(|s| s.topic() == topic || s.name == topic)
+                .ok_or_else(|| {
+                    CollectorError::Selection(format!(
+                        "topic {topic:?} of --groups is not a stream's topic in the settings"
+                    ))
+                })?;
+            let streams = plan.entry(group.to_owned()).or_default();
+            if !streams.iter().any(|s| s.name == stream.name) {
+                streams.push(stream);
+            }
+        }
+        return Ok(plan);
+    }
+    let chosen: Vec<&StreamSettings> = if args.streams.is_empty() {
+        settings.streams.iter().collect()
+    } else {
+        args.streams
+            .iter()
+            .map(|name| {
+                settings.stream(name).ok_or_else(|| {
+                    CollectorError::Selection(format!(
+                        "stream {name:?} is not in the pipeline settings"
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    if chosen.is_empty() {
+        return Err(CollectorError::Selection("no stream to collect".to_owned()));
+    }
+    plan.insert(args.group.clone(), chosen);
+    Ok(plan)
+}
+
+async fn build_sink(args: &Args, settings: &PipelineSettings) -> Result<AnySink, SinkError> {
+    Ok(match args.sink {
+        SinkKind::Redis => AnySink::Redis(
+            sink::redis::RedisSink::connect(
+                &args.redis_url,
+                args.key_prefix.clone(),
+                args.record_ttl,
+                settings,
+            )
+            .await?,
+        ),
+        SinkKind::RedisIndex => AnySink::RedisIndex(
+            sink::redis_index::RedisIndexSink::connect(&args.redis_url, args.key_prefix.clone())
+                .await?,
+        ),
+        SinkKind::File => AnySink::File(sink::file::FileSink::new(
+            &args.record_directory,
+            sink::file::FilePolicy {
+                max_bytes: args.file_max_bytes,
+                max_age: args.file_max_age,
+                fsync: args.fsync,
+            },
+        )?),
+        SinkKind::Postgres => AnySink::Postgres(
+            sink::postgres::PostgresSink::connect(
+                &args.database_url,
+                &args.table,
+                args.db_connect_attempts,
+                args.db_connect_backoff,
+            )
+            .await?,
+        ),
+    })
+}
+
+/// Runs the collector until `shutdown` is cancelled.
 pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), CollectorError> {
     let settings = PipelineSettings::from_file(&args.settings)?;
-    let sink = sink::redis::RedisSink::connect(&args.redis_url, args.key_prefix.clone()).await?;
-    Collector::new(&args, &settings)
-        .await?
-        .run(sink, shutdown)
-        .await
-}
-
-/// A consumer bound to its streams, and the producer for dead letters.
-pub struct Collector {
-    consumer: StreamConsumer,
-    dead_letters: FutureProducer,
-    /// topic → stream name
-    streams: HashMap<String, String>,
-    batch_size: usize,
-}
-
-impl Collector {
-    /// Creates the consumer and subscribes it to the topics of the chosen streams.
-    pub async fn new(args: &Args, settings: &PipelineSettings) -> Result<Self, CollectorError> {
-        let chosen: Vec<_> = if args.streams.is_empty() {
-            settings.streams.iter().collect()
-        } else {
-            args.streams
-                .iter()
-                .map(|name| {
-                    settings
-                        .stream(name)
-                        .ok_or_else(|| CollectorError::UnknownStream(name.clone()))
-                })
-                .collect::<Result<_, _>>()?
-        };
-        if args.create_topics {
-            let dlq: Vec<TopicSpec> = chosen
-                .iter()
-                .map(|s| TopicSpec {
-                    name: dead_letter_topic(&s.name),
-                    partitions: 1,
-                })
-                .collect();
-            ensure_topics(&args.kafka, &dlq).await?;
-        }
-        let streams: HashMap<String, String> = chosen
-            .iter()
-            .map(|s| (s.topic().to_owned(), s.name.clone()))
-            .collect();
-        let consumer: StreamConsumer = args.kafka.consumer_config(&args.group).create()?;
-        let topics: Vec<&str> = streams.keys().map(String::as_str).collect();
-        consumer.subscribe(&topics)?;
-        tracing::info!(group = %args.group, ?topics, "collector subscribed");
-        Ok(Self {
-            consumer,
-            dead_letters: args.kafka.producer_config().create()?,
-            streams,
-            batch_size: args.batch_size as usize,
-        })
-    }
-
-    /// Consumes and writes until `shutdown` is cancelled; then commits and leaves the group.
-    pub async fn run<S: Sink>(
-        self,
-        sink: S,
-        shutdown: CancellationToken,
-    ) -> Result<(), CollectorError> {
-        loop {
-            let first = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break,
-                m = self.consumer.recv() => m,
-            };
-            let first = match first {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(error = %e, "kafka consumer error");
-                    continue;
-                }
-            };
-            let mut batch = vec![first];
-            while batch.len() < self.batch_size {
-                match self.consumer.recv().now_or_never() {
-                    Some(Ok(m)) => batch.push(m),
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "kafka consumer error");
-                        break;
+    let plan = plan_groups(&args, &settings)?;
+    let metrics = Arc::new(Metrics::new());
+    if let Some(addr) = args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(CollectorError::Metrics)?;
+        let m = metrics.clone();
+        let router = axum::Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route(
+                "/metrics",
+                get(move || {
+                    let m = m.clone();
+                    async move {
+                        (
+                            [(
+                                "content-type",
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            m.encode(),
+                        )
                     }
-                    None => break,
-                }
-            }
-            if !self.process(&sink, &batch, &shutdown).await {
-                // Shut down before the batch was confirmed: its offsets stay unstored and
-                // the records are delivered again to whoever takes the partitions.
-                break;
-            }
-        }
-        match self.consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(())
-            | Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "final commit failed; uncommitted records will be delivered again")
-            }
-        }
-        tracing::info!("collector stopped");
-        Ok(())
+                }),
+            );
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+        });
     }
-
-    /// Writes one batch and stores its offsets. Returns false when shutdown interrupted it.
-    async fn process<S: Sink>(
-        &self,
-        sink: &S,
-        batch: &[BorrowedMessage<'_>],
-        shutdown: &CancellationToken,
-    ) -> bool {
-        let mut events = Vec::with_capacity(batch.len());
-        for m in batch {
-            match Envelope::decode(m.payload(), m.headers()) {
-                Ok(e) => events.push(e),
-                Err(reason) => {
-                    if !self.dead_letter(m, &reason.to_string(), shutdown).await {
-                        return false;
-                    }
-                }
-            }
-        }
-        // One span per event, continuing the trace ingest started; they end with the write.
-        let spans: Vec<tracing::Span> = events
-            .iter()
-            .map(|e| {
-                let span = tracing::info_span!("sink.write", otel.kind = "consumer", sink = sink.name(), stream = %e.stream, event.id = %e.id);
-                sluice_core::telemetry::continue_trace(&span, &e.headers);
-                span
+    if args.create_topics {
+        let topics: Vec<TopicSpec> = plan
+            .values()
+            .flatten()
+            .flat_map(|s| {
+                [retry_topic(&s.name), dead_letter_topic(&s.name)].map(|name| TopicSpec {
+                    name,
+                    partitions: s.partitions,
+                })
             })
             .collect();
-        let mut backoff = Backoff::new();
-        loop {
-            match sink.write(&events).await {
-                Ok(()) => break,
-                Err(e) => {
-                    let wait = backoff.next();
-                    tracing::warn!(sink = sink.name(), error = %e, retry_in = ?wait, events = events.len(), "sink write failed");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return false,
-                        () = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
-        }
-        drop(spans);
-        for m in batch {
-            if let Err(e) = self.consumer.store_offset_from_message(m) {
-                // The partition was taken away meanwhile; its new owner replays the record.
-                tracing::debug!(error = %e, topic = m.topic(), partition = m.partition(), "offset not stored");
-            }
-        }
-        tracing::debug!(
-            events = events.len(),
-            records = batch.len(),
-            "batch written"
-        );
-        true
+        ensure_topics(&args.kafka, &topics).await?;
     }
-
-    /// Sends a record that is not an event to its stream's dead-letter topic and waits for
-    /// Kafka to acknowledge it. Returns false when shutdown interrupted it.
-    async fn dead_letter(
-        &self,
-        m: &BorrowedMessage<'_>,
-        reason: &str,
-        shutdown: &CancellationToken,
-    ) -> bool {
-        let stream = self
-            .streams
-            .get(m.topic())
-            .map_or(m.topic(), String::as_str);
-        let topic = dead_letter_topic(stream);
-        tracing::warn!(%topic, source = m.topic(), partition = m.partition(), offset = m.offset(), %reason, "record is not an event; dead-lettering it");
-        let mut backoff = Backoff::new();
-        loop {
-            let mut headers = OwnedHeaders::new();
-            if let Some(h) = m.headers() {
-                for header in h.iter() {
-                    headers = headers.insert(header);
-                }
-            }
-            let partition = m.partition().to_string();
-            let offset = m.offset().to_string();
-            headers = headers
-                .insert(Header {
-                    key: "sluice-error",
-                    value: Some(reason),
-                })
-                .insert(Header {
-                    key: "sluice-source-topic",
-                    value: Some(m.topic()),
-                })
-                .insert(Header {
-                    key: "sluice-source-partition",
-                    value: Some(&partition),
-                })
-                .insert(Header {
-                    key: "sluice-source-offset",
-                    value: Some(&offset),
-                });
-            let mut record = FutureRecord::<[u8], [u8]>::to(&topic).headers(headers);
-            if let Some(p) = m.payload() {
-                record = record.payload(p);
-            }
-            if let Some(k) = m.key() {
-                record = record.key(k);
-            }
-            match self.dead_letters.send(record, Duration::from_secs(5)).await {
-                Ok(_) => return true,
-                Err((e, _)) => {
-                    let wait = backoff.next();
-                    tracing::error!(%topic, error = %e, retry_in = ?wait, "cannot write to the dead-letter topic");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return false,
-                        () = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
+    let sink = Arc::new(build_sink(&args, &settings).await?);
+    let producer: Arc<rdkafka::producer::FutureProducer> =
+        Arc::new(args.kafka.producer_config().create()?);
+    let mut workers = tokio::task::JoinSet::new();
+    for (group, streams) in &plan {
+        for mode in [Mode::Main, Mode::Retry] {
+            let config = WorkerConfig {
+                mode,
+                group: match mode {
+                    Mode::Main => group.clone(),
+                    Mode::Retry => format!("{group}.retry"),
+                },
+                streams: streams.iter().map(|s| (*s).clone()).collect(),
+                retry: settings.retry.clone(),
+                batch_size: args.batch_size as usize,
+                concurrency: args.concurrent_count as usize,
+                write_attempts: args.write_attempts,
+            };
+            let worker = Worker::new(
+                &args.kafka,
+                config,
+                sink.clone(),
+                producer.clone(),
+                metrics.clone(),
+            )?;
+            workers.spawn(worker.run(shutdown.clone()));
         }
     }
-}
-
-/// Exponential backoff from 100 ms up to 5 s.
-struct Backoff(Duration);
-
-impl Backoff {
-    fn new() -> Self {
-        Self(Duration::from_millis(100))
-    }
-
-    fn next(&mut self) -> Duration {
-        let now = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(5));
-        now
-    }
+    while workers.join_next().await.is_some() {}
+    tracing::info!("collector stopped");
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
 
-    #[test]
-    fn backoff_doubles_up_to_a_ceiling() {
-        let mut b = Backoff::new();
-        let waits: Vec<u128> = (0..8).map(|_| b.next().as_millis()).collect();
-        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+    fn args(extra: &[&str]) -> Args {
+        let mut argv = vec!["sluice-collector", "--settings", "x.yaml"];
+        argv.extend_from_slice(extra);
+        Args::parse_from(argv)
     }
 
     #[test]
-    fn dead_letters_go_to_the_stream_dlq() {
+    fn dead_letters_and_retries_have_their_topics() {
         assert_eq!(dead_letter_topic("visit"), "visit.dlq");
+        assert_eq!(retry_topic("visit"), "visit.retry");
+    }
+
+    #[test]
+    fn groups_come_from_the_workshop_form_or_from_group_and_streams() {
+        let settings = PipelineSettings::from_yaml(
+            "streams:\n  - name: visit\n    topic: visits-v1\n  - name: activity\n",
+        )
+        .expect("settings");
+        let plan = plan_groups(&args(&[]), &settings).expect("plan");
+        assert_eq!(plan["sluice-collector"].len(), 2);
+        let plan = plan_groups(
+            &args(&["--groups", "g1:visits-v1,g2:activity,g1:activity"]),
+            &settings,
+        )
+        .expect("plan");
+        let names = |g: &str| plan[g].iter().map(|s| s.name.as_str()).collect::<Vec<_>>();
+        assert_eq!(names("g1"), ["visit", "activity"]);
+        assert_eq!(names("g2"), ["activity"]);
+        let err = plan_groups(&args(&["--groups", "g1:nope"]), &settings).expect_err("unknown");
+        assert!(err.to_string().contains("\"nope\""));
+        let err = plan_groups(&args(&["--groups", "g1"]), &settings).expect_err("malformed");
+        assert!(err.to_string().contains("group:topic"));
+        let err = plan_groups(&args(&["--streams", "visit,x"]), &settings).expect_err("unknown");
+        assert!(err.to_string().contains("\"x\""));
+    }
+
+    #[test]
+    fn durations_in_flags() {
+        let a = args(&["--record-ttl", "24h", "--file-max-age", "10m"]);
+        assert_eq!(a.record_ttl, Some(Duration::from_secs(86_400)));
+        assert_eq!(a.file_max_age, Duration::from_secs(600));
+        assert!(
+            Args::try_parse_from([
+                "sluice-collector",
+                "--settings",
+                "x",
+                "--record-ttl",
+                "soon"
+            ])
+            .is_err()
+        );
     }
 }

@@ -33,6 +33,66 @@ const MAX_TOPIC_LEN: usize = 249;
 pub struct PipelineSettings {
     /// The streams events can be sent to.
     pub streams: Vec<StreamSettings>,
+    /// What collectors do with a write that keeps failing.
+    #[serde(default)]
+    pub retry: RetrySettings,
+}
+
+/// Retries of failed sink writes: `<stream>.retry` until the last attempt, then
+/// `<stream>.dlq`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetrySettings {
+    /// Attempts in all, the first write included, before an event goes to the dead-letter
+    /// topic.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Wait before the first retry, as `500ms`, `1s` or `2m`; it doubles with each attempt.
+    #[serde(default = "default_backoff")]
+    pub backoff: String,
+}
+
+fn default_max_attempts() -> u32 {
+    5
+}
+
+fn default_backoff() -> String {
+    "1s".to_owned()
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_max_attempts(),
+            backoff: default_backoff(),
+        }
+    }
+}
+
+impl RetrySettings {
+    /// The wait before retry number `attempt` (1 for the first retry): the backoff doubled
+    /// `attempt - 1` times, at most five minutes.
+    pub fn delay(&self, attempt: u32) -> std::time::Duration {
+        let base = parse_duration(&self.backoff).unwrap_or(std::time::Duration::from_secs(1));
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(16));
+        base.saturating_mul(factor)
+            .min(std::time::Duration::from_secs(300))
+    }
+}
+
+/// Parses `500ms`, `1s`, `2m`, `1h`.
+pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    match unit {
+        "ms" => Some(std::time::Duration::from_millis(n)),
+        "s" => Some(std::time::Duration::from_secs(n)),
+        "m" => Some(std::time::Duration::from_secs(n.checked_mul(60)?)),
+        "h" => Some(std::time::Duration::from_secs(n.checked_mul(3600)?)),
+        _ => None,
+    }
 }
 
 /// One stream: where its events go and how they are keyed.
@@ -56,6 +116,10 @@ pub struct StreamSettings {
     /// JSON Schema that every event of the stream must satisfy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema: Option<Value>,
+    /// JSON pointers of payload fields counted per minute, per value, by the Redis sink
+    /// (for example `/type` for visits by type).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dimensions: Vec<String>,
 }
 
 fn default_partitions() -> i32 {
@@ -122,6 +186,15 @@ impl PipelineSettings {
 
     fn validate(&self) -> Result<(), SettingsError> {
         let invalid = |m: String| Err(SettingsError::Invalid(m));
+        if self.retry.max_attempts < 1 {
+            return invalid("retry.maxAttempts must be at least 1".to_owned());
+        }
+        if parse_duration(&self.retry.backoff).is_none() {
+            return invalid(format!(
+                "retry.backoff {:?} is not a duration such as \"500ms\", \"1s\" or \"2m\"",
+                self.retry.backoff
+            ));
+        }
         let mut names = BTreeMap::new();
         let mut topics = BTreeMap::new();
         for s in &self.streams {
@@ -160,6 +233,12 @@ impl PipelineSettings {
                     s.name, s.partitions
                 ));
             }
+            if let Some(d) = s.dimensions.iter().find(|d| !d.starts_with('/')) {
+                return invalid(format!(
+                    "dimension {d:?} of stream {:?} is not a JSON pointer; it must start with '/'",
+                    s.name
+                ));
+            }
             if let Some(key) = &s.key
                 && !key.starts_with('/')
             {
@@ -183,6 +262,7 @@ impl StreamSettings {
             key: None,
             read_topic: None,
             schema: None,
+            dimensions: Vec::new(),
         }
     }
 
@@ -261,6 +341,7 @@ mod tests {
         stream.key = Some("/touser".into());
         let s = PipelineSettings {
             streams: vec![stream],
+            retry: RetrySettings::default(),
         };
         assert_eq!(PipelineSettings::from_yaml(&s.to_yaml()).expect("valid"), s);
     }
@@ -285,6 +366,25 @@ mod tests {
         assert!(error_of("streams:\n  - name: a\n    partitions: 0\n").contains("at least 1"));
         assert!(error_of("streams:\n  - name: a\n    key: userId\n").contains("JSON pointer"));
         assert!(error_of("streams: 3\n").contains("not valid"));
+    }
+
+    #[test]
+    fn retry_delays_double_up_to_a_ceiling() {
+        let r =
+            PipelineSettings::from_yaml("streams: []\nretry: {maxAttempts: 3, backoff: 500ms}\n")
+                .expect("valid")
+                .retry;
+        assert_eq!(r.max_attempts, 3);
+        let ms: Vec<u128> = (1..=4).map(|a| r.delay(a).as_millis()).collect();
+        assert_eq!(ms, [500, 1000, 2000, 4000]);
+        assert_eq!(r.delay(40).as_secs(), 300);
+        assert!(error_of("streams: []\nretry: {backoff: soon}\n").contains("not a duration"));
+        assert!(error_of("streams: []\nretry: {maxAttempts: 0}\n").contains("at least 1"));
+        assert_eq!(
+            parse_duration("2m"),
+            Some(std::time::Duration::from_secs(120))
+        );
+        assert_eq!(parse_duration("1.5s"), None);
     }
 
     #[test]

@@ -1,28 +1,85 @@
-//! The Redis sink: each event's JSON under `<prefix>:<stream>:<id>`.
+//! The Redis sink: each event's JSON under `<prefix>:<stream>:<id>`, and per-minute
+//! aggregates per stream for the dashboard.
 //!
-//! A batch is one pipelined `MULTI`/`EXEC` of `SET`s: Redis confirms it as a whole. Writing
-//! the same event twice stores the same value under the same key, so a replay after a
-//! crash leaves exactly one record per id.
+//! A batch is one Lua script call, so Redis applies it atomically. For each event the script
+//! sets the record only if it is new (`SET NX`, with the optional TTL) and, only then,
+//! counts it in the hash `<prefix>:agg:<stream>:<minute>` (field `count`, and one field
+//! `<pointer>=<value>` per configured dimension). A replay after a crash therefore adds
+//! neither a record nor a count.
+
+use std::collections::HashMap;
+use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use sluice_core::{Envelope, store};
+use sluice_core::{PipelineSettings, store};
 
-use super::{Sink, SinkError};
+use super::{Record, Sink, SinkError};
 
-/// Writes records to Redis.
-#[derive(Clone)]
+/// Aggregates are kept this long.
+const AGGREGATE_TTL_SECONDS: u64 = 7 * 24 * 3600;
+
+const SCRIPT: &str = r"
+local ttl = tonumber(ARGV[1])
+local agg_ttl = tonumber(ARGV[2])
+local n = 0
+local a = 3
+for i, key in ipairs(KEYS) do
+  local value = ARGV[a]
+  local agg = ARGV[a + 1]
+  local nfields = tonumber(ARGV[a + 2])
+  local set
+  if ttl > 0 then
+    set = redis.call('SET', key, value, 'NX', 'EX', ttl)
+  else
+    set = redis.call('SET', key, value, 'NX')
+  end
+  if set then
+    n = n + 1
+    redis.call('HINCRBY', agg, 'count', 1)
+    for f = 1, nfields do
+      redis.call('HINCRBY', agg, ARGV[a + 2 + f], 1)
+    end
+    redis.call('EXPIRE', agg, agg_ttl)
+  end
+  a = a + 3 + nfields
+end
+return n
+";
+
+/// The key of the per-minute aggregate of `stream` for the minute starting at `minute`
+/// (seconds since the epoch, a multiple of 60).
+pub fn aggregate_key(prefix: &str, stream: &str, minute: i64) -> String {
+    format!("{prefix}:agg:{stream}:{minute}")
+}
+
+/// Writes records and aggregates to Redis.
 pub struct RedisSink {
     conn: ConnectionManager,
     prefix: String,
+    ttl: Option<Duration>,
+    dimensions: HashMap<String, Vec<String>>,
+    script: redis::Script,
 }
 
 impl RedisSink {
-    /// Connects to the Redis at `url`; keys get `prefix`.
-    pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, SinkError> {
+    /// Connects to the Redis at `url`; keys get `prefix`; records expire after `ttl`.
+    pub async fn connect(
+        url: &str,
+        prefix: impl Into<String>,
+        ttl: Option<Duration>,
+        settings: &PipelineSettings,
+    ) -> Result<Self, SinkError> {
         let conn = redis::Client::open(url)?.get_connection_manager().await?;
         Ok(Self {
             conn,
             prefix: prefix.into(),
+            ttl,
+            dimensions: settings
+                .streams
+                .iter()
+                .map(|s| (s.name.clone(), s.dimensions.clone()))
+                .collect(),
+            script: redis::Script::new(SCRIPT),
         })
     }
 }
@@ -32,21 +89,39 @@ impl Sink for RedisSink {
         "redis"
     }
 
-    async fn write(&self, batch: &[Envelope]) -> Result<(), SinkError> {
+    async fn write(&self, batch: &[Record]) -> Result<(), SinkError> {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for e in batch {
-            pipe.set(
-                store::record_key(&self.prefix, &e.stream, &e.id),
-                e.encode_value(),
-            )
-            .ignore();
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .arg(self.ttl.map_or(0, |t| t.as_secs().max(1)))
+            .arg(AGGREGATE_TTL_SECONDS);
+        for r in batch {
+            let e = &r.envelope;
+            let minute = e.event_time.as_second().div_euclid(60) * 60;
+            let fields: Vec<String> = self
+                .dimensions
+                .get(&e.stream)
+                .into_iter()
+                .flatten()
+                .filter_map(|pointer| {
+                    let v = e.payload.pointer(pointer)?;
+                    let v = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+                    Some(format!("{pointer}={v}"))
+                })
+                .collect();
+            invocation
+                .key(store::record_key(&self.prefix, &e.stream, &e.id))
+                .arg(e.encode_value())
+                .arg(aggregate_key(&self.prefix, &e.stream, minute))
+                .arg(fields.len());
+            for f in fields {
+                invocation.arg(f);
+            }
         }
         let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await?;
+        let _new: i64 = invocation.invoke_async(&mut conn).await?;
         Ok(())
     }
 }

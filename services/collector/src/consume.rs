@@ -1,0 +1,523 @@
+//! The consumer loop of a collector, for its main topics and for its retry topics.
+//!
+//! 1. Wait for a record, then take whatever else is already fetched, up to `--batch-size`.
+//! 2. Decode each record into an event; a record that is not an event goes to the stream's
+//!    dead-letter topic at once, with the reason in the `sluice-error` header.
+//! 3. Split the events by partition and write the partitions concurrently (at most
+//!    `--concurrent-count` at once); within a partition, order is kept.
+//! 4. For each partition that is done, store the offset of its last record; the consumer
+//!    commits stored offsets every second and on shutdown.
+//!
+//! "Done" means every event of the partition is in the sink or acknowledged on the retry or
+//! dead-letter topic. On the main topics a batch is tried `--write-attempts` times; if it
+//! still fails, each event is tried alone once and those that fail go to `<stream>.retry`
+//! with `sluice-attempt: 1`. On the retry topics each event waits for its backoff, is tried
+//! once, and goes back to `<stream>.retry` with its attempt count raised, or, after the
+//! last attempt, to `<stream>.dlq`.
+//!
+//! Rebalances happen inside `recv`, between batches, so work in flight always finishes
+//! before its partitions are given up. When shutdown interrupts a batch, its offsets are not
+//! stored and its records are delivered again to whoever takes the partitions next.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, StreamExt};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
+use sluice_core::Envelope;
+use sluice_core::kafka::KafkaArgs;
+use sluice_core::settings::{RetrySettings, StreamSettings};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::sink::{AnySink, Record, Sink};
+use crate::{dead_letter_topic, retry_topic};
+
+/// Header with the number of attempts an event has had.
+pub const ATTEMPT_HEADER: &str = "sluice-attempt";
+/// Header with why an event went to a retry or dead-letter topic.
+pub const ERROR_HEADER: &str = "sluice-error";
+
+/// Which topics a worker consumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The streams' topics.
+    Main,
+    /// The streams' retry topics.
+    Retry,
+}
+
+/// What a worker needs to know.
+pub struct WorkerConfig {
+    /// Main or retry.
+    pub mode: Mode,
+    /// Consumer group.
+    pub group: String,
+    /// The streams.
+    pub streams: Vec<StreamSettings>,
+    /// The pipeline's retry policy.
+    pub retry: RetrySettings,
+    /// Most records per batch.
+    pub batch_size: usize,
+    /// Partitions written at once.
+    pub concurrency: usize,
+    /// Tries of a batch on the main topics.
+    pub write_attempts: u32,
+}
+
+/// Turns librdkafka's statistics into the lag metric.
+pub struct LagContext {
+    metrics: Arc<Metrics>,
+}
+
+impl ClientContext for LagContext {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    self.metrics.lag(topic, *partition, p.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for LagContext {}
+
+/// One consumer with its loop.
+pub struct Worker {
+    config: WorkerConfig,
+    consumer: StreamConsumer<LagContext>,
+    producer: Arc<FutureProducer>,
+    sink: Arc<AnySink>,
+    metrics: Arc<Metrics>,
+    /// topic → stream name
+    streams: HashMap<String, String>,
+}
+
+/// An event read from Kafka, with what the retry path needs.
+struct Item {
+    record: Record,
+    /// Attempts so far (0 on the main topics).
+    attempts: u32,
+    /// When the record was written to Kafka, in milliseconds since the epoch.
+    timestamp_ms: Option<i64>,
+}
+
+/// The records of one partition in a batch.
+struct PartitionWork {
+    topic: String,
+    partition: i32,
+    last_offset: i64,
+    items: Vec<Item>,
+}
+
+impl Worker {
+    /// Creates the consumer and subscribes it.
+    pub fn new(
+        kafka: &KafkaArgs,
+        config: WorkerConfig,
+        sink: Arc<AnySink>,
+        producer: Arc<FutureProducer>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, KafkaError> {
+        let streams: HashMap<String, String> = config
+            .streams
+            .iter()
+            .map(|s| {
+                let topic = match config.mode {
+                    Mode::Main => s.topic().to_owned(),
+                    Mode::Retry => retry_topic(&s.name),
+                };
+                (topic, s.name.clone())
+            })
+            .collect();
+        let mut client = kafka.consumer_config(&config.group);
+        client.set("statistics.interval.ms", "5000");
+        if config.mode == Mode::Retry {
+            // A retry may wait up to five minutes for its backoff.
+            client.set("max.poll.interval.ms", "900000");
+        }
+        let consumer: StreamConsumer<LagContext> = client.create_with_context(LagContext {
+            metrics: metrics.clone(),
+        })?;
+        let topics: Vec<&str> = streams.keys().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        tracing::info!(group = %config.group, ?topics, sink = sink.name(), "collector subscribed");
+        Ok(Self {
+            config,
+            consumer,
+            producer,
+            sink,
+            metrics,
+            streams,
+        })
+    }
+
+    /// Consumes and writes until `shutdown` is cancelled; then commits and leaves the group.
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            let first = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                m = self.consumer.recv() => m,
+            };
+            let first = match first {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka consumer error");
+                    continue;
+                }
+            };
+            let mut batch = vec![first];
+            while batch.len() < self.config.batch_size {
+                match self.consumer.recv().now_or_never() {
+                    Some(Ok(m)) => batch.push(m),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "kafka consumer error");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            if !self.process(&batch, &shutdown).await {
+                break;
+            }
+        }
+        match self.consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(())
+            | Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "final commit failed; uncommitted records will be delivered again")
+            }
+        }
+        tracing::info!(group = %self.config.group, "consumer stopped");
+    }
+
+    fn stream_of<'a>(&'a self, topic: &'a str) -> &'a str {
+        self.streams.get(topic).map_or(topic, String::as_str)
+    }
+
+    /// Handles one batch. Returns false when shutdown interrupted it.
+    async fn process(&self, batch: &[BorrowedMessage<'_>], shutdown: &CancellationToken) -> bool {
+        let mut work: Vec<PartitionWork> = Vec::new();
+        for m in batch {
+            let stream = self.stream_of(m.topic()).to_owned();
+            self.metrics.consumed(&stream, 1);
+            let index = match work
+                .iter()
+                .position(|w| w.topic == m.topic() && w.partition == m.partition())
+            {
+                Some(i) => i,
+                None => {
+                    work.push(PartitionWork {
+                        topic: m.topic().to_owned(),
+                        partition: m.partition(),
+                        last_offset: m.offset(),
+                        items: Vec::new(),
+                    });
+                    work.len() - 1
+                }
+            };
+            work[index].last_offset = m.offset();
+            match Envelope::decode(m.payload(), m.headers()) {
+                Ok(envelope) => {
+                    let attempts = envelope
+                        .headers
+                        .get(ATTEMPT_HEADER)
+                        .and_then(|a| a.parse().ok())
+                        .unwrap_or(0);
+                    work[index].items.push(Item {
+                        record: Record {
+                            envelope,
+                            topic: m.topic().to_owned(),
+                            partition: m.partition(),
+                            offset: m.offset(),
+                        },
+                        attempts,
+                        timestamp_ms: m.timestamp().to_millis(),
+                    });
+                }
+                Err(reason) => {
+                    if !self
+                        .dead_letter_raw(m, &stream, &reason.to_string(), shutdown)
+                        .await
+                    {
+                        return false;
+                    }
+                }
+            }
+        }
+        let outcomes: Vec<(String, i32, i64, bool)> = futures::stream::iter(work)
+            .map(|w| async move {
+                let done = match self.config.mode {
+                    Mode::Main => self.write_main(w.items, shutdown).await,
+                    Mode::Retry => self.write_retry(w.items, shutdown).await,
+                };
+                (w.topic, w.partition, w.last_offset, done)
+            })
+            .buffer_unordered(self.config.concurrency.max(1))
+            .collect()
+            .await;
+        let mut complete = true;
+        for (topic, partition, offset, done) in outcomes {
+            if !done {
+                complete = false;
+                continue;
+            }
+            if let Err(e) = self.consumer.store_offset(&topic, partition, offset) {
+                // The partition was taken away meanwhile; its new owner replays the records.
+                tracing::debug!(error = %e, %topic, partition, "offset not stored");
+            }
+        }
+        complete
+    }
+
+    /// Writes the events of one partition, with a span per event continuing its trace.
+    async fn write(&self, records: &[Record]) -> Result<(), crate::sink::SinkError> {
+        let spans: Vec<tracing::Span> = records
+            .iter()
+            .map(|r| {
+                let e = &r.envelope;
+                let span = tracing::info_span!("sink.write", otel.kind = "consumer", sink = self.sink.name(), stream = %e.stream, event.id = %e.id);
+                sluice_core::telemetry::continue_trace(&span, &e.headers);
+                span
+            })
+            .collect();
+        let started = Instant::now();
+        let result = self.sink.write(records).await;
+        if result.is_ok()
+            && let Some(first) = records.first()
+        {
+            self.metrics.written(
+                self.sink.name(),
+                &first.envelope.stream,
+                records.len() as u64,
+                started.elapsed(),
+            );
+        }
+        drop(spans);
+        result
+    }
+
+    /// Main topics: the whole partition batch a few times, then each event alone, then the
+    /// retry topic for the events that still fail.
+    async fn write_main(&self, items: Vec<Item>, shutdown: &CancellationToken) -> bool {
+        if items.is_empty() {
+            return true;
+        }
+        let records: Vec<Record> = items.into_iter().map(|i| i.record).collect();
+        let mut backoff = Backoff::new();
+        for attempt in 1..=self.config.write_attempts {
+            match self.write(&records).await {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::warn!(sink = self.sink.name(), error = %e, attempt, events = records.len(), "sink write failed");
+                    if attempt < self.config.write_attempts
+                        && !sleep_or_shutdown(backoff.next(), shutdown).await
+                    {
+                        return false;
+                    }
+                }
+            }
+        }
+        for record in records {
+            if let Err(e) = self.write(std::slice::from_ref(&record)).await
+                && !self.send_on(&record, 1, &e.to_string(), shutdown).await
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Retry topics: each event after its backoff, once.
+    async fn write_retry(&self, items: Vec<Item>, shutdown: &CancellationToken) -> bool {
+        for item in items {
+            let attempts = item.attempts.max(1);
+            let due_ms = item.timestamp_ms.unwrap_or(0)
+                + self.config.retry.delay(attempts).as_millis() as i64;
+            let now_ms = jiff::Timestamp::now().as_millisecond();
+            if due_ms > now_ms
+                && !sleep_or_shutdown(Duration::from_millis((due_ms - now_ms) as u64), shutdown)
+                    .await
+            {
+                return false;
+            }
+            if let Err(e) = self.write(std::slice::from_ref(&item.record)).await
+                && !self
+                    .send_on(&item.record, attempts + 1, &e.to_string(), shutdown)
+                    .await
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Sends an event that failed `attempts` times to the retry topic, or to the
+    /// dead-letter topic once the attempts are used up. Returns false on shutdown.
+    async fn send_on(
+        &self,
+        record: &Record,
+        attempts: u32,
+        reason: &str,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let stream = record.envelope.stream.as_str();
+        let last = attempts >= self.config.retry.max_attempts;
+        let topic = if last {
+            dead_letter_topic(stream)
+        } else {
+            retry_topic(stream)
+        };
+        let mut headers = record.envelope.headers.clone();
+        headers.insert(ATTEMPT_HEADER.to_owned(), attempts.to_string());
+        headers.insert(ERROR_HEADER.to_owned(), reason.to_owned());
+        let kafka_headers = headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+            h.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            })
+        });
+        let value = record.envelope.encode_value();
+        if last {
+            tracing::error!(%topic, id = %record.envelope.id, attempts, %reason, "event dead-lettered after its last attempt");
+        } else {
+            tracing::warn!(%topic, id = %record.envelope.id, attempts, %reason, "event sent to the retry topic");
+        }
+        let sent = self
+            .produce(
+                &topic,
+                record.envelope.key.as_deref().map(str::as_bytes),
+                Some(&value),
+                kafka_headers,
+                shutdown,
+            )
+            .await;
+        if sent {
+            if last {
+                self.metrics.dead_lettered(stream, 1);
+            } else {
+                self.metrics.retried(stream, 1);
+            }
+        }
+        sent
+    }
+
+    /// Sends a record that is not an event to the stream's dead-letter topic.
+    async fn dead_letter_raw(
+        &self,
+        m: &BorrowedMessage<'_>,
+        stream: &str,
+        reason: &str,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let topic = dead_letter_topic(stream);
+        tracing::error!(%topic, source = m.topic(), partition = m.partition(), offset = m.offset(), %reason, "record is not an event; dead-lettering it");
+        let mut headers = OwnedHeaders::new();
+        if let Some(h) = m.headers() {
+            for header in h.iter() {
+                headers = headers.insert(header);
+            }
+        }
+        let partition = m.partition().to_string();
+        let offset = m.offset().to_string();
+        headers = headers
+            .insert(Header {
+                key: ERROR_HEADER,
+                value: Some(reason),
+            })
+            .insert(Header {
+                key: "sluice-source-topic",
+                value: Some(m.topic()),
+            })
+            .insert(Header {
+                key: "sluice-source-partition",
+                value: Some(&partition),
+            })
+            .insert(Header {
+                key: "sluice-source-offset",
+                value: Some(&offset),
+            });
+        let sent = self
+            .produce(&topic, m.key(), m.payload(), headers, shutdown)
+            .await;
+        if sent {
+            self.metrics.dead_lettered(stream, 1);
+        }
+        sent
+    }
+
+    /// Produces one record and waits for Kafka's acknowledgement, retrying with backoff.
+    /// Returns false when shutdown came first.
+    async fn produce(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: OwnedHeaders,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let mut backoff = Backoff::new();
+        loop {
+            let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers.clone());
+            if let Some(p) = payload {
+                record = record.payload(p);
+            }
+            if let Some(k) = key {
+                record = record.key(k);
+            }
+            match self.producer.send(record, Duration::from_secs(5)).await {
+                Ok(_) => return true,
+                Err((e, _)) => {
+                    tracing::error!(%topic, error = %e, "cannot write to Kafka; retrying");
+                    if !sleep_or_shutdown(backoff.next(), shutdown).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps, unless shutdown comes first (then returns false).
+async fn sleep_or_shutdown(wait: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        () = tokio::time::sleep(wait) => true,
+    }
+}
+
+/// Exponential backoff from 100 ms up to 5 s.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Self(Duration::from_millis(100))
+    }
+
+    fn next(&mut self) -> Duration {
+        let now = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        now
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_a_ceiling() {
+        let mut b = Backoff::new();
+        let waits: Vec<u128> = (0..8).map(|_| b.next().as_millis()).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+    }
+}
