@@ -81,7 +81,7 @@ fn api_router() -> OpenApiRouter<App> {
         .routes(routes!(publish_events))
         .routes(routes!(read_record))
         .routes(routes!(post_message))
-        .routes(routes!(unsent))
+        .routes(routes!(unsent, mark_delivered))
         .routes(routes!(work))
         .routes(routes!(post_visit))
         .routes(routes!(post_activity))
@@ -490,6 +490,22 @@ async fn unsent(
     let mut senders = senders.unwrap_or_default();
     senders.sort();
     Ok(Json(Unsent { user, senders }))
+}
+
+/// Mark a user's messages delivered.
+///
+/// Removes the recipient's set of senders with unsent messages, on the Redis primary.
+#[utoipa::path(
+    delete,
+    path = "/v1/users/{user}/unsent",
+    params(("user" = String, Path, description = "The recipient")),
+    responses((status = 204, description = "Marked delivered"))
+)]
+async fn mark_delivered(State(app): State<App>, Path(user): Path<String>) -> Result<StatusCode, ApiError> {
+    let key = store::unsent_key(&app.inner.key_prefix, &user);
+    let mut redis = app.inner.redis.clone();
+    let _: i64 = redis.del(&key).await.map_err(ApiError::Store)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Query of the work endpoint.
