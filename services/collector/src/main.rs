@@ -4,6 +4,10 @@ use anyhow::Context;
 use clap::Parser;
 use sluice_collector::{Args, run};
 
+/// Many small allocations per event: mimalloc serves them faster than the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();

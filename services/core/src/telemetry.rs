@@ -8,7 +8,8 @@
 //! (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, spans are exported there over OTLP
 //! (HTTP/protobuf); otherwise they still get real trace ids, so the W3C `traceparent`
 //! that ingest puts in each event's Kafka headers ([`inject`]) lets the collector continue
-//! the same trace ([`extract`]) whether or not anything records it.
+//! the same trace ([`extract`]) whether or not anything records it. `SLUICE_TRACES=off`
+//! turns spans off altogether (no `traceparent` is then written).
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -88,7 +89,9 @@ pub fn init_with(provider: SdkTracerProvider, service: &'static str, filter: &st
     } else {
         fmt.boxed()
     };
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service));
+    let traces_off = std::env::var("SLUICE_TRACES").is_ok_and(|v| v.eq_ignore_ascii_case("off"));
+    let otel =
+        (!traces_off).then(|| tracing_opentelemetry::layer().with_tracer(provider.tracer(service)));
     let _ = tracing_subscriber::registry()
         .with(filter)
         .with(fmt)

@@ -501,7 +501,10 @@ async fn unsent(
     params(("user" = String, Path, description = "The recipient")),
     responses((status = 204, description = "Marked delivered"))
 )]
-async fn mark_delivered(State(app): State<App>, Path(user): Path<String>) -> Result<StatusCode, ApiError> {
+async fn mark_delivered(
+    State(app): State<App>,
+    Path(user): Path<String>,
+) -> Result<StatusCode, ApiError> {
     let key = store::unsent_key(&app.inner.key_prefix, &user);
     let mut redis = app.inner.redis.clone();
     let _: i64 = redis.del(&key).await.map_err(ApiError::Store)?;
