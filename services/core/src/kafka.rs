@@ -61,7 +61,7 @@ impl KafkaArgs {
         let mut c = ClientConfig::new();
         c.set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "2")
+            .set("linger.ms", "1")
             .set("compression.type", "lz4")
             .set("message.timeout.ms", "30000")
             // The producer queue is bounded; when it is full, callers are told so.
