@@ -214,6 +214,24 @@ pub fn committed_to_end(stack: &Stack, group: &str, topic: &str) -> anyhow::Resu
     Ok(true)
 }
 
+/// The number of members of consumer group `group` once it is stable (0 while it is
+/// rebalancing or empty).
+pub fn stable_members(stack: &Stack, group: &str) -> anyhow::Result<usize> {
+    let consumer: StreamConsumer = stack.kafka().consumer_config(&unique("probe")).create()?;
+    let groups = consumer.fetch_group_list(Some(group), Duration::from_secs(10))?;
+    Ok(groups
+        .groups()
+        .iter()
+        .filter(|g| g.name() == group && g.state() == "Stable")
+        .map(|g| {
+            g.members()
+                .iter()
+                .filter(|m| m.assignment().is_some_and(|a| !a.is_empty()))
+                .count()
+        })
+        .sum())
+}
+
 /// The payload of a Kafka record as JSON.
 pub fn json_of(m: &OwnedMessage) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_slice(

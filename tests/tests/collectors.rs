@@ -7,7 +7,9 @@ use std::time::Duration;
 use redis::AsyncCommands;
 use serde_json::json;
 use sluice_core::{Envelope, StreamSettings};
-use sluice_testkit::{Pipeline, Process, Stack, free_port, produce, unique, wait_for};
+use sluice_testkit::{
+    Pipeline, Process, Stack, free_port, produce, stable_members, unique, wait_for,
+};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
@@ -69,6 +71,10 @@ async fn two_collectors_share_the_partitions_and_one_takes_over_from_the_other()
         &pipeline,
         &["--group", &group, "--metrics-listen", &listen_b],
     )?;
+    wait_for("both collectors to hold partitions", LIMIT, || async {
+        Ok((stable_members(&stack, &group)? == 2).then_some(()))
+    })
+    .await?;
 
     let mut sent: BTreeSet<String> = BTreeSet::new();
     let first = events(&name, 0..600);
