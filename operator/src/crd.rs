@@ -1,0 +1,571 @@
+//! The `PipelineConfig` custom resource (`sluice.dev/v1alpha1`).
+//!
+//! One resource describes one pipeline: its streams and their Kafka topics, the Kafka
+//! connection, Redis, the ingest service and the collectors. The operator turns it into
+//! topics, a settings ConfigMap (the same file the services read locally), Deployments,
+//! Services and HorizontalPodAutoscalers, and reports what it did in the status.
+//!
+//! The `///` docs on each field become the descriptions of the generated CRD
+//! (`cargo run --bin crdgen > manifests/crd.yaml`); validation rules reject nonsense at
+//! `kubectl apply` time.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The desired state of a Sluice pipeline.
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "sluice.dev",
+    version = "v1alpha1",
+    kind = "PipelineConfig",
+    plural = "pipelineconfigs",
+    shortname = "pc",
+    shortname = "pcfg",
+    namespaced,
+    status = "PipelineConfigStatus",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Streams","type":"integer","jsonPath":".status.streams"}"#,
+    printcolumn = r#"{"name":"Collectors","type":"integer","jsonPath":".status.readyCollectors"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.streams.all(s, self.streams.exists_one(t, t.name == s.name))", "message": "stream names must be unique"},
+    {"rule": "self.collectors.all(c, self.collectors.exists_one(d, d.name == c.name))", "message": "collector names must be unique"},
+    {"rule": "self.collectors.all(c, c.streams.all(n, self.streams.exists(s, s.name == n)))", "message": "every stream a collector names must be one of spec.streams"}
+]))]
+pub struct PipelineConfigSpec {
+    /// How to reach Kafka.
+    pub kafka: KafkaSpec,
+    /// Redis for records and indexes: managed by the operator, or an external instance.
+    #[serde(default)]
+    pub redis: RedisSpec,
+    /// The streams events can be sent to, each with its Kafka topic.
+    #[schemars(length(min = 1, max = 64))]
+    pub streams: Vec<StreamSpec>,
+    /// The ingest service (HTTP, WebSocket, TCP).
+    #[serde(default)]
+    pub ingest: IngestSpec,
+    /// The collectors, each writing some streams to one sink.
+    #[serde(default)]
+    #[schemars(length(max = 32))]
+    pub collectors: Vec<CollectorSpec>,
+    /// What collectors do with a write that keeps failing.
+    #[serde(default)]
+    pub retry: RetrySpec,
+    /// What happens to the topics when the PipelineConfig is deleted.
+    #[serde(default)]
+    pub topic_deletion_policy: TopicDeletionPolicy,
+}
+
+/// The Kafka connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaSpec {
+    /// Bootstrap servers, comma separated, for example `kafka.kafka:9092`.
+    #[schemars(length(min = 1))]
+    pub bootstrap_servers: String,
+    /// TLS to the brokers, with certificates from a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<KafkaTls>,
+    /// SASL authentication, with credentials from a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl: Option<KafkaSasl>,
+}
+
+/// TLS settings for Kafka.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaTls {
+    /// Secret holding `ca.crt` (and `tls.crt`, `tls.key` for client authentication).
+    pub secret_name: String,
+}
+
+/// SASL settings for Kafka.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaSasl {
+    /// The mechanism.
+    pub mechanism: SaslMechanism,
+    /// Secret holding `username` and `password`.
+    pub secret_name: String,
+}
+
+/// SASL mechanisms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum SaslMechanism {
+    /// PLAIN (use with TLS).
+    #[serde(rename = "PLAIN")]
+    Plain,
+    /// SCRAM-SHA-256.
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// SCRAM-SHA-512.
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+/// Redis for the pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.mode != 'External' || has(self.url)", "message": "redis.url is required when redis.mode is External"},
+    {"rule": "self.mode != 'Managed' || !has(self.url)", "message": "redis.url is only for redis.mode External"}
+]))]
+pub struct RedisSpec {
+    /// `Managed`: the operator runs a Redis primary and replicas; `External`: use `url`.
+    #[serde(default)]
+    pub mode: RedisMode,
+    /// Read replicas of a managed Redis.
+    #[serde(default = "default_redis_replicas")]
+    #[schemars(range(min = 0, max = 5))]
+    pub replicas: i32,
+    /// URL of an external Redis primary, such as `redis://redis.data:6379`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// URL of an external Redis replica for reads; the primary when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_url: Option<String>,
+}
+
+fn default_redis_replicas() -> i32 {
+    1
+}
+
+impl Default for RedisSpec {
+    fn default() -> Self {
+        Self {
+            mode: RedisMode::Managed,
+            replicas: default_redis_replicas(),
+            url: None,
+            replica_url: None,
+        }
+    }
+}
+
+/// Who runs Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum RedisMode {
+    /// The operator runs a primary and replicas.
+    #[default]
+    Managed,
+    /// An existing Redis at `url`.
+    External,
+}
+
+/// One stream and its topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamSpec {
+    /// Name of the stream, as it appears in URLs.
+    #[schemars(length(min = 1, max = 100), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
+    pub name: String,
+    /// Its Kafka topic.
+    #[serde(default)]
+    pub topic: TopicSpec,
+    /// JSON pointer to the partition key in the payload, such as `/userId`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^/"))]
+    pub key: Option<String>,
+    /// JSON Schema every event of the stream must satisfy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_object")]
+    pub schema: Option<Value>,
+    /// JSON pointers of payload fields counted per minute by the Redis sink.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub dimensions: Vec<String>,
+}
+
+/// A free-form JSON object (a JSON Schema), kept as is by the apiserver.
+fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
+}
+
+/// A stream's Kafka topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TopicSpec {
+    /// Topic name; the stream name when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
+    pub name: Option<String>,
+    /// Partitions; they can grow but never shrink.
+    #[serde(default = "default_partitions")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub partitions: i32,
+    /// Replication factor; fixed once the topic exists.
+    #[serde(default = "default_replication")]
+    #[schemars(range(min = 1, max = 32))]
+    pub replication_factor: i32,
+    /// Topic configuration, such as `retention.ms: "604800000"`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
+}
+
+fn default_partitions() -> i32 {
+    1
+}
+
+fn default_replication() -> i32 {
+    1
+}
+
+impl Default for TopicSpec {
+    fn default() -> Self {
+        Self {
+            name: None,
+            partitions: default_partitions(),
+            replication_factor: default_replication(),
+            config: BTreeMap::new(),
+        }
+    }
+}
+
+/// The ingest service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IngestSpec {
+    /// Replica range; an HPA scales ingest on CPU within it.
+    #[serde(default)]
+    pub replicas: ReplicaRange,
+    /// HTTP port of the Service.
+    #[serde(default = "default_http_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub http_port: i32,
+    /// TCP JSON-lines ports, when the buffered store is wanted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpSpec>,
+    /// CPU and memory of each ingest pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+fn default_http_port() -> i32 {
+    8080
+}
+
+impl Default for IngestSpec {
+    fn default() -> Self {
+        Self {
+            replicas: ReplicaRange::default(),
+            http_port: default_http_port(),
+            tcp: None,
+            resources: None,
+        }
+    }
+}
+
+/// A replica range.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.min <= self.max", "message": "replicas.min must not exceed replicas.max"}
+]))]
+pub struct ReplicaRange {
+    /// Fewest replicas.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 100))]
+    pub min: i32,
+    /// Most replicas.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max: i32,
+}
+
+fn one() -> i32 {
+    1
+}
+
+impl Default for ReplicaRange {
+    fn default() -> Self {
+        Self { min: 1, max: 1 }
+    }
+}
+
+/// The TCP doors of ingest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.writePort != self.readPort", "message": "tcp.writePort and tcp.readPort must differ"}
+]))]
+pub struct TcpSpec {
+    /// Port taking JSON lines.
+    #[serde(default = "default_write_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub write_port: i32,
+    /// Port answering `get <id>` and `all`.
+    #[serde(default = "default_read_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub read_port: i32,
+    /// Stream the lines go to.
+    #[serde(default = "default_tcp_stream")]
+    pub stream: String,
+}
+
+fn default_write_port() -> i32 {
+    2525
+}
+
+fn default_read_port() -> i32 {
+    2526
+}
+
+fn default_tcp_stream() -> String {
+    "records".to_owned()
+}
+
+/// One collector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CollectorSpec {
+    /// Name of the collector (its Deployment is `<pipeline>-collector-<name>`).
+    #[schemars(length(min = 1, max = 40), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    /// Streams it collects; each must be one of `spec.streams`.
+    #[schemars(length(min = 1, max = 32), inner(length(min = 1, max = 100)))]
+    pub streams: Vec<String>,
+    /// Where it writes.
+    pub sink: SinkSpec,
+    /// Partitions written concurrently by each replica.
+    #[serde(default = "default_concurrency")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub concurrency: i32,
+    /// Records per batch.
+    #[serde(default = "default_batch_size")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub batch_size: i32,
+    /// Fixed replicas when `autoscale` is absent.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0, max = 100))]
+    pub replicas: i32,
+    /// Scale on consumer lag through a HorizontalPodAutoscaler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<AutoscaleSpec>,
+    /// CPU and memory of each collector pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+fn default_concurrency() -> i32 {
+    4
+}
+
+fn default_batch_size() -> i32 {
+    500
+}
+
+/// A collector's sink: exactly one of the fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "[has(self.redis), has(self.redisIndex), has(self.file), has(self.postgres)].filter(x, x).size() == 1", "message": "a sink names exactly one of redis, redisIndex, file, postgres"}
+]))]
+pub struct SinkSpec {
+    /// Records and per-minute aggregates in the pipeline's Redis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisSinkSpec>,
+    /// Per recipient, the senders with unsent messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_index: Option<EmptySpec>,
+    /// JSON-lines files on a volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileSinkSpec>,
+    /// Rows in PostgreSQL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresSinkSpec>,
+}
+
+/// Nothing to configure.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub struct EmptySpec {}
+
+/// The Redis sink.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisSinkSpec {
+    /// Expiry of records, such as `24h`; none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h)$"))]
+    pub ttl: Option<String>,
+}
+
+/// The file sink.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FileSinkSpec {
+    /// PersistentVolumeClaim the files are written to; an emptyDir when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_name: Option<String>,
+    /// Start a new segment at this size, in bytes.
+    #[serde(default = "default_file_bytes")]
+    #[schemars(range(min = 1024))]
+    pub max_bytes: i64,
+    /// Start a new segment after this long, such as `1h`.
+    #[serde(default = "default_file_age")]
+    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h)$"))]
+    pub max_age: String,
+}
+
+fn default_file_bytes() -> i64 {
+    64 * 1024 * 1024
+}
+
+fn default_file_age() -> String {
+    "1h".to_owned()
+}
+
+/// The PostgreSQL sink.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresSinkSpec {
+    /// Secret with the key `url`, such as `postgres://user:password@db:5432/app`.
+    pub secret_name: String,
+    /// Table, created if absent.
+    #[serde(default = "default_table")]
+    #[schemars(regex(pattern = r"^[a-z_][a-z0-9_]{0,62}$"))]
+    pub table: String,
+    /// Connection attempts at start-up.
+    #[serde(default = "default_connect_attempts")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub connect_attempts: i32,
+    /// Wait between connection attempts, such as `10s`.
+    #[serde(default = "default_connect_backoff")]
+    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h)$"))]
+    pub connect_backoff: String,
+}
+
+fn default_table() -> String {
+    "sluice_events".to_owned()
+}
+
+fn default_connect_attempts() -> i32 {
+    10
+}
+
+fn default_connect_backoff() -> String {
+    "10s".to_owned()
+}
+
+/// Autoscaling of a collector on consumer lag.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.minReplicas <= self.maxReplicas", "message": "autoscale.minReplicas must not exceed autoscale.maxReplicas"}
+]))]
+pub struct AutoscaleSpec {
+    /// Fewest replicas (0 lets the collector scale to zero while it has no lag).
+    #[serde(default = "one")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub min_replicas: i32,
+    /// Most replicas; never more than the partitions of its topics.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// Target lag per replica.
+    #[schemars(range(min = 1))]
+    pub lag_per_replica: i64,
+    /// Seconds the lag must stay down before replicas are removed.
+    #[serde(default = "default_scale_down_window")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_stabilization_seconds: i32,
+}
+
+fn default_scale_down_window() -> i32 {
+    120
+}
+
+/// Retries of failed writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetrySpec {
+    /// Attempts in all before an event goes to `<stream>.dlq`.
+    #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_attempts: i32,
+    /// Wait before the first retry, doubling per attempt, such as `1s`.
+    #[serde(default = "default_backoff")]
+    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h)$"))]
+    pub backoff: String,
+}
+
+fn default_max_attempts() -> i32 {
+    5
+}
+
+fn default_backoff() -> String {
+    "1s".to_owned()
+}
+
+impl Default for RetrySpec {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_max_attempts(),
+            backoff: default_backoff(),
+        }
+    }
+}
+
+/// What happens to topics when the pipeline is deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum TopicDeletionPolicy {
+    /// Keep the topics and their data.
+    #[default]
+    Retain,
+    /// Delete the topics.
+    Delete,
+}
+
+/// What the operator observed and did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PipelineConfigStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `TopicsReady`, `RedisReady`, `IngestReady`, `CollectorsReady`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Number of streams.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<i32>,
+    /// Collectors with all their replicas ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_collectors: Option<i32>,
+    /// Each topic and its partitions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topics: Vec<TopicStatus>,
+    /// Each collector's replicas and lag.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub collectors: Vec<CollectorStatus>,
+}
+
+/// A topic as observed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct TopicStatus {
+    /// Topic name.
+    pub name: String,
+    /// Partitions.
+    pub partitions: i32,
+}
+
+/// A collector as observed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct CollectorStatus {
+    /// Collector name.
+    pub name: String,
+    /// Ready replicas.
+    pub replicas: i32,
+    /// Consumer lag summed over its partitions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<i64>,
+}
