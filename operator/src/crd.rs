@@ -330,7 +330,10 @@ fn default_tcp_stream() -> String {
 #[serde(rename_all = "camelCase")]
 pub struct CollectorSpec {
     /// Name of the collector (its Deployment is `<pipeline>-collector-<name>`).
-    #[schemars(length(min = 1, max = 40), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 40),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Streams it collects; each must be one of `spec.streams`.
     #[schemars(length(min = 1, max = 32), inner(length(min = 1, max = 100)))]

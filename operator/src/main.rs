@@ -6,10 +6,16 @@ use clap::Parser;
 
 /// Command line of `sluice-operator`.
 #[derive(Debug, clap::Parser)]
-#[command(name = "sluice-operator", version, about = "Sluice operator for PipelineConfig resources")]
+#[command(
+    name = "sluice-operator",
+    version,
+    about = "Sluice operator for PipelineConfig resources"
+)]
 struct Args {}
 
 fn main() -> anyhow::Result<()> {
     let _args = Args::parse();
-    anyhow::bail!("this build of sluice-operator has no reconciler yet; run the services locally with `make run`")
+    anyhow::bail!(
+        "this build of sluice-operator has no reconciler yet; run the services locally with `make run`"
+    )
 }

@@ -47,7 +47,10 @@ async fn namespace(client: &Client) -> String {
         "metadata": {"name": name, "labels": {"sluice.dev/test": "true"}}
     }))
     .expect("namespace");
-    namespaces.create(&PostParams::default(), &ns).await.expect("namespace created");
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("namespace created");
     name
 }
 
@@ -78,7 +81,10 @@ async fn the_crd_installs_defaults_and_rejects_nonsense_with_readable_messages()
         }
     }))
     .expect("resource");
-    let created = api.create(&PostParams::default(), &good).await.expect("a valid spec is accepted");
+    let created = api
+        .create(&PostParams::default(), &good)
+        .await
+        .expect("a valid spec is accepted");
     assert_eq!(created.spec.retry.max_attempts, 5, "defaults filled in");
     assert_eq!(created.spec.collectors[0].concurrency, 4);
     assert_eq!(created.spec.streams[0].topic.replication_factor, 1);
@@ -96,7 +102,10 @@ async fn the_crd_installs_defaults_and_rejects_nonsense_with_readable_messages()
         }
     }))
     .expect("resource");
-    let err = api.create(&PostParams::default(), &bad).await.expect_err("nonsense is rejected");
+    let err = api
+        .create(&PostParams::default(), &bad)
+        .await
+        .expect_err("nonsense is rejected");
     let message = err.to_string();
     for expected in [
         "stream names must be unique",
@@ -105,7 +114,10 @@ async fn the_crd_installs_defaults_and_rejects_nonsense_with_readable_messages()
         "autoscale.minReplicas must not exceed autoscale.maxReplicas",
         "a sink names exactly one of redis, redisIndex, file, postgres",
     ] {
-        assert!(message.contains(expected), "{expected:?} missing from: {message}");
+        assert!(
+            message.contains(expected),
+            "{expected:?} missing from: {message}"
+        );
     }
     let err = api
         .create(
@@ -121,8 +133,14 @@ async fn the_crd_installs_defaults_and_rejects_nonsense_with_readable_messages()
         .expect_err("rejected");
     let message = err.to_string();
     assert!(message.contains("spec.streams[0].name"), "{message}");
-    assert!(message.contains("spec.streams[0].topic.partitions"), "{message}");
+    assert!(
+        message.contains("spec.streams[0].topic.partitions"),
+        "{message}"
+    );
 
     let namespaces: Api<Namespace> = Api::all(client);
-    namespaces.delete(&ns, &DeleteParams::default()).await.expect("namespace deleted");
+    namespaces
+        .delete(&ns, &DeleteParams::default())
+        .await
+        .expect("namespace deleted");
 }

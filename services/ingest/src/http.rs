@@ -110,6 +110,7 @@ async fn observe(State(app): State<App>, request: Request, next: Next) -> Respon
     );
     let _ = span.set_parent(telemetry::extract_http(request.headers()));
     let start = Instant::now();
+    app.inner.metrics.request_started(&route);
     let response = next.run(request).instrument(span.clone()).await;
     let status = response.status().as_u16();
     span.record("http.response.status_code", status);

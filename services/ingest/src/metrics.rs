@@ -52,6 +52,7 @@ pub struct Metrics {
     delivery_failed: Family<StreamLabels, Counter>,
     queue_depth: Gauge<i64, AtomicI64>,
     connections: Family<DoorLabels, Gauge<i64, AtomicI64>>,
+    in_flight: Family<RouteLabels, Gauge<i64, AtomicI64>>,
 }
 
 impl Default for Metrics {
@@ -108,6 +109,12 @@ impl Metrics {
             "Open connections by door",
             connections.clone(),
         );
+        let in_flight = Family::<RouteLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "http_requests_in_flight",
+            "HTTP requests being served, by route",
+            in_flight.clone(),
+        );
         Self {
             registry,
             requests,
@@ -117,11 +124,26 @@ impl Metrics {
             delivery_failed,
             queue_depth,
             connections,
+            in_flight,
         }
+    }
+
+    /// Counts a request as being served until [`Metrics::request`] records it.
+    pub fn request_started(&self, route: &str) {
+        self.in_flight
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts one HTTP request.
     pub fn request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
+        self.in_flight
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+            })
+            .dec();
         self.requests
             .get_or_create(&RequestLabels {
                 route: route.to_owned(),

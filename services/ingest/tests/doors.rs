@@ -772,6 +772,45 @@ async fn connections_over_the_limit_wait_for_a_free_slot() {
 }
 
 #[tokio::test]
+async fn shutdown_finishes_requests_in_flight_then_stops_accepting() {
+    let stack = Stack::from_env();
+    let pipeline = Pipeline::create(&stack, vec![stream("drain")])
+        .await
+        .expect("pipeline");
+    let server = start(&stack, &pipeline, |_| {}).await;
+    let (client, url) = (
+        server.client.clone(),
+        format!("{}/v1/work?ms=1500", server.base),
+    );
+    let in_flight = tokio::spawn(async move { client.post(url).send().await.map(|r| r.status()) });
+    // Shut down once the request is being served.
+    wait_for(
+        "the request to be in flight",
+        Duration::from_secs(30),
+        || async {
+            let (_, text) = server.get("/metrics").await;
+            Ok(text
+                .contains("sluice_ingest_http_requests_in_flight{route=\"/v1/work\"} 1")
+                .then_some(()))
+        },
+    )
+    .await
+    .expect("in flight");
+    server.stop.cancel();
+    let status = in_flight
+        .await
+        .expect("task")
+        .expect("the request in flight is answered");
+    assert_eq!(status, StatusCode::OK);
+    let refused = reqwest::Client::new()
+        .get(format!("{}/healthz", server.base))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(refused.is_err(), "no new connection after shutdown");
+}
+
+#[tokio::test]
 async fn metrics_and_openapi_describe_the_service() {
     let stack = Stack::from_env();
     let s = stream("meta");
