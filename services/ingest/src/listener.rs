@@ -78,13 +78,6 @@ pub struct LimitedStream {
     _permit: OwnedSemaphorePermit,
 }
 
-impl LimitedStream {
-    /// The TCP stream.
-    pub fn into_inner(self) -> (TcpStream, OwnedSemaphorePermit) {
-        (self.stream, self._permit)
-    }
-}
-
 impl AsyncRead for LimitedStream {
     fn poll_read(
         self: Pin<&mut Self>,
