@@ -1,8 +1,10 @@
 //! `sluice-operator`: reconciles `PipelineConfig` resources.
 //!
-//! - [`crd`]: the resource's types, from which the CRD is generated (`crdgen`).
+//! - [`crd`]: the resource's types, from which the CRD is generated (`crdgen`);
+//! - [`plan`]: what should exist for a resource, as a pure function (children, topics).
 
 pub mod crd;
+pub mod plan;
 
 use kube::CustomResourceExt;
 

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, CustomResourceExt, ResourceExt};
@@ -88,6 +90,41 @@ async fn the_crd_installs_defaults_and_rejects_nonsense_with_readable_messages()
     assert_eq!(created.spec.retry.max_attempts, 5, "defaults filled in");
     assert_eq!(created.spec.collectors[0].concurrency, 4);
     assert_eq!(created.spec.streams[0].topic.replication_factor, 1);
+
+    // Everything the plan renders for it is accepted by the apiserver (server-side dry run).
+    let children =
+        sluice_operator::plan::children(&created, &sluice_operator::plan::Images::default());
+    let dry = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    config_maps
+        .create(&dry, &children.config_map)
+        .await
+        .expect("ConfigMap accepted");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    for d in std::iter::once(&children.ingest)
+        .chain(&children.collectors)
+        .chain(children.redis.iter().map(|(d, _)| d))
+    {
+        deployments
+            .create(&dry, d)
+            .await
+            .unwrap_or_else(|e| panic!("{:?} rejected: {e}", d.metadata.name));
+    }
+    for s in std::iter::once(&children.ingest_service).chain(children.redis.iter().map(|(_, s)| s))
+    {
+        services
+            .create(&dry, s)
+            .await
+            .unwrap_or_else(|e| panic!("{:?} rejected: {e}", s.metadata.name));
+    }
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
+    hpas.create(&dry, &children.ingest_hpa)
+        .await
+        .expect("HPA accepted");
 
     let bad: PipelineConfig = serde_json::from_value(json!({
         "apiVersion": "sluice.dev/v1alpha1",

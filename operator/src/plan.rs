@@ -1,0 +1,869 @@
+//! The pure half of reconciling: from a `PipelineConfig` (and what was observed in Kafka),
+//! what should exist. No I/O here; the apply step writes it with server-side apply.
+//!
+//! - [`settings`]: the pipeline settings every service reads (rendered into a ConfigMap,
+//!   the same file format as `scripts/local-pipeline.yaml`);
+//! - [`children`]: the ConfigMap, the ingest Deployment, Service and CPU autoscaler, one
+//!   Deployment per collector, and, when Redis is managed, a primary and replicas with
+//!   their Services — each with an owner reference to the PipelineConfig, so deleting it
+//!   deletes them;
+//! - [`topics`]: what to do with each topic: create it, leave it, grow its partitions, or
+//!   report that a change is not supported (partitions never shrink; the replication
+//!   factor is fixed once the topic exists).
+//!
+//! Pods carry a checksum of the settings, so a settings change rolls them.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::Resource;
+use kube::api::ObjectMeta;
+use serde_json::{Value, json};
+use sluice_core::settings::{PipelineSettings, RetrySettings, StreamSettings};
+
+use crate::crd::{CollectorSpec, PipelineConfig, RedisMode};
+
+/// Images and other runtime choices that are not part of the resource.
+#[derive(Debug, Clone)]
+pub struct Images {
+    /// Image of `sluice-ingest`.
+    pub ingest: String,
+    /// Image of `sluice-collector`.
+    pub collector: String,
+    /// Image of the managed Redis.
+    pub redis: String,
+}
+
+impl Default for Images {
+    fn default() -> Self {
+        Self {
+            ingest: "ghcr.io/sluice-dev/sluice-ingest:0.1.0".to_owned(),
+            collector: "ghcr.io/sluice-dev/sluice-collector:0.1.0".to_owned(),
+            redis: "redis:7.4-alpine".to_owned(),
+        }
+    }
+}
+
+/// Where the settings file is mounted in every pod.
+pub const SETTINGS_PATH: &str = "/etc/sluice/pipeline.yaml";
+/// Pod annotation with the checksum of the settings.
+pub const CHECKSUM_ANNOTATION: &str = "sluice.dev/settings-checksum";
+
+/// The pipeline settings rendered from the resource.
+pub fn settings(pc: &PipelineConfig) -> PipelineSettings {
+    PipelineSettings {
+        streams: pc
+            .spec
+            .streams
+            .iter()
+            .map(|s| {
+                let mut out = StreamSettings::new(&s.name);
+                out.topic = s.topic.name.clone();
+                out.partitions = s.topic.partitions;
+                out.key = s.key.clone();
+                out.schema = s.schema.clone();
+                out.dimensions = s.dimensions.clone();
+                out
+            })
+            .collect(),
+        retry: RetrySettings {
+            max_attempts: u32::try_from(pc.spec.retry.max_attempts)
+                .unwrap_or(1)
+                .max(1),
+            backoff: pc.spec.retry.backoff.clone(),
+        },
+    }
+}
+
+/// A short, stable checksum of the settings text (FNV-1a, 64 bits, hex).
+pub fn checksum(text: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.as_bytes() {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+fn name_of(pc: &PipelineConfig) -> String {
+    pc.metadata.name.clone().unwrap_or_default()
+}
+
+/// Labels every child carries; `component` tells them apart.
+pub fn labels(pc: &PipelineConfig, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "sluice".to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), name_of(pc)),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            component.to_owned(),
+        ),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            "sluice-operator".to_owned(),
+        ),
+    ])
+}
+
+fn meta(pc: &PipelineConfig, name: String, component: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: pc.metadata.namespace.clone(),
+        labels: Some(labels(pc, component)),
+        owner_references: pc.controller_owner_ref(&()).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// Names of the children.
+pub mod names {
+    use super::{PipelineConfig, name_of};
+
+    /// The settings ConfigMap.
+    pub fn config(pc: &PipelineConfig) -> String {
+        format!("{}-settings", name_of(pc))
+    }
+    /// The ingest Deployment, Service and autoscaler.
+    pub fn ingest(pc: &PipelineConfig) -> String {
+        format!("{}-ingest", name_of(pc))
+    }
+    /// A collector's Deployment.
+    pub fn collector(pc: &PipelineConfig, collector: &str) -> String {
+        format!("{}-collector-{collector}", name_of(pc))
+    }
+    /// The managed Redis primary.
+    pub fn redis(pc: &PipelineConfig) -> String {
+        format!("{}-redis", name_of(pc))
+    }
+    /// The managed Redis replicas.
+    pub fn redis_replica(pc: &PipelineConfig) -> String {
+        format!("{}-redis-replica", name_of(pc))
+    }
+}
+
+/// Everything the resource asks for, as Kubernetes objects.
+#[derive(Debug, Clone)]
+pub struct Children {
+    /// The settings.
+    pub config_map: ConfigMap,
+    /// Ingest.
+    pub ingest: Deployment,
+    /// Ingest's Service.
+    pub ingest_service: Service,
+    /// Ingest's CPU autoscaler.
+    pub ingest_hpa: HorizontalPodAutoscaler,
+    /// One per collector.
+    pub collectors: Vec<Deployment>,
+    /// The managed Redis primary and replicas with their Services; empty for External.
+    pub redis: Vec<(Deployment, Service)>,
+}
+
+fn restricted_container() -> Value {
+    json!({
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "runAsNonRoot": true,
+        "capabilities": {"drop": ["ALL"]},
+    })
+}
+
+fn restricted_pod() -> Value {
+    json!({
+        "runAsNonRoot": true,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "fsGroup": 65532,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    })
+}
+
+/// URLs of the pipeline's Redis primary and read replica.
+pub fn redis_urls(pc: &PipelineConfig) -> (String, String) {
+    let r = &pc.spec.redis;
+    match r.mode {
+        RedisMode::External => {
+            let primary = r.url.clone().unwrap_or_default();
+            let replica = r.replica_url.clone().unwrap_or_else(|| primary.clone());
+            (primary, replica)
+        }
+        RedisMode::Managed => {
+            let primary = format!("redis://{}:6379", names::redis(pc));
+            let replica = if r.replicas > 0 {
+                format!("redis://{}:6379", names::redis_replica(pc))
+            } else {
+                primary.clone()
+            };
+            (primary, replica)
+        }
+    }
+}
+
+fn common_env(pc: &PipelineConfig) -> Vec<Value> {
+    let (primary, replica) = redis_urls(pc);
+    vec![
+        json!({"name": "SLUICE_SETTINGS", "value": SETTINGS_PATH}),
+        json!({"name": "SLUICE_KAFKA_BROKERS", "value": pc.spec.kafka.bootstrap_servers}),
+        json!({"name": "SLUICE_REDIS_URL", "value": primary}),
+        json!({"name": "SLUICE_REDIS_REPLICA_URL", "value": replica}),
+        json!({"name": "SLUICE_LOG_FORMAT", "value": "json"}),
+    ]
+}
+
+fn pod_template(
+    pc: &PipelineConfig,
+    component: &str,
+    checksum: &str,
+    container: Value,
+    extra_volumes: Vec<Value>,
+) -> Value {
+    let mut volumes = vec![json!({"name": "settings", "configMap": {"name": names::config(pc)}})];
+    volumes.extend(extra_volumes);
+    json!({
+        "metadata": {
+            "labels": labels(pc, component),
+            "annotations": {CHECKSUM_ANNOTATION: checksum},
+        },
+        "spec": {
+            "securityContext": restricted_pod(),
+            "containers": [container],
+            "volumes": volumes,
+        },
+    })
+}
+
+fn deployment(
+    pc: &PipelineConfig,
+    name: String,
+    component: &str,
+    replicas: Option<i32>,
+    template: Value,
+) -> Deployment {
+    let mut spec = json!({
+        "selector": {"matchLabels": {
+            "app.kubernetes.io/instance": name_of(pc),
+            "app.kubernetes.io/component": component,
+        }},
+        "template": template,
+    });
+    if let Some(r) = replicas {
+        spec["replicas"] = json!(r);
+    }
+    let mut d: Deployment = serde_json::from_value(json!({"spec": spec})).unwrap_or_default();
+    d.metadata = meta(pc, name, component);
+    d
+}
+
+fn ingest(
+    pc: &PipelineConfig,
+    images: &Images,
+    checksum: &str,
+) -> (Deployment, Service, HorizontalPodAutoscaler) {
+    let spec = &pc.spec.ingest;
+    let mut ports = vec![json!({"name": "http", "containerPort": 8080})];
+    let mut service_ports =
+        vec![json!({"name": "http", "port": spec.http_port, "targetPort": "http"})];
+    let mut env = common_env(pc);
+    env.push(json!({"name": "SLUICE_INGEST_LISTEN", "value": "0.0.0.0:8080"}));
+    if let Some(tcp) = &spec.tcp {
+        ports.push(json!({"name": "tcp-write", "containerPort": 2525}));
+        ports.push(json!({"name": "tcp-read", "containerPort": 2526}));
+        service_ports
+            .push(json!({"name": "tcp-write", "port": tcp.write_port, "targetPort": "tcp-write"}));
+        service_ports
+            .push(json!({"name": "tcp-read", "port": tcp.read_port, "targetPort": "tcp-read"}));
+        env.push(json!({"name": "SLUICE_TCP_WRITE_LISTEN", "value": "0.0.0.0:2525"}));
+        env.push(json!({"name": "SLUICE_TCP_READ_LISTEN", "value": "0.0.0.0:2526"}));
+        env.push(json!({"name": "SLUICE_TCP_STREAM", "value": tcp.stream}));
+    }
+    let mut container = json!({
+        "name": "ingest",
+        "image": images.ingest,
+        "env": env,
+        "ports": ports,
+        "volumeMounts": [{"name": "settings", "mountPath": "/etc/sluice", "readOnly": true}],
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
+        "securityContext": restricted_container(),
+    });
+    if let Some(r) = &spec.resources {
+        container["resources"] = serde_json::to_value(r).unwrap_or_default();
+    }
+    let name = names::ingest(pc);
+    let template = pod_template(pc, "ingest", checksum, container, vec![]);
+    // The autoscaler owns the replica count.
+    let deployment = deployment(pc, name.clone(), "ingest", None, template);
+    let mut service: Service = serde_json::from_value(json!({"spec": {
+        "selector": {"app.kubernetes.io/instance": name_of(pc), "app.kubernetes.io/component": "ingest"},
+        "ports": service_ports,
+    }}))
+    .unwrap_or_default();
+    service.metadata = meta(pc, name.clone(), "ingest");
+    let mut hpa: HorizontalPodAutoscaler = serde_json::from_value(json!({"spec": {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+        "minReplicas": spec.replicas.min,
+        "maxReplicas": spec.replicas.max,
+        "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}],
+    }}))
+    .unwrap_or_default();
+    hpa.metadata = meta(pc, name, "ingest");
+    (deployment, service, hpa)
+}
+
+/// The collector flags for its sink.
+fn sink_env(c: &CollectorSpec) -> Vec<Value> {
+    let mut env = Vec::new();
+    let sink = &c.sink;
+    if let Some(redis) = &sink.redis {
+        env.push(json!({"name": "SLUICE_SINK", "value": "redis"}));
+        if let Some(ttl) = &redis.ttl {
+            env.push(json!({"name": "SLUICE_RECORD_TTL", "value": ttl}));
+        }
+    } else if sink.redis_index.is_some() {
+        env.push(json!({"name": "SLUICE_SINK", "value": "redis-index"}));
+    } else if let Some(file) = &sink.file {
+        env.push(json!({"name": "SLUICE_SINK", "value": "file"}));
+        env.push(json!({"name": "SLUICE_RECORD_DIRECTORY", "value": "/var/lib/sluice/records"}));
+        env.push(json!({"name": "SLUICE_FILE_MAX_BYTES", "value": file.max_bytes.to_string()}));
+        env.push(json!({"name": "SLUICE_FILE_MAX_AGE", "value": file.max_age}));
+    } else if let Some(pg) = &sink.postgres {
+        env.push(json!({"name": "SLUICE_SINK", "value": "postgres"}));
+        env.push(json!({"name": "SLUICE_DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": pg.secret_name, "key": "url"}}}));
+        env.push(json!({"name": "SLUICE_TABLE", "value": pg.table}));
+        env.push(
+            json!({"name": "SLUICE_DB_CONNECT_ATTEMPTS", "value": pg.connect_attempts.to_string()}),
+        );
+        env.push(json!({"name": "SLUICE_DB_CONNECT_BACKOFF", "value": pg.connect_backoff}));
+    }
+    env
+}
+
+fn collector(
+    pc: &PipelineConfig,
+    c: &CollectorSpec,
+    images: &Images,
+    checksum: &str,
+) -> Deployment {
+    let mut env = common_env(pc);
+    env.extend([
+        json!({"name": "SLUICE_COLLECTOR_GROUP", "value": format!("{}.{}", name_of(pc), c.name)}),
+        json!({"name": "SLUICE_COLLECTOR_STREAMS", "value": c.streams.join(",")}),
+        json!({"name": "SLUICE_CONCURRENT_COUNT", "value": c.concurrency.to_string()}),
+        json!({"name": "SLUICE_BATCH_SIZE", "value": c.batch_size.to_string()}),
+        json!({"name": "SLUICE_METRICS_LISTEN", "value": "0.0.0.0:9464"}),
+    ]);
+    env.extend(sink_env(c));
+    let mut mounts =
+        vec![json!({"name": "settings", "mountPath": "/etc/sluice", "readOnly": true})];
+    let mut volumes = Vec::new();
+    if let Some(file) = &c.sink.file {
+        mounts.push(json!({"name": "records", "mountPath": "/var/lib/sluice/records"}));
+        volumes.push(match &file.claim_name {
+            Some(claim) => {
+                json!({"name": "records", "persistentVolumeClaim": {"claimName": claim}})
+            }
+            None => json!({"name": "records", "emptyDir": {}}),
+        });
+    }
+    let mut container = json!({
+        "name": "collector",
+        "image": images.collector,
+        "env": env,
+        "ports": [{"name": "metrics", "containerPort": 9464}],
+        "volumeMounts": mounts,
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10},
+        "securityContext": restricted_container(),
+    });
+    if let Some(r) = &c.resources {
+        container["resources"] = serde_json::to_value(r).unwrap_or_default();
+    }
+    let component = format!("collector-{}", c.name);
+    let template = pod_template(pc, &component, checksum, container, volumes);
+    // With autoscaling the HPA owns the replica count.
+    let replicas = c.autoscale.is_none().then_some(c.replicas);
+    deployment(
+        pc,
+        names::collector(pc, &c.name),
+        &component,
+        replicas,
+        template,
+    )
+}
+
+fn redis(pc: &PipelineConfig, images: &Images) -> Vec<(Deployment, Service)> {
+    if pc.spec.redis.mode != RedisMode::Managed {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let mut make = |name: String, component: &str, replicas: i32, args: Vec<String>| {
+        let container = json!({
+            "name": "redis",
+            "image": images.redis,
+            "args": args,
+            "ports": [{"name": "redis", "containerPort": 6379}],
+            "readinessProbe": {"exec": {"command": ["redis-cli", "ping"]}, "periodSeconds": 5},
+            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+            "securityContext": restricted_container(),
+        });
+        let template = json!({
+            "metadata": {"labels": labels(pc, component)},
+            "spec": {
+                "securityContext": restricted_pod(),
+                "containers": [container],
+                "volumes": [{"name": "data", "emptyDir": {}}],
+            },
+        });
+        let d = deployment(pc, name.clone(), component, Some(replicas), template);
+        let mut s: Service = serde_json::from_value(json!({"spec": {
+            "selector": {"app.kubernetes.io/instance": name_of(pc), "app.kubernetes.io/component": component},
+            "ports": [{"name": "redis", "port": 6379, "targetPort": "redis"}],
+        }}))
+        .unwrap_or_default();
+        s.metadata = meta(pc, name, component);
+        out.push((d, s));
+    };
+    let base = vec![
+        "--save".to_owned(),
+        String::new(),
+        "--appendonly".to_owned(),
+        "no".to_owned(),
+    ];
+    make(names::redis(pc), "redis", 1, base.clone());
+    if pc.spec.redis.replicas > 0 {
+        let mut args = base;
+        args.extend([
+            "--replicaof".to_owned(),
+            names::redis(pc),
+            "6379".to_owned(),
+        ]);
+        make(
+            names::redis_replica(pc),
+            "redis-replica",
+            pc.spec.redis.replicas,
+            args,
+        );
+    }
+    out
+}
+
+/// Every child of the resource.
+pub fn children(pc: &PipelineConfig, images: &Images) -> Children {
+    let settings_text = settings(pc).to_yaml();
+    let sum = checksum(&settings_text);
+    let mut config_map = ConfigMap {
+        data: Some(BTreeMap::from([(
+            "pipeline.yaml".to_owned(),
+            settings_text,
+        )])),
+        ..ConfigMap::default()
+    };
+    config_map.metadata = meta(pc, names::config(pc), "settings");
+    let (ingest, ingest_service, ingest_hpa) = ingest(pc, images, &sum);
+    Children {
+        config_map,
+        ingest,
+        ingest_service,
+        ingest_hpa,
+        collectors: pc
+            .spec
+            .collectors
+            .iter()
+            .map(|c| collector(pc, c, images, &sum))
+            .collect(),
+        redis: redis(pc, images),
+    }
+}
+
+/// What to do with one topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicAction {
+    /// Create it.
+    Create {
+        /// Topic.
+        name: String,
+        /// Partitions.
+        partitions: i32,
+        /// Replication factor.
+        replication_factor: i32,
+        /// Topic configuration.
+        config: BTreeMap<String, String>,
+    },
+    /// Add partitions.
+    Grow {
+        /// Topic.
+        name: String,
+        /// Partitions now.
+        from: i32,
+        /// Partitions wanted.
+        to: i32,
+    },
+    /// It exists as wanted (adopted when it was made by someone else).
+    Keep {
+        /// Topic.
+        name: String,
+        /// Partitions.
+        partitions: i32,
+    },
+    /// The change asked for cannot be made.
+    NotSupported {
+        /// Topic.
+        name: String,
+        /// Why, in words.
+        reason: String,
+    },
+}
+
+/// A topic as observed in Kafka.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedTopic {
+    /// Partitions.
+    pub partitions: i32,
+    /// Replication factor (of partition 0).
+    pub replication_factor: i32,
+}
+
+/// What to do with every topic of the resource: the streams' topics and their retry,
+/// dead-letter and read topics. `observed` maps topic names to what exists.
+pub fn topics(pc: &PipelineConfig, observed: &BTreeMap<String, ObservedTopic>) -> Vec<TopicAction> {
+    let mut out = Vec::new();
+    for s in &pc.spec.streams {
+        let topic = s.topic.name.clone().unwrap_or_else(|| s.name.clone());
+        let wanted = [
+            (topic.clone(), s.topic.config.clone()),
+            (format!("{}.retry", s.name), BTreeMap::new()),
+            (format!("{}.dlq", s.name), BTreeMap::new()),
+            (format!("{topic}.reads"), BTreeMap::new()),
+        ];
+        for (name, config) in wanted {
+            let partitions = s.topic.partitions;
+            let replication_factor = s.topic.replication_factor;
+            out.push(match observed.get(&name) {
+                None => TopicAction::Create {
+                    name,
+                    partitions,
+                    replication_factor,
+                    config,
+                },
+                Some(o) if o.partitions > partitions => TopicAction::NotSupported {
+                    reason: format!(
+                        "topic {name} has {} partitions and the spec asks for {partitions}; Kafka cannot remove partitions, so keep {} or more",
+                        o.partitions, o.partitions
+                    ),
+                    name,
+                },
+                Some(o) if o.replication_factor != replication_factor => TopicAction::NotSupported {
+                    reason: format!(
+                        "topic {name} has replication factor {} and the spec asks for {replication_factor}; the operator does not change it",
+                        o.replication_factor
+                    ),
+                    name,
+                },
+                Some(o) if o.partitions < partitions => TopicAction::Grow {
+                    name,
+                    from: o.partitions,
+                    to: partitions,
+                },
+                Some(o) => TopicAction::Keep {
+                    name,
+                    partitions: o.partitions,
+                },
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pc(yaml: &str) -> PipelineConfig {
+        let mut pc: PipelineConfig = serde_yaml_ng::from_str(yaml).expect("resource");
+        pc.metadata.uid = Some("0b1c".to_owned());
+        pc
+    }
+
+    const BASIC: &str = "
+apiVersion: sluice.dev/v1alpha1
+kind: PipelineConfig
+metadata: {name: shop, namespace: prod}
+spec:
+  kafka: {bootstrapServers: 'kafka:9092'}
+  streams:
+    - {name: visit, topic: {partitions: 6, config: {retention.ms: '1000'}}, key: /userId, dimensions: [/type]}
+    - {name: messages, key: /touser}
+  ingest: {replicas: {min: 2, max: 5}, tcp: {writePort: 2525, readPort: 2526, stream: visit}}
+  collectors:
+    - {name: to-redis, streams: [visit], sink: {redis: {ttl: 24h}}, autoscale: {minReplicas: 1, maxReplicas: 6, lagPerReplica: 1000}}
+    - {name: chat, streams: [messages], sink: {redisIndex: {}}, replicas: 2}
+    - {name: archive, streams: [visit], sink: {file: {claimName: records}}}
+    - {name: db, streams: [visit], sink: {postgres: {secretName: pg}}}
+  retry: {maxAttempts: 3, backoff: 2s}
+";
+
+    fn env_of(d: &Deployment) -> BTreeMap<String, Value> {
+        let v = serde_json::to_value(d).expect("json");
+        v["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .map(|e| {
+                (
+                    e["name"].as_str().expect("name").to_owned(),
+                    e.get("value")
+                        .cloned()
+                        .unwrap_or_else(|| e["valueFrom"].clone()),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn settings_are_the_services_file_format() {
+        let s = settings(&pc(BASIC));
+        let text = s.to_yaml();
+        let back = PipelineSettings::from_yaml(&text).expect("the services accept it");
+        assert_eq!(back.streams[0].partitions, 6);
+        assert_eq!(back.streams[0].key.as_deref(), Some("/userId"));
+        assert_eq!(back.streams[0].dimensions, ["/type"]);
+        assert_eq!(back.retry.max_attempts, 3);
+        assert_eq!(back.retry.backoff, "2s");
+    }
+
+    #[test]
+    fn every_child_has_an_owner_reference_and_labels() {
+        let c = children(&pc(BASIC), &Images::default());
+        let metas: Vec<&ObjectMeta> = [
+            &c.config_map.metadata,
+            &c.ingest.metadata,
+            &c.ingest_service.metadata,
+            &c.ingest_hpa.metadata,
+        ]
+        .into_iter()
+        .chain(c.collectors.iter().map(|d| &d.metadata))
+        .chain(c.redis.iter().flat_map(|(d, s)| [&d.metadata, &s.metadata]))
+        .collect();
+        assert_eq!(metas.len(), 4 + 4 + 4);
+        for m in metas {
+            let owner = &m.owner_references.as_ref().expect("owner")[0];
+            assert_eq!(owner.kind, "PipelineConfig");
+            assert_eq!(owner.name, "shop");
+            assert_eq!(owner.controller, Some(true));
+            assert_eq!(m.namespace.as_deref(), Some("prod"));
+            assert_eq!(
+                m.labels.as_ref().expect("labels")["app.kubernetes.io/instance"],
+                "shop"
+            );
+        }
+    }
+
+    #[test]
+    fn the_config_map_holds_the_settings_and_pods_their_checksum() {
+        let resource = pc(BASIC);
+        let c = children(&resource, &Images::default());
+        let text = &c.config_map.data.as_ref().expect("data")["pipeline.yaml"];
+        assert_eq!(
+            PipelineSettings::from_yaml(text).expect("valid"),
+            settings(&resource)
+        );
+        let sum = checksum(text);
+        for d in std::iter::once(&c.ingest).chain(&c.collectors) {
+            let annotations = d
+                .spec
+                .as_ref()
+                .expect("spec")
+                .template
+                .metadata
+                .as_ref()
+                .expect("meta")
+                .annotations
+                .as_ref()
+                .expect("annotations");
+            assert_eq!(annotations[CHECKSUM_ANNOTATION], sum);
+        }
+        // A settings change changes the checksum, so the pods roll.
+        let mut changed = resource.clone();
+        changed.spec.streams[0].topic.partitions = 12;
+        let other = children(&changed, &Images::default());
+        let other_sum = checksum(&other.config_map.data.as_ref().expect("data")["pipeline.yaml"]);
+        assert_ne!(sum, other_sum);
+    }
+
+    #[test]
+    fn ingest_gets_its_ports_probes_service_and_cpu_autoscaler() {
+        let c = children(&pc(BASIC), &Images::default());
+        let env = env_of(&c.ingest);
+        assert_eq!(env["SLUICE_KAFKA_BROKERS"], "kafka:9092");
+        assert_eq!(env["SLUICE_SETTINGS"], SETTINGS_PATH);
+        assert_eq!(env["SLUICE_REDIS_URL"], "redis://shop-redis:6379");
+        assert_eq!(
+            env["SLUICE_REDIS_REPLICA_URL"],
+            "redis://shop-redis-replica:6379"
+        );
+        assert_eq!(env["SLUICE_TCP_STREAM"], "visit");
+        assert!(
+            c.ingest.spec.as_ref().expect("spec").replicas.is_none(),
+            "the HPA owns replicas"
+        );
+        let ports: Vec<i32> = c
+            .ingest_service
+            .spec
+            .as_ref()
+            .expect("spec")
+            .ports
+            .as_ref()
+            .expect("ports")
+            .iter()
+            .map(|p| p.port)
+            .collect();
+        assert_eq!(ports, [8080, 2525, 2526]);
+        let hpa = &c.ingest_hpa.spec;
+        assert_eq!((hpa.min_replicas, hpa.max_replicas), (Some(2), 5));
+        assert_eq!(hpa.scale_target_ref.name, "shop-ingest");
+        let v = serde_json::to_value(&c.ingest).expect("json");
+        let container = &v["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+        assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(
+            container["securityContext"]["capabilities"]["drop"],
+            json!(["ALL"])
+        );
+        assert_eq!(
+            v["spec"]["template"]["spec"]["securityContext"]["seccompProfile"]["type"],
+            "RuntimeDefault"
+        );
+    }
+
+    #[test]
+    fn each_collector_gets_its_sink_group_and_replicas() {
+        let c = children(&pc(BASIC), &Images::default());
+        let names: Vec<&str> = c
+            .collectors
+            .iter()
+            .map(|d| d.metadata.name.as_deref().expect("name"))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "shop-collector-to-redis",
+                "shop-collector-chat",
+                "shop-collector-archive",
+                "shop-collector-db"
+            ]
+        );
+        let env: Vec<BTreeMap<String, Value>> = c.collectors.iter().map(env_of).collect();
+        assert_eq!(env[0]["SLUICE_SINK"], "redis");
+        assert_eq!(env[0]["SLUICE_RECORD_TTL"], "24h");
+        assert_eq!(env[0]["SLUICE_COLLECTOR_GROUP"], "shop.to-redis");
+        assert_eq!(env[0]["SLUICE_COLLECTOR_STREAMS"], "visit");
+        assert_eq!(env[1]["SLUICE_SINK"], "redis-index");
+        assert_eq!(env[2]["SLUICE_SINK"], "file");
+        assert_eq!(env[3]["SLUICE_SINK"], "postgres");
+        assert_eq!(
+            env[3]["SLUICE_DATABASE_URL"],
+            json!({"secretKeyRef": {"name": "pg", "key": "url"}})
+        );
+        let replicas: Vec<Option<i32>> = c
+            .collectors
+            .iter()
+            .map(|d| d.spec.as_ref().expect("spec").replicas)
+            .collect();
+        assert_eq!(
+            replicas,
+            [None, Some(2), Some(1), Some(1)],
+            "autoscaled collectors leave replicas to the HPA"
+        );
+        let archive = serde_json::to_value(&c.collectors[2]).expect("json");
+        assert_eq!(
+            archive["spec"]["template"]["spec"]["volumes"][1]["persistentVolumeClaim"]["claimName"],
+            "records"
+        );
+    }
+
+    #[test]
+    fn managed_redis_has_a_primary_and_replicas_and_external_has_none() {
+        let c = children(&pc(BASIC), &Images::default());
+        assert_eq!(c.redis.len(), 2);
+        let replica = serde_json::to_value(&c.redis[1].0).expect("json");
+        let args = &replica["spec"]["template"]["spec"]["containers"][0]["args"];
+        assert!(
+            args.as_array()
+                .expect("args")
+                .windows(3)
+                .any(|w| w == [json!("--replicaof"), json!("shop-redis"), json!("6379")]),
+            "{args}"
+        );
+        assert_eq!(replica["spec"]["replicas"], 1);
+        let external = pc(&BASIC.replace("  kafka: {bootstrapServers: 'kafka:9092'}", "  kafka: {bootstrapServers: 'kafka:9092'}\n  redis: {mode: External, url: 'redis://r:6379'}"));
+        let c = children(&external, &Images::default());
+        assert!(c.redis.is_empty());
+        assert_eq!(env_of(&c.ingest)["SLUICE_REDIS_URL"], "redis://r:6379");
+        assert_eq!(
+            env_of(&c.ingest)["SLUICE_REDIS_REPLICA_URL"],
+            "redis://r:6379"
+        );
+    }
+
+    #[test]
+    fn topics_are_created_grown_kept_or_refused() {
+        let resource = pc(BASIC);
+        let none = BTreeMap::new();
+        let plan = topics(&resource, &none);
+        assert_eq!(
+            plan.len(),
+            8,
+            "topic, retry, dlq and reads for each of two streams"
+        );
+        assert_eq!(
+            plan[0],
+            TopicAction::Create {
+                name: "visit".into(),
+                partitions: 6,
+                replication_factor: 1,
+                config: BTreeMap::from([("retention.ms".to_owned(), "1000".to_owned())]),
+            }
+        );
+        let seen = |p: i32, rf: i32| ObservedTopic {
+            partitions: p,
+            replication_factor: rf,
+        };
+        let observed = BTreeMap::from([
+            ("visit".to_owned(), seen(3, 1)),
+            ("visit.retry".to_owned(), seen(6, 1)),
+            ("visit.dlq".to_owned(), seen(8, 1)),
+            ("visit.reads".to_owned(), seen(6, 3)),
+        ]);
+        let plan = topics(&resource, &observed);
+        assert_eq!(
+            plan[0],
+            TopicAction::Grow {
+                name: "visit".into(),
+                from: 3,
+                to: 6
+            }
+        );
+        assert_eq!(
+            plan[1],
+            TopicAction::Keep {
+                name: "visit.retry".into(),
+                partitions: 6
+            }
+        );
+        let TopicAction::NotSupported { reason, .. } = &plan[2] else {
+            panic!("{:?}", plan[2])
+        };
+        assert!(reason.contains("cannot remove partitions"), "{reason}");
+        let TopicAction::NotSupported { reason, .. } = &plan[3] else {
+            panic!("{:?}", plan[3])
+        };
+        assert!(reason.contains("replication factor 3"), "{reason}");
+    }
+
+    #[test]
+    fn checksums_are_stable() {
+        assert_eq!(checksum("a"), checksum("a"));
+        assert_ne!(checksum("a"), checksum("b"));
+        assert_eq!(checksum("").len(), 16);
+    }
+}
