@@ -1,10 +1,12 @@
 //! `sluice-operator`: reconciles `PipelineConfig` resources.
 //!
 //! - [`crd`]: the resource's types, from which the CRD is generated (`crdgen`);
-//! - [`plan`]: what should exist for a resource, as a pure function (children, topics).
+//! - [`plan`]: what should exist for a resource, as a pure function (children, topics);
+//! - [`reconcile`]: the controller: observe, apply the plan, report the status.
 
 pub mod crd;
 pub mod plan;
+pub mod reconcile;
 
 use kube::CustomResourceExt;
 

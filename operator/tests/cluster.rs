@@ -181,3 +181,202 @@ async fn the_crd_installs_defaults_and_rejects_nonsense_with_readable_messages()
         .await
         .expect("namespace deleted");
 }
+
+async fn condition(
+    api: &Api<PipelineConfig>,
+    name: &str,
+    kind: &str,
+) -> Option<(String, String, String)> {
+    let pc = api.get_opt(name).await.ok()??;
+    pc.status?
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == kind)
+        .map(|c| (c.status, c.reason, c.message))
+}
+
+#[tokio::test]
+async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
+    let stack = sluice_testkit::Stack::from_env();
+    let client = client().await;
+    install_crd(&client).await;
+    let ns = namespace(&client).await;
+    let api: Api<PipelineConfig> = Api::namespaced(client.clone(), &ns);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let ctx = std::sync::Arc::new(sluice_operator::reconcile::Context {
+        client: client.clone(),
+        images: sluice_operator::plan::Images::default(),
+    });
+    tokio::spawn(sluice_operator::reconcile::run(
+        api.clone(),
+        ctx,
+        stop.clone(),
+    ));
+    let limit = Duration::from_secs(120);
+    let stream = sluice_testkit::unique("pc");
+    let pc: PipelineConfig = serde_json::from_value(json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "PipelineConfig",
+        "metadata": {"name": "shop"},
+        "spec": {
+            "kafka": {"bootstrapServers": stack.kafka_brokers},
+            "streams": [{"name": stream, "topic": {"partitions": 3}}],
+            "collectors": [{"name": "store", "streams": [stream], "sink": {"redis": {}}}],
+            "topicDeletionPolicy": "Delete"
+        }
+    }))
+    .expect("resource");
+    api.create(&PostParams::default(), &pc)
+        .await
+        .expect("created");
+
+    let ready = |want: &'static str| {
+        let api = api.clone();
+        async move {
+            sluice_testkit::wait_for(&format!("Ready={want}"), limit, || {
+                let api = api.clone();
+                async move {
+                    Ok(condition(&api, "shop", "Ready")
+                        .await
+                        .filter(|c| c.0 == want))
+                }
+            })
+            .await
+        }
+    };
+    ready("True").await.expect("the pipeline becomes ready");
+    for topic in [
+        stream.clone(),
+        format!("{stream}.retry"),
+        format!("{stream}.dlq"),
+        format!("{stream}.reads"),
+    ] {
+        assert_eq!(
+            sluice_testkit::partitions(&stack, &topic).expect("metadata"),
+            Some(3),
+            "{topic}"
+        );
+    }
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    for name in [
+        "shop-ingest",
+        "shop-collector-store",
+        "shop-redis",
+        "shop-redis-replica",
+    ] {
+        let d = deployments.get(name).await.expect(name);
+        let owner = &d.metadata.owner_references.expect("owner")[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str()),
+            ("PipelineConfig", "shop")
+        );
+    }
+    let status = api.get("shop").await.expect("get").status.expect("status");
+    assert_eq!(status.observed_generation, Some(1));
+    assert_eq!(status.topics.len(), 4);
+
+    // Grow the partitions and change the collector: it converges.
+    api.patch(
+        "shop",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {
+            "streams": [{"name": stream, "topic": {"partitions": 6}}],
+            "collectors": [{"name": "store", "streams": [stream], "sink": {"redis": {}}, "concurrency": 8}]
+        }})),
+    )
+    .await
+    .expect("edited");
+    sluice_testkit::wait_for("the topic to grow to 6 partitions", limit, || async {
+        Ok((sluice_testkit::partitions(&stack, &stream)? == Some(6)).then_some(()))
+    })
+    .await
+    .expect("grown");
+    sluice_testkit::wait_for("the collector to get concurrency 8", limit, || {
+        let deployments = deployments.clone();
+        async move {
+            let d = deployments.get("shop-collector-store").await?;
+            let v = serde_json::to_value(&d)?;
+            let env = v["spec"]["template"]["spec"]["containers"][0]["env"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            Ok(env
+                .iter()
+                .any(|e| e["name"] == "SLUICE_CONCURRENT_COUNT" && e["value"] == "8")
+                .then_some(()))
+        }
+    })
+    .await
+    .expect("rolled");
+    ready("True").await.expect("ready again");
+
+    // A shrink is refused in words, and nothing else breaks.
+    api.patch(
+        "shop",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"streams": [{"name": stream, "topic": {"partitions": 2}}]}})),
+    )
+    .await
+    .expect("edited");
+    let topics = sluice_testkit::wait_for("TopicsReady=False NotSupported", limit, || {
+        let api = api.clone();
+        async move {
+            Ok(condition(&api, "shop", "TopicsReady")
+                .await
+                .filter(|c| c.1 == "NotSupported"))
+        }
+    })
+    .await
+    .expect("not supported");
+    assert!(
+        topics.2.contains("cannot remove partitions"),
+        "{}",
+        topics.2
+    );
+    assert_eq!(
+        condition(&api, "shop", "Ready").await.expect("ready").0,
+        "False"
+    );
+    assert_eq!(
+        sluice_testkit::partitions(&stack, &stream).expect("metadata"),
+        Some(6)
+    );
+    assert!(deployments.get("shop-ingest").await.is_ok());
+
+    // Deleting it removes its children and, with the Delete policy, its topics.
+    api.delete("shop", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    sluice_testkit::wait_for("the PipelineConfig to be gone", limit, || {
+        let api = api.clone();
+        async move { Ok(api.get_opt("shop").await?.is_none().then_some(())) }
+    })
+    .await
+    .expect("gone");
+    sluice_testkit::wait_for("the topics to be deleted", limit, || async {
+        Ok(sluice_testkit::partitions(&stack, &stream)?
+            .is_none()
+            .then_some(()))
+    })
+    .await
+    .expect("topics deleted");
+    sluice_testkit::wait_for("the children to be collected", limit, || {
+        let deployments = deployments.clone();
+        async move {
+            Ok(deployments
+                .list(&Default::default())
+                .await?
+                .items
+                .is_empty()
+                .then_some(()))
+        }
+    })
+    .await
+    .expect("children gone");
+    stop.cancel();
+    let namespaces: Api<Namespace> = Api::all(client);
+    namespaces
+        .delete(&ns, &DeleteParams::default())
+        .await
+        .expect("namespace deleted");
+}

@@ -175,6 +175,17 @@ pub async fn read_topic(stack: &Stack, topic: &str) -> anyhow::Result<Vec<OwnedM
     Ok(out)
 }
 
+/// Partitions of `topic`, or `None` when it does not exist.
+pub fn partitions(stack: &Stack, topic: &str) -> anyhow::Result<Option<usize>> {
+    let consumer: StreamConsumer = stack.kafka().consumer_config(&unique("meta")).create()?;
+    let metadata = consumer.fetch_metadata(None, Duration::from_secs(10))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().len()))
+}
+
 /// The number of records in `topic` (sum over partitions of end − start).
 pub fn topic_len(stack: &Stack, topic: &str) -> anyhow::Result<i64> {
     let consumer: StreamConsumer = stack.kafka().consumer_config(&unique("len")).create()?;

@@ -1,0 +1,485 @@
+//! The I/O half of reconciling: observe Kafka and the cluster, apply the [`plan`], report.
+//!
+//! For each `PipelineConfig`:
+//! 1. the finalizer `sluice.dev/topics` is added, so deletion can apply the topic policy;
+//! 2. topics are observed through the Kafka admin API, then created or grown as the plan
+//!    says; a change Kafka cannot make becomes a `NotSupported` condition, not an error;
+//! 3. every child is written with server-side apply under one field manager;
+//! 4. the Deployments' ready replicas give `RedisReady`, `IngestReady`, `CollectorsReady`;
+//!    `Ready` is true when all conditions are;
+//! 5. the status is written, and the resource is looked at again soon while it is not
+//!    ready, and every minute when it is.
+//!
+//! Errors (the apiserver refusing a write) are retried with backoff by the controller.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::finalizer::{Event, finalizer};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::KafkaError;
+use serde_json::json;
+use sluice_core::kafka::KafkaArgs;
+use tokio_util::sync::CancellationToken;
+
+use crate::crd::{
+    CollectorStatus, PipelineConfig, PipelineConfigStatus, TopicDeletionPolicy, TopicStatus,
+};
+use crate::plan::{self, Images, ObservedTopic, TopicAction};
+
+/// The field manager of every write.
+pub const MANAGER: &str = "sluice-operator";
+/// The finalizer that applies the topic deletion policy.
+pub const FINALIZER: &str = "sluice.dev/topics";
+
+/// Why a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The apiserver refused a read or a write.
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+    /// The finalizer could not be added or removed.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// Deleting topics failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+}
+
+impl Error {
+    /// A bounded label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Kube(_) => "kube",
+            Self::Finalizer(_) => "finalizer",
+            Self::Kafka(_) => "kafka",
+        }
+    }
+}
+
+/// What reconciles share.
+pub struct Context {
+    /// The Kubernetes client.
+    pub client: Client,
+    /// Images of the children.
+    pub images: Images,
+}
+
+/// Runs the controller for the resources `api` sees until `shutdown` is cancelled.
+pub async fn run(api: Api<PipelineConfig>, ctx: Arc<Context>, shutdown: CancellationToken) {
+    let client = ctx.client.clone();
+    let scoped = |_: ()| api.namespace();
+    let deployments: Api<Deployment> = match scoped(()) {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    Controller::new(api, watcher::Config::default())
+        .owns(deployments, watcher::Config::default())
+        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => tracing::debug!(name = %object.name, "reconciled"),
+                Err(e) => tracing::warn!(error = %e, "reconcile failed"),
+            }
+        })
+        .await;
+}
+
+fn error_policy(pc: Arc<PipelineConfig>, error: &Error, _: Arc<Context>) -> Action {
+    tracing::warn!(name = %pc.name_any(), reason = error.label(), error = %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(10))
+}
+
+/// Reconciles one resource.
+pub async fn reconcile(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = pc.namespace().unwrap_or_default();
+    let api: Api<PipelineConfig> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, pc, |event| async {
+        match event {
+            Event::Apply(pc) => apply(pc, ctx.clone()).await,
+            Event::Cleanup(pc) => cleanup(pc).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+fn admin(pc: &PipelineConfig) -> Result<AdminClient<DefaultClientContext>, KafkaError> {
+    KafkaArgs::new(&pc.spec.kafka.bootstrap_servers).admin()
+}
+
+/// Topics as they are in Kafka.
+async fn observe_topics(
+    pc: &PipelineConfig,
+) -> Result<BTreeMap<String, ObservedTopic>, KafkaError> {
+    // Metadata requests block; keep them off the async threads.
+    let bootstrap = pc.spec.kafka.bootstrap_servers.clone();
+    tokio::task::spawn_blocking(move || {
+        let admin = KafkaArgs::new(bootstrap).admin()?;
+        let metadata = admin
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(10))?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .filter(|t| t.error().is_none())
+            .map(|t| {
+                let replication_factor = t
+                    .partitions()
+                    .first()
+                    .map_or(0, |p| p.replicas().len() as i32);
+                (
+                    t.name().to_owned(),
+                    ObservedTopic {
+                        partitions: t.partitions().len() as i32,
+                        replication_factor,
+                    },
+                )
+            })
+            .collect())
+    })
+    .await
+    .map_err(|_| KafkaError::Canceled)?
+}
+
+/// The outcome of the topic step.
+struct TopicsOutcome {
+    ready: bool,
+    reason: &'static str,
+    message: String,
+    topics: Vec<TopicStatus>,
+}
+
+async fn apply_topics(pc: &PipelineConfig) -> TopicsOutcome {
+    let unreachable = |e: KafkaError| TopicsOutcome {
+        ready: false,
+        reason: "KafkaUnreachable",
+        message: format!(
+            "cannot reach Kafka at {}: {e}",
+            pc.spec.kafka.bootstrap_servers
+        ),
+        topics: Vec::new(),
+    };
+    let admin = match admin(pc) {
+        Ok(a) => a,
+        Err(e) => return unreachable(e),
+    };
+    let observed = match observe_topics(pc).await {
+        Ok(o) => o,
+        Err(e) => return unreachable(e),
+    };
+    let actions = plan::topics(pc, &observed);
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let mut problems = Vec::new();
+    let mut not_supported = Vec::new();
+    let mut topics = Vec::new();
+    for action in &actions {
+        match action {
+            TopicAction::Create {
+                name,
+                partitions,
+                replication_factor,
+                config,
+            } => {
+                let mut topic = NewTopic::new(
+                    name,
+                    *partitions,
+                    TopicReplication::Fixed(*replication_factor),
+                );
+                for (k, v) in config {
+                    topic = topic.set(k, v);
+                }
+                match admin.create_topics([&topic], &options).await {
+                    Ok(results) => {
+                        for r in results {
+                            match r {
+                                Ok(_)
+                                | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {
+                                }
+                                Err((t, code)) => problems.push(format!("creating {t}: {code}")),
+                            }
+                        }
+                    }
+                    Err(e) => problems.push(format!("creating {name}: {e}")),
+                }
+                topics.push(TopicStatus {
+                    name: name.clone(),
+                    partitions: *partitions,
+                });
+            }
+            TopicAction::Grow { name, to, .. } => {
+                let grow = NewPartitions::new(name, *to as usize);
+                match admin.create_partitions([&grow], &options).await {
+                    Ok(results) => {
+                        for r in results {
+                            if let Err((t, code)) = r {
+                                problems.push(format!("growing {t}: {code}"));
+                            }
+                        }
+                    }
+                    Err(e) => problems.push(format!("growing {name}: {e}")),
+                }
+                topics.push(TopicStatus {
+                    name: name.clone(),
+                    partitions: *to,
+                });
+            }
+            TopicAction::Keep { name, partitions } => topics.push(TopicStatus {
+                name: name.clone(),
+                partitions: *partitions,
+            }),
+            TopicAction::NotSupported { name, reason } => {
+                not_supported.push(reason.clone());
+                if let Some(o) = observed.get(name) {
+                    topics.push(TopicStatus {
+                        name: name.clone(),
+                        partitions: o.partitions,
+                    });
+                }
+            }
+        }
+    }
+    if !not_supported.is_empty() {
+        TopicsOutcome {
+            ready: false,
+            reason: "NotSupported",
+            message: not_supported.join("; "),
+            topics,
+        }
+    } else if !problems.is_empty() {
+        TopicsOutcome {
+            ready: false,
+            reason: "TopicError",
+            message: problems.join("; "),
+            topics,
+        }
+    } else {
+        TopicsOutcome {
+            ready: true,
+            reason: "TopicsReady",
+            message: format!(
+                "{} topics exist with the partitions the spec asks for",
+                topics.len()
+            ),
+            topics,
+        }
+    }
+}
+
+async fn ssa<K>(client: &Client, ns: &str, object: &K) -> Result<K, kube::Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let mut value = serde_json::to_value(object).map_err(kube::Error::SerdeError)?;
+    value["apiVersion"] = json!(K::api_version(&Default::default()));
+    value["kind"] = json!(K::kind(&Default::default()));
+    api.patch(
+        &object.meta().name.clone().unwrap_or_default(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&value),
+    )
+    .await
+}
+
+/// Ready replicas of a Deployment that was just applied, and whether it has all it wants.
+fn readiness(d: &Deployment) -> (i32, bool) {
+    let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let status = d.status.clone().unwrap_or_default();
+    let ready = status.ready_replicas.unwrap_or(0);
+    let generation_seen = status.observed_generation >= d.metadata.generation;
+    (
+        ready,
+        generation_seen && ready >= wanted && status.updated_replicas.unwrap_or(0) >= wanted,
+    )
+}
+
+async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = pc.namespace().unwrap_or_default();
+    let client = &ctx.client;
+    let topics = apply_topics(&pc).await;
+    let children = plan::children(&pc, &ctx.images);
+    ssa::<ConfigMap>(client, &ns, &children.config_map).await?;
+    let mut redis_ready = true;
+    for (d, s) in &children.redis {
+        ssa::<Service>(client, &ns, s).await?;
+        let applied = ssa::<Deployment>(client, &ns, d).await?;
+        redis_ready &= readiness(&applied).1;
+    }
+    ssa::<Service>(client, &ns, &children.ingest_service).await?;
+    let ingest = ssa::<Deployment>(client, &ns, &children.ingest).await?;
+    ssa::<HorizontalPodAutoscaler>(client, &ns, &children.ingest_hpa).await?;
+    let (_, ingest_ready) = readiness(&ingest);
+    let mut collectors = Vec::new();
+    let mut collectors_ready = true;
+    for (spec, d) in pc.spec.collectors.iter().zip(&children.collectors) {
+        let applied = ssa::<Deployment>(client, &ns, d).await?;
+        let (replicas, ready) = readiness(&applied);
+        collectors_ready &= ready;
+        collectors.push((spec.name.clone(), replicas, ready));
+    }
+
+    let generation = pc.metadata.generation;
+    let old = pc.status.clone().unwrap_or_default().conditions;
+    let condition = |kind: &str, ok: bool, reason: &str, message: String| {
+        let status = if ok { "True" } else { "False" };
+        let since = old
+            .iter()
+            .find(|c| c.type_ == kind && c.status == status)
+            .map_or_else(
+                || Time(jiff::Timestamp::now()),
+                |c| c.last_transition_time.clone(),
+            );
+        Condition {
+            type_: kind.to_owned(),
+            status: status.to_owned(),
+            reason: reason.to_owned(),
+            message,
+            last_transition_time: since,
+            observed_generation: generation,
+        }
+    };
+    let waiting = |what: &str| format!("waiting for {what} to become ready");
+    let mut conditions = vec![
+        condition(
+            "TopicsReady",
+            topics.ready,
+            topics.reason,
+            topics.message.clone(),
+        ),
+        if redis_ready {
+            condition(
+                "RedisReady",
+                true,
+                "RedisReady",
+                "Redis is ready".to_owned(),
+            )
+        } else {
+            condition(
+                "RedisReady",
+                false,
+                "Progressing",
+                waiting("the managed Redis"),
+            )
+        },
+        if ingest_ready {
+            condition(
+                "IngestReady",
+                true,
+                "IngestReady",
+                "every ingest replica is ready".to_owned(),
+            )
+        } else {
+            condition("IngestReady", false, "Progressing", waiting("ingest"))
+        },
+        if collectors_ready {
+            condition(
+                "CollectorsReady",
+                true,
+                "CollectorsReady",
+                "every collector is ready".to_owned(),
+            )
+        } else {
+            let pending: Vec<&str> = collectors
+                .iter()
+                .filter(|c| !c.2)
+                .map(|c| c.0.as_str())
+                .collect();
+            condition(
+                "CollectorsReady",
+                false,
+                "Progressing",
+                waiting(&format!("collectors {}", pending.join(", "))),
+            )
+        },
+    ];
+    let all = conditions.iter().all(|c| c.status == "True");
+    let first_problem = conditions.iter().find(|c| c.status != "True").cloned();
+    conditions.insert(
+        0,
+        match first_problem {
+            None => condition("Ready", true, "Ready", "the pipeline is ready".to_owned()),
+            Some(c) => condition(
+                "Ready",
+                false,
+                &c.reason,
+                format!("{}: {}", c.type_, c.message),
+            ),
+        },
+    );
+    let status = PipelineConfigStatus {
+        observed_generation: generation,
+        conditions,
+        streams: Some(pc.spec.streams.len() as i32),
+        ready_collectors: Some(collectors.iter().filter(|c| c.2).count() as i32),
+        topics: topics.topics,
+        collectors: collectors
+            .into_iter()
+            .map(|(name, replicas, _)| CollectorStatus {
+                name,
+                replicas,
+                lag: None,
+            })
+            .collect(),
+    };
+    let api: Api<PipelineConfig> = Api::namespaced(client.clone(), &ns);
+    api.patch_status(
+        &pc.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&json!({
+            "apiVersion": "sluice.dev/v1alpha1",
+            "kind": "PipelineConfig",
+            "status": status,
+        })),
+    )
+    .await?;
+    Ok(Action::requeue(if all {
+        Duration::from_secs(60)
+    } else {
+        Duration::from_secs(3)
+    }))
+}
+
+/// Applies the topic deletion policy; the children go with their owner.
+async fn cleanup(pc: Arc<PipelineConfig>) -> Result<Action, Error> {
+    if pc.spec.topic_deletion_policy == TopicDeletionPolicy::Delete {
+        let admin = admin(&pc)?;
+        let names: Vec<String> = plan::topics(&pc, &BTreeMap::new())
+            .into_iter()
+            .filter_map(|a| match a {
+                TopicAction::Create { name, .. } => Some(name),
+                _ => None,
+            })
+            .collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        for r in admin.delete_topics(&refs, &options).await? {
+            match r {
+                Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+                Err((t, code)) => {
+                    return Err(Error::Kafka(KafkaError::AdminOp(code)))
+                        .inspect_err(|_| tracing::error!(topic = %t, "cannot delete topic"));
+                }
+            }
+        }
+        tracing::info!(name = %pc.name_any(), topics = ?names, "deleted the pipeline's topics");
+    }
+    Ok(Action::await_change())
+}
