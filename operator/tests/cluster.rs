@@ -275,17 +275,23 @@ async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
     assert_eq!(status.observed_generation, Some(1));
     assert_eq!(status.topics.len(), 4);
 
-    // Grow the partitions and change the collector: it converges.
+    // Grow the partitions, add a stream and change the collector: it converges.
+    let added = format!("{stream}-b");
     api.patch(
         "shop",
         &PatchParams::default(),
         &Patch::Merge(json!({"spec": {
-            "streams": [{"name": stream, "topic": {"partitions": 6}}],
-            "collectors": [{"name": "store", "streams": [stream], "sink": {"redis": {}}, "concurrency": 8}]
+            "streams": [{"name": stream, "topic": {"partitions": 6}}, {"name": added, "topic": {"partitions": 2}}],
+            "collectors": [{"name": "store", "streams": [stream, added], "sink": {"redis": {}}, "concurrency": 8}]
         }})),
     )
     .await
     .expect("edited");
+    sluice_testkit::wait_for("the added stream's topic", limit, || async {
+        Ok((sluice_testkit::partitions(&stack, &added)? == Some(2)).then_some(()))
+    })
+    .await
+    .expect("added");
     sluice_testkit::wait_for("the topic to grow to 6 partitions", limit, || async {
         Ok((sluice_testkit::partitions(&stack, &stream)? == Some(6)).then_some(()))
     })
@@ -314,7 +320,7 @@ async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
     api.patch(
         "shop",
         &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"streams": [{"name": stream, "topic": {"partitions": 2}}]}})),
+        &Patch::Merge(json!({"spec": {"streams": [{"name": stream, "topic": {"partitions": 2}}, {"name": added, "topic": {"partitions": 2}}]}})),
     )
     .await
     .expect("edited");
