@@ -3,8 +3,9 @@
 //!
 //! A batch is one Lua script call, so Redis applies it atomically. For each event the script
 //! sets the record only if it is new (`SET NX`, with the optional TTL) and, only then,
-//! counts it in the hash `<prefix>:agg:<stream>:<minute>` (field `count`, and one field
-//! `<pointer>=<value>` per configured dimension). A replay after a crash therefore adds
+//! counts it for the hash `<prefix>:agg:<stream>:<minute>` (field `count`, and one field
+//! `<pointer>=<value>` per configured dimension); the counts of the batch are added with
+//! one `HINCRBY` per hash and field at the end. A replay after a crash therefore adds
 //! neither a record nor a count.
 
 use std::collections::HashMap;
@@ -21,6 +22,7 @@ const AGGREGATE_TTL_SECONDS: u64 = 7 * 24 * 3600;
 const SCRIPT: &str = r"
 local ttl = tonumber(ARGV[1])
 local agg_ttl = tonumber(ARGV[2])
+local counts = {}
 local n = 0
 local a = 3
 for i, key in ipairs(KEYS) do
@@ -35,13 +37,24 @@ for i, key in ipairs(KEYS) do
   end
   if set then
     n = n + 1
-    redis.call('HINCRBY', agg, 'count', 1)
-    for f = 1, nfields do
-      redis.call('HINCRBY', agg, ARGV[a + 2 + f], 1)
+    local fields = counts[agg]
+    if not fields then
+      fields = {}
+      counts[agg] = fields
     end
-    redis.call('EXPIRE', agg, agg_ttl)
+    fields['count'] = (fields['count'] or 0) + 1
+    for f = 1, nfields do
+      local field = ARGV[a + 2 + f]
+      fields[field] = (fields[field] or 0) + 1
+    end
   end
   a = a + 3 + nfields
+end
+for agg, fields in pairs(counts) do
+  for field, c in pairs(fields) do
+    redis.call('HINCRBY', agg, field, c)
+  end
+  redis.call('EXPIRE', agg, agg_ttl)
 end
 return n
 ";
