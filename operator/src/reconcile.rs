@@ -26,7 +26,10 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event, finalizer};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, ConfigSource, NewPartitions, NewTopic,
+    ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::KafkaError;
 use serde_json::json;
@@ -251,6 +254,20 @@ async fn apply_topics(pc: &PipelineConfig) -> TopicsOutcome {
             }
         }
     }
+    // Existing topics get the configuration the spec names.
+    for stream in &pc.spec.streams {
+        let name = stream
+            .topic
+            .name
+            .clone()
+            .unwrap_or_else(|| stream.name.clone());
+        if stream.topic.config.is_empty() || !observed.contains_key(&name) {
+            continue;
+        }
+        if let Err(e) = align_config(&admin, &name, &stream.topic.config, &options).await {
+            problems.push(format!("configuring {name}: {e}"));
+        }
+    }
     if !not_supported.is_empty() {
         TopicsOutcome {
             ready: false,
@@ -276,6 +293,43 @@ async fn apply_topics(pc: &PipelineConfig) -> TopicsOutcome {
             topics,
         }
     }
+}
+
+/// Sets the topic configuration the spec names, keeping every other value set on the topic
+/// (Kafka's AlterConfigs replaces a topic's whole dynamic configuration).
+async fn align_config(
+    admin: &AdminClient<DefaultClientContext>,
+    name: &str,
+    desired: &BTreeMap<String, String>,
+    options: &AdminOptions,
+) -> Result<(), KafkaError> {
+    let resource = ResourceSpecifier::Topic(name);
+    let described = admin.describe_configs([&resource], options).await?;
+    let mut current: BTreeMap<String, String> = BTreeMap::new();
+    for r in described {
+        let r = r.map_err(KafkaError::AdminOp)?;
+        for e in r.entries {
+            if e.source == ConfigSource::DynamicTopic
+                && let Some(v) = e.value
+            {
+                current.insert(e.name, v);
+            }
+        }
+    }
+    if desired.iter().all(|(k, v)| current.get(k) == Some(v)) {
+        return Ok(());
+    }
+    let mut merged = current;
+    merged.extend(desired.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let mut alter = AlterConfig::new(resource);
+    for (k, v) in &merged {
+        alter = alter.set(k, v);
+    }
+    for r in admin.alter_configs([&alter], options).await? {
+        r.map_err(|(_, code)| KafkaError::AdminOp(code))?;
+    }
+    tracing::info!(topic = %name, config = ?desired, "aligned topic configuration");
+    Ok(())
 }
 
 async fn ssa<K>(client: &Client, ns: &str, object: &K) -> Result<K, kube::Error>

@@ -220,7 +220,7 @@ async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
         "metadata": {"name": "shop"},
         "spec": {
             "kafka": {"bootstrapServers": stack.kafka_brokers},
-            "streams": [{"name": stream, "topic": {"partitions": 3}}],
+            "streams": [{"name": stream, "topic": {"partitions": 3, "config": {"retention.ms": "3600000"}}}],
             "collectors": [{"name": "store", "streams": [stream], "sink": {"redis": {}}}],
             "topicDeletionPolicy": "Delete"
         }
@@ -271,6 +271,13 @@ async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
             ("PipelineConfig", "shop")
         );
     }
+    assert_eq!(
+        sluice_testkit::topic_config(&stack, &stream, "retention.ms")
+            .await
+            .expect("config")
+            .as_deref(),
+        Some("3600000")
+    );
     let status = api.get("shop").await.expect("get").status.expect("status");
     assert_eq!(status.observed_generation, Some(1));
     assert_eq!(status.topics.len(), 4);
@@ -281,12 +288,22 @@ async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
         "shop",
         &PatchParams::default(),
         &Patch::Merge(json!({"spec": {
-            "streams": [{"name": stream, "topic": {"partitions": 6}}, {"name": added, "topic": {"partitions": 2}}],
+            "streams": [{"name": stream, "topic": {"partitions": 6, "config": {"retention.ms": "7200000"}}}, {"name": added, "topic": {"partitions": 2}}],
             "collectors": [{"name": "store", "streams": [stream, added], "sink": {"redis": {}}, "concurrency": 8}]
         }})),
     )
     .await
     .expect("edited");
+    sluice_testkit::wait_for(
+        "the topic's retention to follow the spec",
+        limit,
+        || async {
+            let v = sluice_testkit::topic_config(&stack, &stream, "retention.ms").await?;
+            Ok((v.as_deref() == Some("7200000")).then_some(()))
+        },
+    )
+    .await
+    .expect("aligned");
     sluice_testkit::wait_for("the added stream's topic", limit, || async {
         Ok((sluice_testkit::partitions(&stack, &added)? == Some(2)).then_some(()))
     })
@@ -320,7 +337,10 @@ async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
     api.patch(
         "shop",
         &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"streams": [{"name": stream, "topic": {"partitions": 2}}, {"name": added, "topic": {"partitions": 2}}]}})),
+        &Patch::Merge(json!({"spec": {"streams": [
+            {"name": stream, "topic": {"partitions": 2, "config": {"retention.ms": "7200000"}}},
+            {"name": added, "topic": {"partitions": 2}}
+        ]}})),
     )
     .await
     .expect("edited");

@@ -186,6 +186,22 @@ pub fn partitions(stack: &Stack, topic: &str) -> anyhow::Result<Option<usize>> {
         .map(|t| t.partitions().len()))
 }
 
+/// A configuration value of `topic`, as the broker reports it.
+pub async fn topic_config(stack: &Stack, topic: &str, key: &str) -> anyhow::Result<Option<String>> {
+    use rdkafka::admin::{AdminOptions, ResourceSpecifier};
+    let admin = stack.kafka().admin()?;
+    let described = admin
+        .describe_configs([&ResourceSpecifier::Topic(topic)], &AdminOptions::new())
+        .await?;
+    for r in described {
+        let r = r.map_err(|code| anyhow::anyhow!("describe {topic}: {code}"))?;
+        if let Some(e) = r.entries.into_iter().find(|e| e.name == key) {
+            return Ok(e.value);
+        }
+    }
+    Ok(None)
+}
+
 /// The number of records in `topic` (sum over partitions of end − start).
 pub fn topic_len(stack: &Stack, topic: &str) -> anyhow::Result<i64> {
     let consumer: StreamConsumer = stack.kafka().consumer_config(&unique("len")).create()?;
