@@ -47,14 +47,14 @@ async fn main() -> anyhow::Result<()> {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let ctx = Arc::new(Context {
+    let ctx = Arc::new(Context::new(
         client,
-        images: Images {
+        Images {
             ingest: args.ingest_image,
             collector: args.collector_image,
             redis: args.redis_image,
         },
-    });
+    ));
     tracing::info!(namespace = ?args.namespace, "sluice-operator started");
     run(api, ctx, shutdown).await;
     telemetry.shutdown();

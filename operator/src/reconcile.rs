@@ -23,6 +23,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event, finalizer};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -77,6 +78,48 @@ pub struct Context {
     pub client: Client,
     /// Images of the children.
     pub images: Images,
+    /// Publishes Events on the resources.
+    recorder: Recorder,
+}
+
+impl Context {
+    /// A context for `client`; Events name this process (`POD_NAME`, else the host name).
+    pub fn new(client: Client, images: Images) -> Self {
+        // events.k8s.io/v1 needs a reporting instance.
+        let instance = std::env::var("POD_NAME")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_else(|_| format!("{MANAGER}-{}", std::process::id()));
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: MANAGER.to_owned(),
+                instance: Some(instance),
+            },
+        );
+        Self {
+            client,
+            images,
+            recorder,
+        }
+    }
+
+    /// Publishes an Event on `pc`; a failure to publish is only logged.
+    async fn event(&self, pc: &PipelineConfig, warning: bool, reason: &str, note: String) {
+        let event = KubeEvent {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: "Reconcile".to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &pc.object_ref(&())).await {
+            tracing::warn!(error = %e, "cannot publish an event");
+        }
+    }
 }
 
 /// Runs the controller for the resources `api` sees until `shutdown` is cancelled.
@@ -112,7 +155,7 @@ pub async fn reconcile(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Act
     finalizer(&api, FINALIZER, pc, |event| async {
         match event {
             Event::Apply(pc) => apply(pc, ctx.clone()).await,
-            Event::Cleanup(pc) => cleanup(pc).await,
+            Event::Cleanup(pc) => cleanup(pc, ctx.clone()).await,
         }
     })
     .await
@@ -163,6 +206,8 @@ struct TopicsOutcome {
     reason: &'static str,
     message: String,
     topics: Vec<TopicStatus>,
+    /// What was changed, as (Event reason, note).
+    done: Vec<(&'static str, String)>,
 }
 
 async fn apply_topics(pc: &PipelineConfig) -> TopicsOutcome {
@@ -174,6 +219,7 @@ async fn apply_topics(pc: &PipelineConfig) -> TopicsOutcome {
             pc.spec.kafka.bootstrap_servers
         ),
         topics: Vec::new(),
+        done: Vec::new(),
     };
     let admin = match admin(pc) {
         Ok(a) => a,
@@ -188,6 +234,7 @@ async fn apply_topics(pc: &PipelineConfig) -> TopicsOutcome {
     let mut problems = Vec::new();
     let mut not_supported = Vec::new();
     let mut topics = Vec::new();
+    let mut done = Vec::new();
     for action in &actions {
         match action {
             TopicAction::Create {
@@ -208,9 +255,11 @@ async fn apply_topics(pc: &PipelineConfig) -> TopicsOutcome {
                     Ok(results) => {
                         for r in results {
                             match r {
-                                Ok(_)
-                                | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {
-                                }
+                                Ok(_) => done.push((
+                                    "TopicCreated",
+                                    format!("created topic {name} with {partitions} partitions"),
+                                )),
+                                Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
                                 Err((t, code)) => problems.push(format!("creating {t}: {code}")),
                             }
                         }
@@ -227,8 +276,12 @@ async fn apply_topics(pc: &PipelineConfig) -> TopicsOutcome {
                 match admin.create_partitions([&grow], &options).await {
                     Ok(results) => {
                         for r in results {
-                            if let Err((t, code)) = r {
-                                problems.push(format!("growing {t}: {code}"));
+                            match r {
+                                Ok(_) => done.push((
+                                    "PartitionsAdded",
+                                    format!("topic {name} grown to {to} partitions"),
+                                )),
+                                Err((t, code)) => problems.push(format!("growing {t}: {code}")),
                             }
                         }
                     }
@@ -264,8 +317,13 @@ async fn apply_topics(pc: &PipelineConfig) -> TopicsOutcome {
         if stream.topic.config.is_empty() || !observed.contains_key(&name) {
             continue;
         }
-        if let Err(e) = align_config(&admin, &name, &stream.topic.config, &options).await {
-            problems.push(format!("configuring {name}: {e}"));
+        match align_config(&admin, &name, &stream.topic.config, &options).await {
+            Ok(true) => done.push((
+                "TopicConfigured",
+                format!("set {:?} on topic {name}", stream.topic.config),
+            )),
+            Ok(false) => {}
+            Err(e) => problems.push(format!("configuring {name}: {e}")),
         }
     }
     if !not_supported.is_empty() {
@@ -274,6 +332,7 @@ async fn apply_topics(pc: &PipelineConfig) -> TopicsOutcome {
             reason: "NotSupported",
             message: not_supported.join("; "),
             topics,
+            done,
         }
     } else if !problems.is_empty() {
         TopicsOutcome {
@@ -281,6 +340,7 @@ async fn apply_topics(pc: &PipelineConfig) -> TopicsOutcome {
             reason: "TopicError",
             message: problems.join("; "),
             topics,
+            done,
         }
     } else {
         TopicsOutcome {
@@ -291,6 +351,7 @@ async fn apply_topics(pc: &PipelineConfig) -> TopicsOutcome {
                 topics.len()
             ),
             topics,
+            done,
         }
     }
 }
@@ -302,7 +363,7 @@ async fn align_config(
     name: &str,
     desired: &BTreeMap<String, String>,
     options: &AdminOptions,
-) -> Result<(), KafkaError> {
+) -> Result<bool, KafkaError> {
     let resource = ResourceSpecifier::Topic(name);
     let described = admin.describe_configs([&resource], options).await?;
     let mut current: BTreeMap<String, String> = BTreeMap::new();
@@ -317,7 +378,7 @@ async fn align_config(
         }
     }
     if desired.iter().all(|(k, v)| current.get(k) == Some(v)) {
-        return Ok(());
+        return Ok(false);
     }
     let mut merged = current;
     merged.extend(desired.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -329,7 +390,7 @@ async fn align_config(
         r.map_err(|(_, code)| KafkaError::AdminOp(code))?;
     }
     tracing::info!(topic = %name, config = ?desired, "aligned topic configuration");
-    Ok(())
+    Ok(true)
 }
 
 async fn ssa<K>(client: &Client, ns: &str, object: &K) -> Result<K, kube::Error>
@@ -369,6 +430,13 @@ async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Err
     let ns = pc.namespace().unwrap_or_default();
     let client = &ctx.client;
     let topics = apply_topics(&pc).await;
+    for (reason, note) in &topics.done {
+        ctx.event(&pc, false, reason, note.clone()).await;
+    }
+    if !topics.ready {
+        ctx.event(&pc, true, topics.reason, topics.message.clone())
+            .await;
+    }
     let children = plan::children(&pc, &ctx.images);
     ssa::<ConfigMap>(client, &ns, &children.config_map).await?;
     let mut redis_ready = true;
@@ -512,7 +580,7 @@ async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Err
 }
 
 /// Applies the topic deletion policy; the children go with their owner.
-async fn cleanup(pc: Arc<PipelineConfig>) -> Result<Action, Error> {
+async fn cleanup(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Error> {
     if pc.spec.topic_deletion_policy == TopicDeletionPolicy::Delete {
         let admin = admin(&pc)?;
         let names: Vec<String> = plan::topics(&pc, &BTreeMap::new())
@@ -534,6 +602,13 @@ async fn cleanup(pc: Arc<PipelineConfig>) -> Result<Action, Error> {
             }
         }
         tracing::info!(name = %pc.name_any(), topics = ?names, "deleted the pipeline's topics");
+        ctx.event(
+            &pc,
+            false,
+            "TopicsDeleted",
+            format!("deleted topics {}", names.join(", ")),
+        )
+        .await;
     }
     Ok(Action::await_change())
 }

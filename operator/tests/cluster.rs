@@ -197,16 +197,17 @@ async fn condition(
 
 #[tokio::test]
 async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
+    let _telemetry = sluice_core::telemetry::init("sluice-operator-test", "info");
     let stack = sluice_testkit::Stack::from_env();
     let client = client().await;
     install_crd(&client).await;
     let ns = namespace(&client).await;
     let api: Api<PipelineConfig> = Api::namespaced(client.clone(), &ns);
     let stop = tokio_util::sync::CancellationToken::new();
-    let ctx = std::sync::Arc::new(sluice_operator::reconcile::Context {
-        client: client.clone(),
-        images: sluice_operator::plan::Images::default(),
-    });
+    let ctx = std::sync::Arc::new(sluice_operator::reconcile::Context::new(
+        client.clone(),
+        sluice_operator::plan::Images::default(),
+    ));
     tokio::spawn(sluice_operator::reconcile::run(
         api.clone(),
         ctx,
@@ -278,6 +279,16 @@ async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
             .as_deref(),
         Some("3600000")
     );
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let reasons: Vec<String> = events
+        .list(&Default::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(reasons.iter().any(|r| r == "TopicCreated"), "{reasons:?}");
     let status = api.get("shop").await.expect("get").status.expect("status");
     assert_eq!(status.observed_generation, Some(1));
     assert_eq!(status.topics.len(), 4);
