@@ -410,6 +410,38 @@ async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
     })
     .await
     .expect("children gone");
+
+    // With the default Retain policy the topics outlive the resource.
+    let kept = sluice_testkit::unique("keep");
+    let retained: PipelineConfig = serde_json::from_value(json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "PipelineConfig",
+        "metadata": {"name": "kept"},
+        "spec": {"kafka": {"bootstrapServers": stack.kafka_brokers}, "streams": [{"name": kept}]}
+    }))
+    .expect("resource");
+    api.create(&PostParams::default(), &retained)
+        .await
+        .expect("created");
+    sluice_testkit::wait_for("the retained pipeline's topic", limit, || async {
+        Ok((sluice_testkit::partitions(&stack, &kept)? == Some(1)).then_some(()))
+    })
+    .await
+    .expect("topic");
+    api.delete("kept", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    sluice_testkit::wait_for("the retained PipelineConfig to be gone", limit, || {
+        let api = api.clone();
+        async move { Ok(api.get_opt("kept").await?.is_none().then_some(())) }
+    })
+    .await
+    .expect("gone");
+    assert_eq!(
+        sluice_testkit::partitions(&stack, &kept).expect("metadata"),
+        Some(1),
+        "Retain keeps the topic"
+    );
     stop.cancel();
     let namespaces: Api<Namespace> = Api::all(client);
     namespaces
