@@ -596,42 +596,32 @@ async fn api_keys_guard_the_api_but_not_health() {
     let server = start(&stack, &pipeline, |a| a.api_keys_file = Some(keys.clone())).await;
     let url = format!("{}/v1/streams/{name}/events", server.base);
 
-    let r = server
-        .client
-        .post(&url)
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(r.headers()["www-authenticate"], "Bearer");
-    let r = server
-        .client
-        .post(&url)
-        .bearer_auth("wrong-key-0123456789")
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-    let r = server
-        .client
-        .post(&url)
-        .bearer_auth("second-key-0123456789")
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let r = server
-        .client
-        .post(&url)
-        .header("x-api-key", "first-key-0123456789")
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let cases = [
+        (None, StatusCode::UNAUTHORIZED),
+        (
+            Some(("authorization", "Bearer wrong-key-0123456789")),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            Some(("authorization", "Bearer second-key-0123456789")),
+            StatusCode::ACCEPTED,
+        ),
+        (
+            Some(("x-api-key", "first-key-0123456789")),
+            StatusCode::ACCEPTED,
+        ),
+    ];
+    for (auth, want) in cases {
+        let mut request = server.client.post(&url).json(&json!({}));
+        if let Some((name, value)) = auth {
+            request = request.header(name, value);
+        }
+        let r = request.send().await.expect("request");
+        assert_eq!(r.status(), want, "{auth:?}");
+        if want == StatusCode::UNAUTHORIZED {
+            assert_eq!(r.headers()["www-authenticate"], "Bearer");
+        }
+    }
     assert_eq!(server.get("/healthz").await.0, StatusCode::OK);
 
     std::fs::write(&keys, "short\n").expect("write");
