@@ -1,10 +1,11 @@
 //! The TCP doors of the buffered store against the real Kafka and Redis, with a real
 //! collector storing what ingest published.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use clap::Parser;
 use serde_json::{Value, json};
 use sluice_core::StreamSettings;
 use sluice_ingest::{App, Args};
@@ -89,20 +90,7 @@ async fn a_thousand_connections_write_and_the_read_port_returns_every_record() {
         stop.clone(),
     ));
 
-    let collector = sluice_collector::Args::parse_from([
-        "sluice-collector",
-        "--settings",
-        pipeline.settings_path.to_str().expect("path"),
-        "--kafka-brokers",
-        &stack.kafka_brokers,
-        "--redis-url",
-        &stack.redis_url,
-        "--key-prefix",
-        &pipeline.key_prefix,
-        "--group",
-        &unique("group"),
-    ]);
-    tokio::spawn(sluice_collector::run(collector, stop.clone()));
+    common::spawn_collector(&stack, &pipeline, &stop);
 
     // Bad lines first: each gets its error line and the connection stays usable.
     let mut probe = BufReader::new(TcpStream::connect(&write_addr).await.expect("connect"));

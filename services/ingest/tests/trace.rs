@@ -1,9 +1,10 @@
 //! One trace from the HTTP request through Kafka to the sink write, with real Kafka and
 //! Redis and an in-memory span exporter.
 
+mod common;
+
 use std::time::Duration;
 
-use clap::Parser;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 use rdkafka::message::Headers;
 use serde_json::{Value, json};
@@ -39,20 +40,7 @@ async fn the_trace_follows_an_event_from_http_through_kafka_to_redis() {
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let stop = CancellationToken::new();
     tokio::spawn(run(listener, app, stop.clone()));
-    let collector = sluice_collector::Args::parse_from([
-        "sluice-collector",
-        "--settings",
-        pipeline.settings_path.to_str().expect("path"),
-        "--kafka-brokers",
-        &stack.kafka_brokers,
-        "--redis-url",
-        &stack.redis_url,
-        "--key-prefix",
-        &pipeline.key_prefix,
-        "--group",
-        &unique("group"),
-    ]);
-    tokio::spawn(sluice_collector::run(collector, stop.clone()));
+    common::spawn_collector(&stack, &pipeline, &stop);
 
     let client = reqwest::Client::new();
     let answer: Value = client

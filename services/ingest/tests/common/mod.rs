@@ -1,0 +1,24 @@
+//! Helpers shared by ingest's integration tests.
+
+use clap::Parser;
+use sluice_testkit::{Pipeline, Stack, unique};
+use tokio_util::sync::CancellationToken;
+
+/// Starts an in-process collector writing `pipeline`'s streams to the stack's Redis, in a
+/// group of its own, until `stop` is cancelled.
+pub fn spawn_collector(stack: &Stack, pipeline: &Pipeline, stop: &CancellationToken) {
+    let args = sluice_collector::Args::parse_from([
+        "sluice-collector",
+        "--settings",
+        pipeline.settings_path.to_str().expect("path"),
+        "--kafka-brokers",
+        &stack.kafka_brokers,
+        "--redis-url",
+        &stack.redis_url,
+        "--key-prefix",
+        &pipeline.key_prefix,
+        "--group",
+        &unique("group"),
+    ]);
+    tokio::spawn(sluice_collector::run(args, stop.clone()));
+}
