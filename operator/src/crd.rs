@@ -84,8 +84,13 @@ pub struct KafkaSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct KafkaTls {
-    /// Secret holding `ca.crt` (and `tls.crt`, `tls.key` for client authentication).
+    /// Secret holding `ca.crt`, the certificate authority that signed the brokers'
+    /// certificates (and `tls.crt`, `tls.key` when `clientAuth` is set).
     pub secret_name: String,
+    /// Authenticate to the brokers with the client certificate `tls.crt` and key `tls.key`
+    /// from the same Secret.
+    #[serde(default)]
+    pub client_auth: bool,
 }
 
 /// SASL settings for Kafka.
@@ -352,12 +357,26 @@ pub struct CollectorSpec {
     #[serde(default = "one")]
     #[schemars(range(min = 0, max = 100))]
     pub replicas: i32,
+    /// Where a new consumer group starts reading; also how lag is counted for a partition
+    /// the group has not committed yet (`Earliest`: all retained records; `Latest`: none).
+    #[serde(default)]
+    pub start_at: StartAt,
     /// Scale on consumer lag through a HorizontalPodAutoscaler.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<AutoscaleSpec>,
     /// CPU and memory of each collector pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+}
+
+/// Where a consumer group without a committed offset starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum StartAt {
+    /// The oldest retained record.
+    #[default]
+    Earliest,
+    /// Only records written after the group first joins.
+    Latest,
 }
 
 fn default_concurrency() -> i32 {
@@ -477,10 +496,24 @@ pub struct AutoscaleSpec {
     /// Target lag per replica.
     #[schemars(range(min = 1))]
     pub lag_per_replica: i64,
-    /// Seconds the lag must stay down before replicas are removed.
+    /// Seconds the lag must stay down before replicas are removed (the HPA's scale-down
+    /// stabilization window, which keeps replicas from flapping).
     #[serde(default = "default_scale_down_window")]
     #[schemars(range(min = 0, max = 3600))]
     pub scale_down_stabilization_seconds: i32,
+    /// Seconds the lag must stay up before replicas are added (0: at once).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_up_stabilization_seconds: i32,
+    /// With `minReplicas: 0`: seconds the lag must stay at zero before the collector is
+    /// scaled to zero; it is scaled back to one as soon as lag appears.
+    #[serde(default = "default_idle_seconds")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub idle_seconds: i32,
+}
+
+fn default_idle_seconds() -> i32 {
+    300
 }
 
 fn default_scale_down_window() -> i32 {
@@ -568,7 +601,13 @@ pub struct CollectorStatus {
     pub name: String,
     /// Ready replicas.
     pub replicas: i32,
-    /// Consumer lag summed over its partitions.
+    /// Replicas its Deployment asks for (set by the autoscaler when it has one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
+    /// Consumer lag summed over its partitions; absent when Kafka could not be asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<i64>,
+    /// Since when the lag has been zero (kept for scaling to zero).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_since: Option<String>,
 }

@@ -2,9 +2,15 @@
 //!
 //! - [`crd`]: the resource's types, from which the CRD is generated (`crdgen`);
 //! - [`plan`]: what should exist for a resource, as a pure function (children, topics);
-//! - [`reconcile`]: the controller: observe, apply the plan, report the status.
+//! - [`reconcile`]: the controller: observe, apply the plan, report the status;
+//! - [`kafka`]: the operator's Kafka clients and consumer lag;
+//! - [`external`]: the `external.metrics.k8s.io` API the autoscalers read lag from;
+//! - [`metrics`]: the operator's own Prometheus metrics and health endpoints.
 
 pub mod crd;
+pub mod external;
+pub mod kafka;
+pub mod metrics;
 pub mod plan;
 pub mod reconcile;
 

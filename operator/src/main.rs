@@ -1,14 +1,28 @@
 //! `sluice-operator` binary: watches `PipelineConfig` resources and reconciles them until
 //! SIGINT or SIGTERM.
+//!
+//! Every replica serves `/metrics`, `/healthz` and `/readyz` (`--metrics-listen`) and the
+//! external metrics API over HTTPS (`--external-metrics-listen`); only the replica holding
+//! the Lease (`--lease-name`) runs the controller, so two or more replicas are safe. A
+//! replica that stops releases the Lease, and another takes over at once; one that dies
+//! is replaced when the Lease expires (`--lease-duration`).
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
 use kube::{Api, Client};
+use kube_lease_manager::LeaseManagerBuilder;
 use sluice_operator::crd::PipelineConfig;
+use sluice_operator::external::{self, ExternalMetrics};
+use sluice_operator::kafka::LagReader;
+use sluice_operator::metrics::Metrics;
 use sluice_operator::plan::Images;
 use sluice_operator::reconcile::{Context, run};
+use tokio_util::sync::CancellationToken;
 
 /// Command line of `sluice-operator`.
 #[derive(Debug, clap::Parser)]
@@ -30,6 +44,46 @@ struct Args {
     /// Image of the managed Redis.
     #[arg(long, env = "SLUICE_REDIS_IMAGE", default_value_t = Images::default().redis)]
     redis_image: String,
+    /// Address of `/metrics`, `/healthz` and `/readyz` (plain HTTP).
+    #[arg(long, env = "SLUICE_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
+    metrics_listen: SocketAddr,
+    /// Address of the external metrics API (HTTPS) the autoscalers read lag from.
+    #[arg(
+        long,
+        env = "SLUICE_EXTERNAL_METRICS_LISTEN",
+        default_value = "0.0.0.0:6443"
+    )]
+    external_metrics_listen: SocketAddr,
+    /// Certificate (PEM) of the external metrics API; a self-signed one for `--tls-name`
+    /// is made when unset.
+    #[arg(long, env = "SLUICE_TLS_CERT_FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of the external metrics API.
+    #[arg(long, env = "SLUICE_TLS_KEY_FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
+    /// Names in the self-signed certificate, comma separated.
+    #[arg(
+        long,
+        env = "SLUICE_TLS_NAMES",
+        value_delimiter = ',',
+        default_value = "localhost,127.0.0.1"
+    )]
+    tls_name: Vec<String>,
+    /// Elect a leader through a Lease; only the leader reconciles.
+    #[arg(long, env = "SLUICE_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Name of the Lease.
+    #[arg(long, env = "SLUICE_LEASE_NAME", default_value = "sluice-operator")]
+    lease_name: String,
+    /// Namespace of the Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Seconds a leader's Lease lasts without renewal.
+    #[arg(long, env = "SLUICE_LEASE_DURATION", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=300))]
+    lease_duration: u64,
+    /// This replica's name in the Lease; the pod name by default.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
     /// Log filter.
     #[arg(long, env = "SLUICE_LOG", default_value = "info")]
     log_level: String,
@@ -40,23 +94,158 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let telemetry = sluice_core::telemetry::init("sluice-operator", &args.log_level);
     let shutdown = sluice_core::shutdown::on_signal();
+    let result = operate(args, shutdown).await;
+    if let Err(e) = &result {
+        tracing::error!(error = format!("{e:#}"), "sluice-operator stopped");
+    }
+    telemetry.shutdown();
+    result
+}
+
+async fn operate(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("cannot reach the Kubernetes API")?;
+    let metrics = Arc::new(Metrics::new());
+
+    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.metrics_listen))?;
+    let router = metrics.clone().router();
+    let stop = shutdown.clone();
+    let metrics_server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+    });
+
+    let tls = match (&args.tls_cert_file, &args.tls_key_file) {
+        (Some(cert), Some(key)) => axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+            .await
+            .with_context(|| format!("cannot load {} and {}", cert.display(), key.display()))?,
+        _ => {
+            let own = external::self_signed(args.tls_name.clone())
+                .context("cannot make a self-signed certificate")?;
+            axum_server::tls_rustls::RustlsConfig::from_pem(
+                own.cert_pem.into_bytes(),
+                own.key_pem.into_bytes(),
+            )
+            .await
+            .context("cannot use the self-signed certificate")?
+        }
+    };
+    let std_listener = std::net::TcpListener::bind(args.external_metrics_listen)
+        .with_context(|| format!("cannot listen on {}", args.external_metrics_listen))?;
+    std_listener.set_nonblocking(true)?;
+    let handle = axum_server::Handle::new();
+    let api_router = external::router(ExternalMetrics {
+        client: client.clone(),
+        lag: LagReader::default(),
+        metrics: metrics.clone(),
+    });
+    let server = axum_server::from_tcp_rustls(std_listener, tls)?.handle(handle.clone());
+    let external_server =
+        tokio::spawn(async move { server.serve(api_router.into_make_service()).await });
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        stop.cancelled().await;
+        handle.graceful_shutdown(Some(Duration::from_secs(5)));
+    });
+    metrics.set_ready();
+    tracing::info!(
+        metrics = %args.metrics_listen,
+        external_metrics = %args.external_metrics_listen,
+        namespace = ?args.namespace,
+        "sluice-operator started"
+    );
+
     let api: Api<PipelineConfig> = match &args.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let ctx = Arc::new(Context::new(
-        client,
-        Images {
-            ingest: args.ingest_image,
-            collector: args.collector_image,
-            redis: args.redis_image,
-        },
-    ));
-    tracing::info!(namespace = ?args.namespace, "sluice-operator started");
-    run(api, ctx, shutdown).await;
-    telemetry.shutdown();
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            Images {
+                ingest: args.ingest_image.clone(),
+                collector: args.collector_image.clone(),
+                redis: args.redis_image.clone(),
+            },
+        )
+        .with_metrics(metrics.clone()),
+    );
+    if args.leader_election {
+        lead(&args, client, api, ctx, &metrics, &shutdown).await?;
+    } else {
+        metrics.set_leader(true);
+        run(api, ctx, shutdown.clone()).await;
+    }
+    let _ = metrics_server.await;
+    let _ = external_server.await;
+    Ok(())
+}
+
+/// Runs the controller while this replica holds the Lease, until `shutdown`; the Lease is
+/// released on the way out.
+async fn lead(
+    args: &Args,
+    client: Client,
+    api: Api<PipelineConfig>,
+    ctx: Arc<Context>,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let identity = args
+        .identity
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map_or_else(
+            || format!("sluice-operator-{}", std::process::id()),
+            |name| format!("{name}-{}", std::process::id()),
+        );
+    let duration = args.lease_duration;
+    let manager = LeaseManagerBuilder::new(client, &args.lease_name)
+        .with_namespace(&args.lease_namespace)
+        .with_identity(&identity)
+        .with_duration(duration)
+        .with_grace((duration / 3).max(1))
+        .build()
+        .await
+        .with_context(|| {
+            format!(
+                "cannot use Lease {}/{}",
+                args.lease_namespace, args.lease_name
+            )
+        })?;
+    let (mut leading, lease_task) = manager.watch().await;
+    tracing::info!(%identity, lease = %args.lease_name, "waiting for the leader lease");
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = leading.wait_for(|l| *l) => if r.is_err() { break },
+        }
+        tracing::info!(%identity, "leading: running the controller");
+        metrics.set_leader(true);
+        let stop = shutdown.child_token();
+        let controller = tokio::spawn(run(api.clone(), ctx.clone(), stop.clone()));
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            _ = leading.wait_for(|l| !*l) => {
+                tracing::warn!(%identity, "lost the leader lease: stopping the controller");
+            }
+        }
+        stop.cancel();
+        let _ = controller.await;
+        metrics.set_leader(false);
+        if shutdown.is_cancelled() {
+            break;
+        }
+    }
+    drop(leading);
+    match lease_task.await {
+        Ok(Ok(_)) => tracing::info!(%identity, "released the leader lease"),
+        Ok(Err(e)) => tracing::warn!(%identity, error = %e, "cannot release the leader lease"),
+        Err(e) => tracing::warn!(error = %e, "lease task failed"),
+    }
     Ok(())
 }

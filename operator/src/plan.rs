@@ -23,7 +23,7 @@ use kube::api::ObjectMeta;
 use serde_json::{Value, json};
 use sluice_core::settings::{PipelineSettings, RetrySettings, StreamSettings};
 
-use crate::crd::{CollectorSpec, PipelineConfig, RedisMode};
+use crate::crd::{CollectorSpec, KafkaSpec, PipelineConfig, RedisMode, SaslMechanism, StartAt};
 
 /// Images and other runtime choices that are not part of the resource.
 #[derive(Debug, Clone)]
@@ -133,6 +133,14 @@ pub mod names {
     pub fn collector(pc: &PipelineConfig, collector: &str) -> String {
         format!("{}-collector-{collector}", name_of(pc))
     }
+    /// A collector's consumer group (its retry consumer uses `<group>.retry`).
+    pub fn collector_group(pc: &PipelineConfig, collector: &str) -> String {
+        format!("{}.{collector}", name_of(pc))
+    }
+    /// A collector's HorizontalPodAutoscaler.
+    pub fn collector_hpa(pc: &PipelineConfig, name: &str) -> String {
+        collector(pc, name)
+    }
     /// The managed Redis primary.
     pub fn redis(pc: &PipelineConfig) -> String {
         format!("{}-redis", name_of(pc))
@@ -156,6 +164,8 @@ pub struct Children {
     pub ingest_hpa: HorizontalPodAutoscaler,
     /// One per collector.
     pub collectors: Vec<Deployment>,
+    /// One per collector with `autoscale`, on its consumer lag.
+    pub collector_hpas: Vec<HorizontalPodAutoscaler>,
     /// The managed Redis primary and replicas with their Services; empty for External.
     pub redis: Vec<(Deployment, Service)>,
 }
@@ -200,15 +210,98 @@ pub fn redis_urls(pc: &PipelineConfig) -> (String, String) {
     }
 }
 
-fn common_env(pc: &PipelineConfig) -> Vec<Value> {
+/// Where the Kafka TLS Secret is mounted in ingest and collector pods.
+pub const KAFKA_TLS_DIR: &str = "/var/run/sluice/kafka-tls";
+
+/// The librdkafka properties for the spec's TLS and SASL settings that hold no secret: the
+/// security protocol and the SASL mechanism.
+pub fn kafka_security(spec: &KafkaSpec) -> Vec<(String, String)> {
+    let protocol = match (spec.tls.is_some(), spec.sasl.is_some()) {
+        (false, false) => return Vec::new(),
+        (true, false) => "ssl",
+        (false, true) => "sasl_plaintext",
+        (true, true) => "sasl_ssl",
+    };
+    let mut out = vec![("security.protocol".to_owned(), protocol.to_owned())];
+    if let Some(sasl) = &spec.sasl {
+        let mechanism = match sasl.mechanism {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        };
+        out.push(("sasl.mechanism".to_owned(), mechanism.to_owned()));
+    }
+    out
+}
+
+/// How a pod reaches Kafka: the environment (credentials by reference to their Secret,
+/// never by value), and, with TLS, the Secret's volume and its mount.
+/// `extra` are further librdkafka properties for this pod.
+fn kafka_client(
+    spec: &KafkaSpec,
+    extra: Vec<(String, String)>,
+) -> (Vec<Value>, Option<(Value, Value)>) {
+    let mut options = kafka_security(spec);
+    options.extend(extra);
+    let mut env = vec![json!({"name": "SLUICE_KAFKA_BROKERS", "value": spec.bootstrap_servers})];
+    let mut tls = None;
+    if let Some(t) = &spec.tls {
+        options.push((
+            "ssl.ca.location".to_owned(),
+            format!("{KAFKA_TLS_DIR}/ca.crt"),
+        ));
+        if t.client_auth {
+            options.push((
+                "ssl.certificate.location".to_owned(),
+                format!("{KAFKA_TLS_DIR}/tls.crt"),
+            ));
+            options.push((
+                "ssl.key.location".to_owned(),
+                format!("{KAFKA_TLS_DIR}/tls.key"),
+            ));
+        }
+        tls = Some((
+            json!({"name": "kafka-tls", "secret": {"secretName": t.secret_name}}),
+            json!({"name": "kafka-tls", "mountPath": KAFKA_TLS_DIR, "readOnly": true}),
+        ));
+    }
+    if let Some(sasl) = &spec.sasl {
+        for (var, key) in [
+            ("SLUICE_KAFKA_SASL_USERNAME", "username"),
+            ("SLUICE_KAFKA_SASL_PASSWORD", "password"),
+        ] {
+            env.push(json!({"name": var, "valueFrom": {"secretKeyRef": {"name": sasl.secret_name, "key": key}}}));
+        }
+    }
+    if !options.is_empty() {
+        let joined: Vec<String> = options.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        env.push(json!({"name": "SLUICE_KAFKA_OPTIONS", "value": joined.join(",")}));
+    }
+    (env, tls)
+}
+
+fn common_env(pc: &PipelineConfig, kafka_options: Vec<(String, String)>) -> Vec<Value> {
     let (primary, replica) = redis_urls(pc);
-    vec![
-        json!({"name": "SLUICE_SETTINGS", "value": SETTINGS_PATH}),
-        json!({"name": "SLUICE_KAFKA_BROKERS", "value": pc.spec.kafka.bootstrap_servers}),
+    let mut env = vec![json!({"name": "SLUICE_SETTINGS", "value": SETTINGS_PATH})];
+    env.extend(kafka_client(&pc.spec.kafka, kafka_options).0);
+    env.extend([
         json!({"name": "SLUICE_REDIS_URL", "value": primary}),
         json!({"name": "SLUICE_REDIS_REPLICA_URL", "value": replica}),
         json!({"name": "SLUICE_LOG_FORMAT", "value": "json"}),
-    ]
+    ]);
+    env
+}
+
+/// The settings mount, and the Kafka TLS Secret's when there is one, of a service
+/// container; the TLS volume is added to `volumes`.
+fn service_mounts(pc: &PipelineConfig, volumes: &mut Vec<Value>) -> Vec<Value> {
+    let mut mounts =
+        vec![json!({"name": "settings", "mountPath": "/etc/sluice", "readOnly": true})];
+    if let Some((volume, mount)) = kafka_client(&pc.spec.kafka, Vec::new()).1 {
+        volumes.push(volume);
+        mounts.push(mount);
+    }
+    mounts
 }
 
 fn pod_template(
@@ -264,7 +357,7 @@ fn ingest(
     let mut ports = vec![json!({"name": "http", "containerPort": 8080})];
     let mut service_ports =
         vec![json!({"name": "http", "port": spec.http_port, "targetPort": "http"})];
-    let mut env = common_env(pc);
+    let mut env = common_env(pc, Vec::new());
     env.push(json!({"name": "SLUICE_INGEST_LISTEN", "value": "0.0.0.0:8080"}));
     if let Some(tcp) = &spec.tcp {
         ports.push(json!({"name": "tcp-write", "containerPort": 2525}));
@@ -277,12 +370,13 @@ fn ingest(
         env.push(json!({"name": "SLUICE_TCP_READ_LISTEN", "value": "0.0.0.0:2526"}));
         env.push(json!({"name": "SLUICE_TCP_STREAM", "value": tcp.stream}));
     }
+    let mut volumes = Vec::new();
     let mut container = json!({
         "name": "ingest",
         "image": images.ingest,
         "env": env,
         "ports": ports,
-        "volumeMounts": [{"name": "settings", "mountPath": "/etc/sluice", "readOnly": true}],
+        "volumeMounts": service_mounts(pc, &mut volumes),
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
         "securityContext": restricted_container(),
@@ -291,7 +385,7 @@ fn ingest(
         container["resources"] = serde_json::to_value(r).unwrap_or_default();
     }
     let name = names::ingest(pc);
-    let template = pod_template(pc, "ingest", checksum, container, vec![]);
+    let template = pod_template(pc, "ingest", checksum, container, volumes);
     // The autoscaler owns the replica count.
     let deployment = deployment(pc, name.clone(), "ingest", None, template);
     let mut service: Service = serde_json::from_value(json!({"spec": {
@@ -345,18 +439,21 @@ fn collector(
     images: &Images,
     checksum: &str,
 ) -> Deployment {
-    let mut env = common_env(pc);
+    let start = match c.start_at {
+        StartAt::Earliest => Vec::new(),
+        StartAt::Latest => vec![("auto.offset.reset".to_owned(), "latest".to_owned())],
+    };
+    let mut env = common_env(pc, start);
     env.extend([
-        json!({"name": "SLUICE_COLLECTOR_GROUP", "value": format!("{}.{}", name_of(pc), c.name)}),
+        json!({"name": "SLUICE_COLLECTOR_GROUP", "value": names::collector_group(pc, &c.name)}),
         json!({"name": "SLUICE_COLLECTOR_STREAMS", "value": c.streams.join(",")}),
         json!({"name": "SLUICE_CONCURRENT_COUNT", "value": c.concurrency.to_string()}),
         json!({"name": "SLUICE_BATCH_SIZE", "value": c.batch_size.to_string()}),
         json!({"name": "SLUICE_METRICS_LISTEN", "value": "0.0.0.0:9464"}),
     ]);
     env.extend(sink_env(c));
-    let mut mounts =
-        vec![json!({"name": "settings", "mountPath": "/etc/sluice", "readOnly": true})];
     let mut volumes = Vec::new();
+    let mut mounts = service_mounts(pc, &mut volumes);
     if let Some(file) = &c.sink.file {
         mounts.push(json!({"name": "records", "mountPath": "/var/lib/sluice/records"}));
         volumes.push(match &file.claim_name {
@@ -389,6 +486,66 @@ fn collector(
         replicas,
         template,
     )
+}
+
+/// The most replicas that can each own a partition: the collectors' group uses the range
+/// assignor, which shares out each topic's partitions on its own, so members beyond the
+/// largest topic's partition count would idle.
+pub fn useful_replicas(pc: &PipelineConfig, c: &CollectorSpec) -> i32 {
+    pc.spec
+        .streams
+        .iter()
+        .filter(|s| c.streams.contains(&s.name))
+        .map(|s| s.topic.partitions)
+        .max()
+        .unwrap_or(1)
+}
+
+/// The autoscaler of a collector with `autoscale`: the external metric
+/// `sluice_consumer_lag` of its group, `AverageValue` = `lagPerReplica` (so the HPA wants
+/// `ceil(lag / lagPerReplica)` replicas), at most one replica per partition, scaling up at
+/// once (doubling, or four more, every 15 s) and down only once the lag stayed low for the
+/// stabilization window, which is what keeps it from flapping.
+fn collector_hpa(pc: &PipelineConfig, c: &CollectorSpec) -> Option<HorizontalPodAutoscaler> {
+    let a = c.autoscale.as_ref()?;
+    let max = a.max_replicas.min(useful_replicas(pc, c)).max(1);
+    // The HPA cannot go below one; scaling to zero is the operator's (see reconcile).
+    let min = a.min_replicas.clamp(1, max);
+    let name = names::collector(pc, &c.name);
+    let mut hpa: HorizontalPodAutoscaler = serde_json::from_value(json!({"spec": {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+        "minReplicas": min,
+        "maxReplicas": max,
+        "metrics": [{"type": "External", "external": {
+            "metric": {
+                "name": crate::external::LAG_METRIC,
+                "selector": {"matchLabels": {"pipeline": name_of(pc), "collector": c.name}},
+            },
+            "target": {"type": "AverageValue", "averageValue": a.lag_per_replica.to_string()},
+        }}],
+        "behavior": {
+            "scaleUp": {
+                "stabilizationWindowSeconds": a.scale_up_stabilization_seconds,
+                "selectPolicy": "Max",
+                "policies": [
+                    {"type": "Percent", "value": 100, "periodSeconds": 15},
+                    {"type": "Pods", "value": 4, "periodSeconds": 15},
+                ],
+            },
+            "scaleDown": {
+                "stabilizationWindowSeconds": a.scale_down_stabilization_seconds,
+                "selectPolicy": "Max",
+                "policies": [{"type": "Percent", "value": 100, "periodSeconds": 15}],
+            },
+        },
+    }}))
+    .unwrap_or_default();
+    hpa.metadata = meta(
+        pc,
+        names::collector_hpa(pc, &c.name),
+        &format!("collector-{}", c.name),
+    );
+    Some(hpa)
 }
 
 fn redis(pc: &PipelineConfig, images: &Images) -> Vec<(Deployment, Service)> {
@@ -471,6 +628,12 @@ pub fn children(pc: &PipelineConfig, images: &Images) -> Children {
             .iter()
             .map(|c| collector(pc, c, images, &sum))
             .collect(),
+        collector_hpas: pc
+            .spec
+            .collectors
+            .iter()
+            .filter_map(|c| collector_hpa(pc, c))
+            .collect(),
         redis: redis(pc, images),
     }
 }
@@ -521,6 +684,15 @@ pub struct ObservedTopic {
     pub partitions: i32,
     /// Replication factor (of partition 0).
     pub replication_factor: i32,
+}
+
+/// The topic of the stream named `stream`, if the resource has that stream.
+pub fn stream_topic(pc: &PipelineConfig, stream: &str) -> Option<String> {
+    pc.spec
+        .streams
+        .iter()
+        .find(|s| s.name == stream)
+        .map(|s| s.topic.name.clone().unwrap_or_else(|| s.name.clone()))
 }
 
 /// What to do with every topic of the resource: the streams' topics and their retry,
@@ -858,6 +1030,108 @@ spec:
             panic!("{:?}", plan[3])
         };
         assert!(reason.contains("replication factor 3"), "{reason}");
+    }
+
+    #[test]
+    fn kafka_tls_and_sasl_reach_every_service_pod_by_reference() {
+        let plain = children(&pc(BASIC), &Images::default());
+        let env = env_of(&plain.ingest);
+        assert!(!env.contains_key("SLUICE_KAFKA_OPTIONS"));
+        assert!(!env.contains_key("SLUICE_KAFKA_SASL_PASSWORD"));
+
+        let secure = pc(&BASIC.replace(
+            "kafka: {bootstrapServers: 'kafka:9092'}",
+            "kafka: {bootstrapServers: 'kafka:9093', tls: {secretName: kafka-ca, clientAuth: true}, sasl: {mechanism: SCRAM-SHA-512, secretName: kafka-user}}",
+        ));
+        let c = children(&secure, &Images::default());
+        for d in std::iter::once(&c.ingest).chain(&c.collectors) {
+            let env = env_of(d);
+            assert_eq!(
+                env["SLUICE_KAFKA_OPTIONS"],
+                format!(
+                    "security.protocol=sasl_ssl,sasl.mechanism=SCRAM-SHA-512,\
+                     ssl.ca.location={KAFKA_TLS_DIR}/ca.crt,\
+                     ssl.certificate.location={KAFKA_TLS_DIR}/tls.crt,\
+                     ssl.key.location={KAFKA_TLS_DIR}/tls.key"
+                )
+            );
+            assert_eq!(
+                env["SLUICE_KAFKA_SASL_PASSWORD"],
+                json!({"secretKeyRef": {"name": "kafka-user", "key": "password"}}),
+                "the password is referenced, never copied"
+            );
+            assert_eq!(
+                env["SLUICE_KAFKA_SASL_USERNAME"]["secretKeyRef"]["key"],
+                "username"
+            );
+            let pod = &serde_json::to_value(d).expect("json")["spec"]["template"]["spec"];
+            let volumes = pod["volumes"].as_array().expect("volumes");
+            assert!(
+                volumes
+                    .contains(&json!({"name": "kafka-tls", "secret": {"secretName": "kafka-ca"}}))
+            );
+            let mounts = pod["containers"][0]["volumeMounts"]
+                .as_array()
+                .expect("mounts");
+            assert!(mounts.contains(
+                &json!({"name": "kafka-tls", "mountPath": KAFKA_TLS_DIR, "readOnly": true})
+            ));
+        }
+        let sasl_only = pc(&BASIC.replace(
+            "kafka: {bootstrapServers: 'kafka:9092'}",
+            "kafka: {bootstrapServers: 'kafka:9092', sasl: {mechanism: PLAIN, secretName: u}}",
+        ));
+        assert_eq!(
+            kafka_security(&sasl_only.spec.kafka),
+            vec![
+                ("security.protocol".to_owned(), "sasl_plaintext".to_owned()),
+                ("sasl.mechanism".to_owned(), "PLAIN".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn autoscaled_collectors_get_a_lag_autoscaler_capped_at_their_partitions() {
+        let c = children(&pc(BASIC), &Images::default());
+        assert_eq!(c.collector_hpas.len(), 1, "only to-redis autoscales");
+        let hpa = serde_json::to_value(&c.collector_hpas[0]).expect("json");
+        assert_eq!(hpa["metadata"]["name"], "shop-collector-to-redis");
+        assert_eq!(
+            hpa["spec"]["scaleTargetRef"]["name"],
+            "shop-collector-to-redis"
+        );
+        assert_eq!(hpa["spec"]["minReplicas"], 1);
+        assert_eq!(hpa["spec"]["maxReplicas"], 6);
+        let metric = &hpa["spec"]["metrics"][0]["external"];
+        assert_eq!(metric["metric"]["name"], "sluice_consumer_lag");
+        assert_eq!(
+            metric["metric"]["selector"]["matchLabels"],
+            json!({"pipeline": "shop", "collector": "to-redis"})
+        );
+        assert_eq!(
+            metric["target"],
+            json!({"type": "AverageValue", "averageValue": "1000"})
+        );
+        let behavior = &hpa["spec"]["behavior"];
+        assert_eq!(behavior["scaleUp"]["stabilizationWindowSeconds"], 0);
+        assert_eq!(behavior["scaleDown"]["stabilizationWindowSeconds"], 120);
+
+        // More replicas than partitions would idle: capped at 6; minReplicas 0 is the
+        // operator's business, the HPA keeps one.
+        let many = pc(&BASIC.replace(
+            "autoscale: {minReplicas: 1, maxReplicas: 6, lagPerReplica: 1000}",
+            "autoscale: {minReplicas: 0, maxReplicas: 50, lagPerReplica: 1000, scaleDownStabilizationSeconds: 5}",
+        ));
+        let hpa = &children(&many, &Images::default()).collector_hpas[0];
+        let spec = &hpa.spec;
+        assert_eq!((spec.min_replicas, spec.max_replicas), (Some(1), 6));
+        assert_eq!(
+            spec.behavior
+                .as_ref()
+                .and_then(|b| b.scale_down.as_ref())
+                .and_then(|d| d.stabilization_window_seconds),
+            Some(5)
+        );
     }
 
     #[test]

@@ -40,6 +40,8 @@ use tokio_util::sync::CancellationToken;
 use crate::crd::{
     CollectorStatus, PipelineConfig, PipelineConfigStatus, TopicDeletionPolicy, TopicStatus,
 };
+use crate::kafka::{self, LagReader, SecretError};
+use crate::metrics::Metrics;
 use crate::plan::{self, Images, ObservedTopic, TopicAction};
 
 /// The field manager of every write.
@@ -59,6 +61,9 @@ pub enum Error {
     /// Deleting topics failed.
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
+    /// A Secret for the Kafka connection is missing or incomplete.
+    #[error("{0}")]
+    Secret(#[from] SecretError),
 }
 
 impl Error {
@@ -68,6 +73,7 @@ impl Error {
             Self::Kube(_) => "kube",
             Self::Finalizer(_) => "finalizer",
             Self::Kafka(_) => "kafka",
+            Self::Secret(_) => "secret",
         }
     }
 }
@@ -78,6 +84,10 @@ pub struct Context {
     pub client: Client,
     /// Images of the children.
     pub images: Images,
+    /// The operator's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Reads consumer lag for the status and for scaling to zero.
+    pub lag: LagReader,
     /// Publishes Events on the resources.
     recorder: Recorder,
 }
@@ -99,8 +109,16 @@ impl Context {
         Self {
             client,
             images,
+            metrics: Arc::new(Metrics::new()),
+            lag: LagReader::default(),
             recorder,
         }
+    }
+
+    /// The same context recording into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Publishes an Event on `pc`; a failure to publish is only logged.
@@ -130,8 +148,11 @@ pub async fn run(api: Api<PipelineConfig>, ctx: Arc<Context>, shutdown: Cancella
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
+    // Only the operator's own children: a cluster may have many Deployments.
+    let children =
+        watcher::Config::default().labels("app.kubernetes.io/managed-by=sluice-operator");
     Controller::new(api, watcher::Config::default())
-        .owns(deployments, watcher::Config::default())
+        .owns(deployments, children)
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -148,8 +169,18 @@ fn error_policy(pc: Arc<PipelineConfig>, error: &Error, _: Arc<Context>) -> Acti
     Action::requeue(Duration::from_secs(10))
 }
 
-/// Reconciles one resource.
+/// Reconciles one resource, recording the outcome and duration in the metrics.
 pub async fn reconcile(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let result = reconcile_inner(pc, ctx.clone()).await;
+    ctx.metrics.reconciled(
+        started.elapsed().as_secs_f64(),
+        result.as_ref().err().map(Error::label),
+    );
+    result
+}
+
+async fn reconcile_inner(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = pc.namespace().unwrap_or_default();
     let api: Api<PipelineConfig> = Api::namespaced(ctx.client.clone(), &ns);
     finalizer(&api, FINALIZER, pc, |event| async {
@@ -162,18 +193,12 @@ pub async fn reconcile(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Act
     .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
-fn admin(pc: &PipelineConfig) -> Result<AdminClient<DefaultClientContext>, KafkaError> {
-    KafkaArgs::new(&pc.spec.kafka.bootstrap_servers).admin()
-}
-
 /// Topics as they are in Kafka.
-async fn observe_topics(
-    pc: &PipelineConfig,
-) -> Result<BTreeMap<String, ObservedTopic>, KafkaError> {
+async fn observe_topics(kafka: &KafkaArgs) -> Result<BTreeMap<String, ObservedTopic>, KafkaError> {
     // Metadata requests block; keep them off the async threads.
-    let bootstrap = pc.spec.kafka.bootstrap_servers.clone();
+    let kafka = kafka.clone();
     tokio::task::spawn_blocking(move || {
-        let admin = KafkaArgs::new(bootstrap).admin()?;
+        let admin = kafka.admin()?;
         let metadata = admin
             .inner()
             .fetch_metadata(None, Duration::from_secs(10))?;
@@ -210,7 +235,22 @@ struct TopicsOutcome {
     done: Vec<(&'static str, String)>,
 }
 
-async fn apply_topics(pc: &PipelineConfig) -> TopicsOutcome {
+async fn apply_topics(
+    pc: &PipelineConfig,
+    kafka: Result<&KafkaArgs, &SecretError>,
+) -> TopicsOutcome {
+    let kafka = match kafka {
+        Ok(k) => k,
+        Err(e) => {
+            return TopicsOutcome {
+                ready: false,
+                reason: "KafkaSecretInvalid",
+                message: format!("cannot connect to Kafka: {e}"),
+                topics: Vec::new(),
+                done: Vec::new(),
+            };
+        }
+    };
     let unreachable = |e: KafkaError| TopicsOutcome {
         ready: false,
         reason: "KafkaUnreachable",
@@ -221,11 +261,11 @@ async fn apply_topics(pc: &PipelineConfig) -> TopicsOutcome {
         topics: Vec::new(),
         done: Vec::new(),
     };
-    let admin = match admin(pc) {
+    let admin = match kafka.admin() {
         Ok(a) => a,
         Err(e) => return unreachable(e),
     };
-    let observed = match observe_topics(pc).await {
+    let observed = match observe_topics(kafka).await {
         Ok(o) => o,
         Err(e) => return unreachable(e),
     };
@@ -429,7 +469,8 @@ fn readiness(d: &Deployment) -> (i32, bool) {
 async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = pc.namespace().unwrap_or_default();
     let client = &ctx.client;
-    let topics = apply_topics(&pc).await;
+    let kafka = kafka::client_args(client, &ns, &pc.spec.kafka).await;
+    let topics = apply_topics(&pc, kafka.as_ref()).await;
     for (reason, note) in &topics.done {
         ctx.event(&pc, false, reason, note.clone()).await;
     }
@@ -451,12 +492,88 @@ async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Err
     let (_, ingest_ready) = readiness(&ingest);
     let mut collectors = Vec::new();
     let mut collectors_ready = true;
+    let mut scale_to_zero_pending = false;
+    let old_status = pc.status.clone().unwrap_or_default();
     for (spec, d) in pc.spec.collectors.iter().zip(&children.collectors) {
         let applied = ssa::<Deployment>(client, &ns, d).await?;
         let (replicas, ready) = readiness(&applied);
+        let desired = applied.spec.as_ref().and_then(|s| s.replicas);
+        let lag = match &kafka {
+            Ok(args) => match ctx.lag.collector_lag(&pc, &spec.name, args.clone()).await {
+                Ok(l) => Some(l.total),
+                Err(e) => {
+                    tracing::debug!(collector = %spec.name, error = %e, "cannot read lag");
+                    None
+                }
+            },
+            Err(_) => None,
+        };
+        let was_idle = old_status
+            .collectors
+            .iter()
+            .find(|c| c.name == spec.name)
+            .and_then(|c| c.idle_since.clone());
+        let idle_since = match lag {
+            Some(0) => was_idle.or_else(|| Some(jiff::Timestamp::now().to_string())),
+            _ => None,
+        };
+        let mut desired_now = desired;
+        if let Some(a) = spec.autoscale.as_ref().filter(|a| a.min_replicas == 0) {
+            scale_to_zero_pending = true;
+            let target = scale_to_zero(lag, idle_since.as_deref(), a.idle_seconds, desired);
+            if let Some(n) = target {
+                let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+                let name = applied.name_any();
+                deployments
+                    .patch_scale(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"spec": {"replicas": n}})),
+                    )
+                    .await?;
+                desired_now = Some(n);
+                let (reason, note) = if n == 0 {
+                    (
+                        "ScaledToZero",
+                        format!(
+                            "collector {} had no lag for {}s: scaled to zero",
+                            spec.name, a.idle_seconds
+                        ),
+                    )
+                } else {
+                    (
+                        "ScaledFromZero",
+                        format!(
+                            "collector {} has lag {}: scaled to one replica",
+                            spec.name,
+                            lag.unwrap_or_default()
+                        ),
+                    )
+                };
+                tracing::info!(collector = %spec.name, replicas = n, "{note}");
+                ctx.event(&pc, false, reason, note).await;
+            }
+        }
+        // A collector scaled to zero on purpose is ready.
+        let ready = ready || desired_now == Some(0);
         collectors_ready &= ready;
-        collectors.push((spec.name.clone(), replicas, ready));
+        collectors.push((
+            spec.name.clone(),
+            replicas,
+            ready,
+            CollectorStatus {
+                name: spec.name.clone(),
+                replicas,
+                desired_replicas: desired_now,
+                lag,
+                idle_since,
+            },
+        ));
     }
+    for hpa in &children.collector_hpas {
+        ssa::<HorizontalPodAutoscaler>(client, &ns, hpa).await?;
+    }
+    prune(client, &ns, &pc, &children).await?;
 
     let generation = pc.metadata.generation;
     let old = pc.status.clone().unwrap_or_default().conditions;
@@ -552,14 +669,7 @@ async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Err
         streams: Some(pc.spec.streams.len() as i32),
         ready_collectors: Some(collectors.iter().filter(|c| c.2).count() as i32),
         topics: topics.topics,
-        collectors: collectors
-            .into_iter()
-            .map(|(name, replicas, _)| CollectorStatus {
-                name,
-                replicas,
-                lag: None,
-            })
-            .collect(),
+        collectors: collectors.into_iter().map(|c| c.3).collect(),
     };
     let api: Api<PipelineConfig> = Api::namespaced(client.clone(), &ns);
     api.patch_status(
@@ -572,17 +682,93 @@ async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Err
         })),
     )
     .await?;
-    Ok(Action::requeue(if all {
-        Duration::from_secs(60)
-    } else {
+    Ok(Action::requeue(if !all {
         Duration::from_secs(3)
+    } else if scale_to_zero_pending {
+        // Lag is watched for scaling to and from zero.
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(60)
     }))
+}
+
+/// The replicas to set on a collector that may scale to zero, if they should change: one
+/// when lag appears while it has none, zero once its lag has been zero for `idle_seconds`.
+/// Unknown lag changes nothing.
+pub fn scale_to_zero(
+    lag: Option<i64>,
+    idle_since: Option<&str>,
+    idle_seconds: i32,
+    replicas: Option<i32>,
+) -> Option<i32> {
+    let replicas = replicas.unwrap_or(1);
+    match lag? {
+        0 if replicas > 0 => {
+            let since: jiff::Timestamp = idle_since?.parse().ok()?;
+            let idle = jiff::Timestamp::now().duration_since(since).as_secs();
+            (idle >= i64::from(idle_seconds)).then_some(0)
+        }
+        l if l > 0 && replicas == 0 => Some(1),
+        _ => None,
+    }
+}
+
+/// Deletes the collector Deployments and autoscalers the resource no longer asks for.
+async fn prune(
+    client: &Client,
+    ns: &str,
+    pc: &PipelineConfig,
+    children: &plan::Children,
+) -> Result<(), kube::Error> {
+    let selector = format!(
+        "app.kubernetes.io/instance={},app.kubernetes.io/managed-by=sluice-operator",
+        pc.name_any()
+    );
+    let lp = kube::api::ListParams::default().labels(&selector);
+    let owned = |meta: &kube::api::ObjectMeta| {
+        meta.owner_references
+            .iter()
+            .flatten()
+            .any(|o| Some(&o.uid) == pc.metadata.uid.as_ref())
+    };
+    let is_collector = |meta: &kube::api::ObjectMeta| {
+        meta.labels
+            .as_ref()
+            .and_then(|l| l.get("app.kubernetes.io/component"))
+            .is_some_and(|c| c.starts_with("collector-"))
+    };
+    let wanted: Vec<String> = children.collectors.iter().map(|d| d.name_any()).collect();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    for d in deployments.list(&lp).await? {
+        if owned(&d.metadata) && is_collector(&d.metadata) && !wanted.contains(&d.name_any()) {
+            tracing::info!(deployment = %d.name_any(), "deleting a collector the spec no longer has");
+            deployments
+                .delete(&d.name_any(), &Default::default())
+                .await?;
+        }
+    }
+    let wanted: Vec<String> = children
+        .collector_hpas
+        .iter()
+        .map(|h| h.name_any())
+        .collect();
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), ns);
+    for h in hpas.list(&lp).await? {
+        if owned(&h.metadata) && is_collector(&h.metadata) && !wanted.contains(&h.name_any()) {
+            tracing::info!(hpa = %h.name_any(), "deleting an autoscaler the spec no longer has");
+            hpas.delete(&h.name_any(), &Default::default()).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Applies the topic deletion policy; the children go with their owner.
 async fn cleanup(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Error> {
     if pc.spec.topic_deletion_policy == TopicDeletionPolicy::Delete {
-        let admin = admin(&pc)?;
+        let ns = pc.namespace().unwrap_or_default();
+        let admin = kafka::client_args(&ctx.client, &ns, &pc.spec.kafka)
+            .await?
+            .admin()?;
         let names: Vec<String> = plan::topics(&pc, &BTreeMap::new())
             .into_iter()
             .filter_map(|a| match a {

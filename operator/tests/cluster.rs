@@ -6,63 +6,13 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::{Client, CustomResourceExt, ResourceExt};
 use serde_json::json;
 use sluice_operator::crd::PipelineConfig;
 
-async fn client() -> Client {
-    assert!(
-        std::env::var("KUBECONFIG").is_ok(),
-        "KUBECONFIG is not set: start the control plane with `eval \"$(scripts/k8s up)\"`, or run `make test`"
-    );
-    Client::try_default().await.expect("kube client")
-}
+mod common;
 
-async fn install_crd(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = PipelineConfig::crd();
-    crds.patch(
-        &crd.name_any(),
-        &PatchParams::apply("sluice-tests").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .expect("CRD applied");
-    let name = crd.name_any();
-    let established = kube::runtime::wait::await_condition(
-        crds,
-        &name,
-        kube::runtime::wait::conditions::is_crd_established(),
-    );
-    tokio::time::timeout(Duration::from_secs(60), established)
-        .await
-        .expect("CRD established in time")
-        .expect("watch");
-}
-
-async fn namespace(client: &Client) -> String {
-    let name = format!("sluice-test-{}", uuid_like());
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns: Namespace = serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {"sluice.dev/test": "true"}}
-    }))
-    .expect("namespace");
-    namespaces
-        .create(&PostParams::default(), &ns)
-        .await
-        .expect("namespace created");
-    name
-}
-
-fn uuid_like() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    format!("{:x}", nanos & 0xffff_ffff_ffff)
-}
+use common::{client, condition, controller, install_crd, namespace};
 
 #[tokio::test]
 async fn the_crd_installs_defaults_and_rejects_nonsense_with_readable_messages() {
@@ -182,19 +132,6 @@ async fn the_crd_installs_defaults_and_rejects_nonsense_with_readable_messages()
         .expect("namespace deleted");
 }
 
-async fn condition(
-    api: &Api<PipelineConfig>,
-    name: &str,
-    kind: &str,
-) -> Option<(String, String, String)> {
-    let pc = api.get_opt(name).await.ok()??;
-    pc.status?
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == kind)
-        .map(|c| (c.status, c.reason, c.message))
-}
-
 #[tokio::test]
 async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
     let _telemetry = sluice_core::telemetry::init("sluice-operator-test", "info");
@@ -203,16 +140,7 @@ async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
     install_crd(&client).await;
     let ns = namespace(&client).await;
     let api: Api<PipelineConfig> = Api::namespaced(client.clone(), &ns);
-    let stop = tokio_util::sync::CancellationToken::new();
-    let ctx = std::sync::Arc::new(sluice_operator::reconcile::Context::new(
-        client.clone(),
-        sluice_operator::plan::Images::default(),
-    ));
-    tokio::spawn(sluice_operator::reconcile::run(
-        api.clone(),
-        ctx,
-        stop.clone(),
-    ));
+    let stop = controller(&client, &ns);
     let limit = Duration::from_secs(120);
     let stream = sluice_testkit::unique("pc");
     let pc: PipelineConfig = serde_json::from_value(json!({
@@ -442,6 +370,129 @@ async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
         Some(1),
         "Retain keeps the topic"
     );
+    stop.cancel();
+    let namespaces: Api<Namespace> = Api::all(client);
+    namespaces
+        .delete(&ns, &DeleteParams::default())
+        .await
+        .expect("namespace deleted");
+}
+
+#[tokio::test]
+async fn kafka_sasl_credentials_come_from_a_secret() {
+    let _telemetry = sluice_core::telemetry::init("sluice-operator-test", "info");
+    let stack = sluice_testkit::Stack::from_env();
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| panic!("{name}: run `eval \"$(scripts/stack up)\"`"))
+    };
+    let (brokers, user, password) = (
+        var("SLUICE_STACK_KAFKA_SASL_BROKERS"),
+        var("SLUICE_STACK_KAFKA_SASL_USER"),
+        var("SLUICE_STACK_KAFKA_SASL_PASSWORD"),
+    );
+    let client = client().await;
+    install_crd(&client).await;
+    let ns = namespace(&client).await;
+    let api: Api<PipelineConfig> = Api::namespaced(client.clone(), &ns);
+    let stop = controller(&client, &ns);
+    let limit = Duration::from_secs(90);
+    let stream = sluice_testkit::unique("sasl");
+    let pc: PipelineConfig = serde_json::from_value(json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "PipelineConfig",
+        "metadata": {"name": "secured"},
+        "spec": {
+            "kafka": {"bootstrapServers": brokers, "sasl": {"mechanism": "PLAIN", "secretName": "kafka-user"}},
+            "streams": [{"name": stream, "topic": {"partitions": 2}}],
+            "collectors": [{"name": "store", "streams": [stream], "sink": {"redis": {}}}]
+        }
+    }))
+    .expect("resource");
+    api.create(&PostParams::default(), &pc)
+        .await
+        .expect("created");
+
+    // No Secret yet: the condition says which one is missing; nothing is created.
+    let (_, reason, message) = sluice_testkit::wait_for("TopicsReady=False", limit, || {
+        let api = api.clone();
+        async move {
+            Ok(condition(&api, "secured", "TopicsReady")
+                .await
+                .filter(|c| c.0 == "False"))
+        }
+    })
+    .await
+    .expect("condition");
+    assert_eq!(reason, "KafkaSecretInvalid");
+    assert!(message.contains("kafka-user"), "{message}");
+    assert_eq!(
+        sluice_testkit::partitions(&stack, &stream).expect("metadata"),
+        None
+    );
+
+    // With the credentials in the Secret, the operator's admin client authenticates.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    let secret = serde_json::from_value(json!({
+        "metadata": {"name": "kafka-user"},
+        "stringData": {"username": user, "password": password}
+    }))
+    .expect("secret");
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("secret created");
+    sluice_testkit::wait_for("TopicsReady=True", limit, || {
+        let api = api.clone();
+        async move {
+            Ok(condition(&api, "secured", "TopicsReady")
+                .await
+                .filter(|c| c.0 == "True"))
+        }
+    })
+    .await
+    .expect("topics ready through SASL");
+    assert_eq!(
+        sluice_testkit::partitions(&stack, &stream).expect("metadata"),
+        Some(2)
+    );
+    // The lag in the status is read through SASL too.
+    sluice_testkit::wait_for("the collector's lag in the status", limit, || {
+        let api = api.clone();
+        async move {
+            let pc = api.get("secured").await?;
+            Ok(pc
+                .status
+                .and_then(|s| s.collectors.first().and_then(|c| c.lag)))
+        }
+    })
+    .await
+    .expect("lag read with the Secret's credentials");
+
+    // The pods get the protocol and a reference to the Secret, never the password.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let d = deployments
+        .get("secured-collector-store")
+        .await
+        .expect("collector");
+    let env = serde_json::to_value(&d).expect("json")["spec"]["template"]["spec"]["containers"][0]
+        ["env"]
+        .clone();
+    let env = env.as_array().expect("env");
+    let find = |name: &str| {
+        env.iter()
+            .find(|e| e["name"] == name)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        find("SLUICE_KAFKA_OPTIONS")["value"],
+        "security.protocol=sasl_plaintext,sasl.mechanism=PLAIN"
+    );
+    assert_eq!(
+        find("SLUICE_KAFKA_SASL_PASSWORD")["valueFrom"],
+        json!({"secretKeyRef": {"name": "kafka-user", "key": "password"}})
+    );
+    assert!(!serde_json::to_string(&d).expect("json").contains(&password));
     stop.cancel();
     let namespaces: Api<Namespace> = Api::all(client);
     namespaces

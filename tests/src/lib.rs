@@ -241,6 +241,22 @@ pub fn committed_to_end(stack: &Stack, group: &str, topic: &str) -> anyhow::Resu
     Ok(true)
 }
 
+/// Commits consumer group `group`'s offsets at the end of every partition of `topic`, as a
+/// collector that drained it would; returns how many partitions were committed.
+pub fn commit_to_end(stack: &Stack, group: &str, topic: &str) -> anyhow::Result<usize> {
+    let consumer: StreamConsumer = stack.kafka().consumer_config(group).create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut offsets = TopicPartitionList::new();
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            let (_, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+            offsets.add_partition_offset(topic, p.id(), Offset::Offset(high))?;
+        }
+    }
+    consumer.commit(&offsets, rdkafka::consumer::CommitMode::Sync)?;
+    Ok(offsets.count())
+}
+
 /// The number of members of consumer group `group` once it is stable (0 while it is
 /// rebalancing or empty).
 pub fn stable_members(stack: &Stack, group: &str) -> anyhow::Result<usize> {
@@ -523,6 +539,7 @@ impl OwnBroker {
                 "SLUICE_STACK_KAFKA_CONTROLLER_PORT",
                 controller_port.to_string(),
             )
+            .env("SLUICE_STACK_KAFKA_SASL_PORT", "off")
             .stdout(Stdio::null())
             .status()?;
         anyhow::ensure!(status.success(), "scripts/stack {command} failed");

@@ -14,7 +14,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
 /// How to reach Kafka: the `--kafka-brokers` flag and extra client properties.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Clone, clap::Args)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers, comma separated.
     #[arg(
@@ -27,6 +27,17 @@ pub struct KafkaArgs {
     /// `security.protocol=ssl`).
     #[arg(long = "kafka-option", env = "SLUICE_KAFKA_OPTIONS", value_delimiter = ',', value_parser = parse_property)]
     pub options: Vec<(String, String)>,
+    /// SASL user name (with `security.protocol` and `sasl.mechanism` set as options).
+    #[arg(long = "kafka-sasl-username", env = "SLUICE_KAFKA_SASL_USERNAME")]
+    pub sasl_username: Option<String>,
+    /// SASL password; best given through the environment, as Kubernetes does from a
+    /// Secret.
+    #[arg(
+        long = "kafka-sasl-password",
+        env = "SLUICE_KAFKA_SASL_PASSWORD",
+        hide_env_values = true
+    )]
+    pub sasl_password: Option<String>,
 }
 
 fn parse_property(s: &str) -> Result<(String, String), String> {
@@ -36,13 +47,42 @@ fn parse_property(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Never prints the password.
+impl std::fmt::Debug for KafkaArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = |name: &str| name.contains("password") || name.ends_with(".pem");
+        let options: Vec<(&str, &str)> = self
+            .options
+            .iter()
+            .map(|(k, v)| (k.as_str(), if secret(k) { "<hidden>" } else { v.as_str() }))
+            .collect();
+        f.debug_struct("KafkaArgs")
+            .field("brokers", &self.brokers)
+            .field("options", &options)
+            .field("sasl_username", &self.sasl_username)
+            .field(
+                "sasl_password",
+                &self.sasl_password.as_ref().map(|_| "<hidden>"),
+            )
+            .finish()
+    }
+}
+
 impl KafkaArgs {
     /// Settings for the given brokers and no extra properties.
     pub fn new(brokers: impl Into<String>) -> Self {
         Self {
             brokers: brokers.into(),
             options: Vec::new(),
+            sasl_username: None,
+            sasl_password: None,
         }
+    }
+
+    /// Adds the librdkafka property `name=value`.
+    pub fn with(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.options.push((name.into(), value.into()));
+        self
     }
 
     fn base(&self) -> ClientConfig {
@@ -52,6 +92,12 @@ impl KafkaArgs {
         c.set("broker.address.family", "v4");
         for (k, v) in &self.options {
             c.set(k, v);
+        }
+        if let Some(user) = &self.sasl_username {
+            c.set("sasl.username", user);
+        }
+        if let Some(password) = &self.sasl_password {
+            c.set("sasl.password", password);
         }
         c
     }
@@ -91,8 +137,11 @@ impl KafkaArgs {
 
 /// `extra` wins over `defaults`, so `--kafka-option` can override any default.
 fn merge(mut defaults: ClientConfig, extra: ClientConfig) -> ClientConfig {
-    for (k, v) in extra.config_map() {
-        defaults.set(k, v);
+    // `config_map` hides secret values, so each value is read with `get`.
+    for k in extra.config_map().keys() {
+        if let Some(v) = extra.get(k) {
+            defaults.set(*k, v);
+        }
     }
     defaults
 }
@@ -150,6 +199,22 @@ mod tests {
         let c = KafkaArgs::new("b:1").consumer_config("g");
         assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(c.get("group.id"), Some("g"));
+    }
+
+    #[test]
+    fn sasl_credentials_reach_every_client() {
+        let mut k = KafkaArgs::new("b:1").with("security.protocol", "sasl_plaintext");
+        k.sasl_username = Some("u".into());
+        k.sasl_password = Some("p,w=x".into());
+        for c in [k.producer_config(), k.consumer_config("g"), k.base()] {
+            assert_eq!(c.get("sasl.username"), Some("u"));
+            assert_eq!(c.get("sasl.password"), Some("p,w=x"));
+            assert_eq!(c.get("security.protocol"), Some("sasl_plaintext"));
+        }
+        assert!(
+            !format!("{k:?}").contains("p,w=x"),
+            "Debug hides the password"
+        );
     }
 
     #[test]

@@ -1,0 +1,93 @@
+//! Helpers shared by the operator's tests on the real control plane.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Client, CustomResourceExt, ResourceExt};
+use serde_json::json;
+use sluice_operator::crd::PipelineConfig;
+
+pub async fn client() -> Client {
+    assert!(
+        std::env::var("KUBECONFIG").is_ok(),
+        "KUBECONFIG is not set: start the control plane with `eval \"$(scripts/k8s up)\"`, or run `make test`"
+    );
+    Client::try_default().await.expect("kube client")
+}
+
+pub async fn install_crd(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = PipelineConfig::crd();
+    crds.patch(
+        &crd.name_any(),
+        &PatchParams::apply("sluice-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("CRD applied");
+    let name = crd.name_any();
+    let established = kube::runtime::wait::await_condition(
+        crds,
+        &name,
+        kube::runtime::wait::conditions::is_crd_established(),
+    );
+    tokio::time::timeout(Duration::from_secs(60), established)
+        .await
+        .expect("CRD established in time")
+        .expect("watch");
+}
+
+pub async fn namespace(client: &Client) -> String {
+    let name = format!("sluice-test-{}", uuid_like());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"sluice.dev/test": "true"}}
+    }))
+    .expect("namespace");
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("namespace created");
+    name
+}
+
+pub fn uuid_like() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{:x}", nanos & 0xffff_ffff_ffff)
+}
+
+/// A condition of the resource as (status, reason, message).
+pub async fn condition(
+    api: &Api<PipelineConfig>,
+    name: &str,
+    kind: &str,
+) -> Option<(String, String, String)> {
+    let pc = api.get_opt(name).await.ok()??;
+    pc.status?
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == kind)
+        .map(|c| (c.status, c.reason, c.message))
+}
+
+/// Runs the controller in this process for `namespace` until the token is cancelled.
+pub fn controller(client: &Client, namespace: &str) -> tokio_util::sync::CancellationToken {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let ctx = std::sync::Arc::new(sluice_operator::reconcile::Context::new(
+        client.clone(),
+        sluice_operator::plan::Images::default(),
+    ));
+    tokio::spawn(sluice_operator::reconcile::run(
+        Api::namespaced(client.clone(), namespace),
+        ctx,
+        stop.clone(),
+    ));
+    stop
+}
