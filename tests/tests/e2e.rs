@@ -156,7 +156,41 @@ async fn post_many(
 
 #[tokio::test]
 async fn posted_event_is_read_back_once_the_collector_stored_it() -> anyhow::Result<()> {
-    let setup = Setup::new(3).await?;
+    post_and_read_back(Setup::new(3).await?).await
+}
+
+#[tokio::test]
+async fn services_authenticate_to_kafka_with_sasl_credentials_from_the_environment()
+-> anyhow::Result<()> {
+    let var = |name: &str| {
+        std::env::var(name)
+            .with_context(|| format!("{name} is not set: run `eval \"$(scripts/stack up)\"`"))
+    };
+    let mut setup = Setup::new(2).await?;
+    setup.env.retain(|(k, _)| *k != "SLUICE_KAFKA_BROKERS");
+    setup.env.extend([
+        (
+            "SLUICE_KAFKA_BROKERS",
+            var("SLUICE_STACK_KAFKA_SASL_BROKERS")?,
+        ),
+        (
+            "SLUICE_KAFKA_OPTIONS",
+            "security.protocol=sasl_plaintext,sasl.mechanism=PLAIN".to_owned(),
+        ),
+        (
+            "SLUICE_KAFKA_SASL_USERNAME",
+            var("SLUICE_STACK_KAFKA_SASL_USER")?,
+        ),
+        (
+            "SLUICE_KAFKA_SASL_PASSWORD",
+            var("SLUICE_STACK_KAFKA_SASL_PASSWORD")?,
+        ),
+    ]);
+    post_and_read_back(setup).await
+}
+
+/// Posts one event and reads it back over GET once a collector stored it.
+async fn post_and_read_back(setup: Setup) -> anyhow::Result<()> {
     let (_ingest, base) = setup.ingest().await?;
     let _collector = setup.collector(&unique("group"))?;
     let client = reqwest::Client::new();
