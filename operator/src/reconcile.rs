@@ -90,6 +90,8 @@ pub struct Context {
     pub lag: LagReader,
     /// Publishes Events on the resources.
     recorder: Recorder,
+    /// Failed reconciles in a row per resource, for the retry backoff.
+    failures: std::sync::Mutex<BTreeMap<String, u32>>,
 }
 
 impl Context {
@@ -112,6 +114,7 @@ impl Context {
             metrics: Arc::new(Metrics::new()),
             lag: LagReader::default(),
             recorder,
+            failures: std::sync::Mutex::default(),
         }
     }
 
@@ -164,15 +167,40 @@ pub async fn run(api: Api<PipelineConfig>, ctx: Arc<Context>, shutdown: Cancella
         .await;
 }
 
-fn error_policy(pc: Arc<PipelineConfig>, error: &Error, _: Arc<Context>) -> Action {
-    tracing::warn!(name = %pc.name_any(), reason = error.label(), error = %error, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(10))
+fn error_policy(pc: Arc<PipelineConfig>, error: &Error, ctx: Arc<Context>) -> Action {
+    let failures = ctx
+        .failures
+        .lock()
+        .map(|f| f.get(&key(&pc)).copied().unwrap_or(1))
+        .unwrap_or(1);
+    let delay = retry_delay(failures);
+    tracing::warn!(name = %pc.name_any(), reason = error.label(), error = %error, failures, retry_in = ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
+}
+
+/// The wait before retrying after `failures` failed reconciles in a row: 1 s, doubling up
+/// to 5 minutes.
+pub fn retry_delay(failures: u32) -> Duration {
+    let exponent = failures.saturating_sub(1).min(9);
+    Duration::from_secs((1u64 << exponent).min(300))
+}
+
+fn key(pc: &PipelineConfig) -> String {
+    format!("{}/{}", pc.namespace().unwrap_or_default(), pc.name_any())
 }
 
 /// Reconciles one resource, recording the outcome and duration in the metrics.
 pub async fn reconcile(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
+    let name = key(&pc);
     let result = reconcile_inner(pc, ctx.clone()).await;
+    if let Ok(mut failures) = ctx.failures.lock() {
+        if result.is_ok() {
+            failures.remove(&name);
+        } else {
+            *failures.entry(name).or_default() += 1;
+        }
+    }
     ctx.metrics.reconciled(
         started.elapsed().as_secs_f64(),
         result.as_ref().err().map(Error::label),
@@ -797,4 +825,48 @@ async fn cleanup(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, E
         .await;
     }
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_from_one_second_to_five_minutes() {
+        let delays: Vec<u64> = [1, 2, 3, 4, 9, 10, 50]
+            .into_iter()
+            .map(|n| retry_delay(n).as_secs())
+            .collect();
+        assert_eq!(delays, vec![1, 2, 4, 8, 256, 300, 300]);
+    }
+
+    #[test]
+    fn scale_to_zero_waits_for_the_idle_period_and_returns_on_lag() {
+        let long_ago = jiff::Timestamp::now()
+            .checked_sub(jiff::SignedDuration::from_secs(600))
+            .expect("time")
+            .to_string();
+        let just_now = jiff::Timestamp::now().to_string();
+        assert_eq!(
+            scale_to_zero(Some(0), Some(&long_ago), 300, Some(2)),
+            Some(0)
+        );
+        assert_eq!(scale_to_zero(Some(0), Some(&just_now), 300, Some(2)), None);
+        assert_eq!(
+            scale_to_zero(Some(0), Some(&long_ago), 300, Some(0)),
+            None,
+            "already zero"
+        );
+        assert_eq!(scale_to_zero(Some(7), None, 300, Some(0)), Some(1));
+        assert_eq!(
+            scale_to_zero(Some(7), None, 300, Some(3)),
+            None,
+            "the HPA's business"
+        );
+        assert_eq!(
+            scale_to_zero(None, Some(&long_ago), 300, Some(2)),
+            None,
+            "unknown lag changes nothing"
+        );
+    }
 }
