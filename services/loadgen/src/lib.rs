@@ -1,81 +1,212 @@
-//! `sluice-loadgen`: a closed-loop HTTP load client for a Sluice ingest.
+//! `sluice-loadgen`: the load client of the workshops and Sluice's benchmark tool.
 //!
-//! `--concurrency` clients each post events one after another to
-//! `POST /v1/streams/{stream}/events` until `--requests` were sent or `--duration` passed,
-//! whichever comes first. Latency is recorded per request in an HDR histogram; the report
-//! gives throughput, errors by kind, and latency percentiles.
+//! `--concurrency` clients (`--concurrent-clients`, `--concurrent-user`) send requests over
+//! one protocol (`--protocol http | http-batch | ws | tcp`) until `--requests` were sent or
+//! `--duration` passed. Closed loop by default: each client waits for its answer (and
+//! `--delay` ms) before the next request. With `--rate` the run is open loop: request `n`
+//! is due at `n / rate` seconds, and its latency counts from then (see [`rate`]).
 //!
-//! Targets are limited to loopback addresses unless `--allow-remote` is given.
+//! Every event carries an id `<run>-<n>`; with `--verify-redis`, `--verify-file` or
+//! `--verify-postgres` the acknowledged ids are looked up in the sink afterwards (see
+//! [`verify`]). A one-line status goes to stderr every `--report-interval` seconds; the
+//! report at the end is text, or JSON with `--json`. Targets must be loopback addresses
+//! unless `--allow-remote` is given.
 
+pub mod payload;
+pub mod rate;
+pub mod verify;
+
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use serde_json::json;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::Mutex;
+use tokio_tungstenite::tungstenite::Message;
+
+use payload::Shape;
+use rate::Schedule;
+use verify::{Sink, Verification};
+
+/// How requests are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// One event per `POST`.
+    Http,
+    /// `--batch-size` events per `POST`, as a JSON array.
+    HttpBatch,
+    /// One WebSocket per client; each message (one event, or `--batch-size` as an array)
+    /// waits for its acknowledgement frame.
+    Ws,
+    /// One TCP connection per client to the write port; one JSON line, one `ok <id>`.
+    Tcp,
+}
 
 /// Command line of `sluice-loadgen`.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "sluice-loadgen",
     version,
-    about = "Load client for Sluice ingest"
+    about = "Load client and benchmark tool for Sluice ingest"
 )]
 pub struct Args {
-    /// Base URL of the ingest service.
+    /// Base URL of the ingest service (HTTP and WebSocket).
     #[arg(
         long,
+        visible_alias = "web-service",
         env = "SLUICE_LOADGEN_TARGET",
         default_value = "http://127.0.0.1:8080"
     )]
     pub target: String,
-    /// Stream to post events to.
+    /// Address of ingest's TCP write port (`--protocol tcp`).
+    #[arg(
+        long,
+        env = "SLUICE_LOADGEN_TCP_TARGET",
+        default_value = "127.0.0.1:2525"
+    )]
+    pub tcp_target: String,
+    /// Stream to send events to.
     #[arg(long, env = "SLUICE_LOADGEN_STREAM", default_value = "visit")]
     pub stream: String,
+    /// HTTP path to post to, instead of `/v1/streams/<stream>/events` (for example the
+    /// workshop's `/api/visit/v1/`).
+    #[arg(long, env = "SLUICE_LOADGEN_PATH")]
+    pub path: Option<String>,
+    /// Protocol.
+    #[arg(long, value_enum, default_value_t = Protocol::Http)]
+    pub protocol: Protocol,
+    /// Shape of the events.
+    #[arg(long, value_enum, default_value_t = Shape::Visit)]
+    pub shape: Shape,
     /// Requests to send in all.
     #[arg(long, env = "SLUICE_LOADGEN_REQUESTS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub requests: u64,
-    /// Clients sending at the same time, each waiting for its answer before the next request.
-    #[arg(long, env = "SLUICE_LOADGEN_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    /// Requests per client; sets `--requests` to clients × this.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub req_per_user: Option<u64>,
+    /// Clients sending at the same time.
+    #[arg(long, visible_aliases = ["concurrent-clients", "concurrent-user"], env = "SLUICE_LOADGEN_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub concurrency: u64,
+    /// Open loop: requests per second in all, whatever the answers; closed loop when unset.
+    #[arg(long, env = "SLUICE_LOADGEN_RATE")]
+    pub rate: Option<f64>,
+    /// Closed loop: milliseconds each client waits between requests.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub delay: u64,
+    /// Events per request for `http-batch` and `ws`.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub batch_size: u64,
+    /// Reuse HTTP connections (`false`: a new connection per request).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub keep_alive: bool,
     /// Longest the run may take, in seconds.
     #[arg(long, env = "SLUICE_LOADGEN_DURATION", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub duration: u64,
+    /// Seconds between status lines on stderr; 0 for none.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub report_interval: u64,
     /// Allow targets that are not loopback addresses.
     #[arg(long, env = "SLUICE_LOADGEN_ALLOW_REMOTE")]
     pub allow_remote: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// After the run, check every acknowledged event is in this Redis.
+    #[arg(long, value_name = "URL")]
+    pub verify_redis: Option<String>,
+    /// Key prefix for `--verify-redis`.
+    #[arg(long, default_value = sluice_core::store::DEFAULT_PREFIX)]
+    pub verify_key_prefix: String,
+    /// After the run, check every acknowledged event is in this record directory.
+    #[arg(long, value_name = "DIR")]
+    pub verify_file: Option<PathBuf>,
+    /// After the run, check every acknowledged event is in this PostgreSQL database.
+    #[arg(long, value_name = "URL")]
+    pub verify_postgres: Option<String>,
+    /// Table for `--verify-postgres`.
+    #[arg(long, default_value = "sluice_events")]
+    pub verify_table: String,
+    /// Seconds to wait for the sink to hold every acknowledged event.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub verify_timeout: u64,
     /// Log filter.
     #[arg(long, env = "SLUICE_LOG", default_value = "warn")]
     pub log_level: String,
 }
 
+impl Args {
+    /// Requests the run sends at most.
+    pub fn total_requests(&self) -> u64 {
+        self.req_per_user
+            .map_or(self.requests, |r| r.saturating_mul(self.concurrency))
+    }
+
+    /// Events per request.
+    pub fn events_per_request(&self) -> u64 {
+        match self.protocol {
+            Protocol::HttpBatch | Protocol::Ws => self.batch_size,
+            Protocol::Http | Protocol::Tcp => 1,
+        }
+    }
+
+    fn sinks(&self) -> Vec<Sink> {
+        let mut out = Vec::new();
+        if let Some(url) = &self.verify_redis {
+            out.push(Sink::Redis {
+                url: url.clone(),
+                prefix: self.verify_key_prefix.clone(),
+            });
+        }
+        if let Some(dir) = &self.verify_file {
+            out.push(Sink::File(dir.clone()));
+        }
+        if let Some(url) = &self.verify_postgres {
+            out.push(Sink::Postgres {
+                url: url.clone(),
+                table: self.verify_table.clone(),
+            });
+        }
+        out
+    }
+}
+
 /// What a run measured.
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// The protocol used.
+    pub protocol: Protocol,
     /// Requests sent.
     pub sent: u64,
-    /// Requests answered 202.
+    /// Requests acknowledged.
     pub acknowledged: u64,
-    /// Failed requests by kind (`http-503`, `connect`, ...).
-    pub errors: Vec<(String, u64)>,
+    /// Events in the acknowledged requests.
+    pub events_acknowledged: u64,
+    /// Failed requests by kind (`http-503`, `connect`, `timeout`, `tcp-busy`, ...).
+    pub errors: BTreeMap<String, u64>,
     /// Wall time of the run, in seconds.
     pub seconds: f64,
     /// Acknowledged requests per second.
     pub throughput: f64,
-    /// Latency percentiles in milliseconds: p50, p90, p99, p99.9, max.
+    /// Acknowledged events per second.
+    pub events_per_second: f64,
+    /// Latency percentiles in milliseconds.
     pub latency_ms: Latencies,
+    /// What the sink checks found.
+    pub verification: Vec<Verification>,
 }
 
 /// Latency percentiles in milliseconds.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Latencies {
     /// Median.
     pub p50: f64,
@@ -89,33 +220,76 @@ pub struct Latencies {
     pub max: f64,
 }
 
+impl Latencies {
+    /// The percentiles of a histogram of microseconds.
+    pub fn of(h: &Histogram<u64>) -> Self {
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        Self {
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: h.max() as f64 / 1000.0,
+        }
+    }
+}
+
+impl Report {
+    /// Whether every request was acknowledged and every check came out clean.
+    pub fn clean(&self) -> bool {
+        self.errors.is_empty()
+            && self
+                .verification
+                .iter()
+                .all(|v| v.missing == 0 && v.duplicated == 0)
+    }
+}
+
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "protocol      {:?}", self.protocol)?;
         writeln!(f, "sent          {}", self.sent)?;
-        writeln!(f, "acknowledged  {}", self.acknowledged)?;
+        writeln!(
+            f,
+            "acknowledged  {} ({} events)",
+            self.acknowledged, self.events_acknowledged
+        )?;
         for (kind, n) in &self.errors {
             writeln!(f, "error         {kind}: {n}")?;
         }
         writeln!(f, "duration      {:.2} s", self.seconds)?;
         writeln!(
             f,
-            "throughput    {:.0} events/s ({:.0} per minute)",
+            "throughput    {:.0} requests/s ({:.0} per minute), {:.0} events/s",
             self.throughput,
-            self.throughput * 60.0
+            self.throughput * 60.0,
+            self.events_per_second
         )?;
         let l = &self.latency_ms;
         writeln!(
             f,
             "latency ms    p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
             l.p50, l.p90, l.p99, l.p999, l.max
-        )
+        )?;
+        for v in &self.verification {
+            writeln!(
+                f,
+                "verified      {}: {} checked, {} missing, {} duplicated",
+                v.sink, v.checked, v.missing, v.duplicated
+            )?;
+            if !v.missing_examples.is_empty() {
+                writeln!(f, "  missing     {}", v.missing_examples.join(" "))?;
+            }
+            if !v.duplicated_examples.is_empty() {
+                writeln!(f, "  duplicated  {}", v.duplicated_examples.join(" "))?;
+            }
+        }
+        Ok(())
     }
 }
 
-/// Checks that `target` is a loopback address, unless remote targets are allowed.
-pub fn check_target(target: &str, allow_remote: bool) -> anyhow::Result<()> {
-    let url = reqwest::Url::parse(target).with_context(|| format!("{target:?} is not a URL"))?;
-    let host = url.host_str().context("the target URL has no host")?;
+/// Checks that `host` is a loopback address, unless remote targets are allowed.
+fn check_host(host: &str, allow_remote: bool) -> anyhow::Result<()> {
     let loopback = host == "localhost"
         || host
             .trim_matches(['[', ']'])
@@ -127,100 +301,325 @@ pub fn check_target(target: &str, allow_remote: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Checks that the URL `target` names a loopback address, unless remote targets are
+/// allowed.
+pub fn check_target(target: &str, allow_remote: bool) -> anyhow::Result<()> {
+    let url = reqwest::Url::parse(target).with_context(|| format!("{target:?} is not a URL"))?;
+    let host = url.host_str().context("the target URL has no host")?;
+    check_host(host, allow_remote)
+}
+
+/// Checks that the `host:port` address `target` is a loopback address, unless remote
+/// targets are allowed.
+pub fn check_tcp_target(target: &str, allow_remote: bool) -> anyhow::Result<()> {
+    let (host, port) = target
+        .rsplit_once(':')
+        .with_context(|| format!("{target:?} is not host:port"))?;
+    port.parse::<u16>()
+        .with_context(|| format!("{target:?} has no valid port"))?;
+    check_host(host, allow_remote)
+}
+
 #[derive(Default)]
 struct Tally {
     sent: AtomicU64,
     acknowledged: AtomicU64,
-    errors: Mutex<std::collections::BTreeMap<String, u64>>,
+    errors: std::sync::Mutex<BTreeMap<String, u64>>,
 }
 
-/// Runs the load and returns what it measured.
+impl Tally {
+    fn error(&self, kind: String) {
+        if let Ok(mut e) = self.errors.lock() {
+            *e.entry(kind).or_default() += 1;
+        }
+    }
+}
+
+/// One client's connection.
+enum Conn {
+    Http(reqwest::Client),
+    Ws(
+        Box<
+            tokio_tungstenite::WebSocketStream<
+                tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+            >,
+        >,
+    ),
+    Tcp(BufReader<tokio::net::TcpStream>),
+}
+
+struct Target {
+    protocol: Protocol,
+    http_url: String,
+    ws_url: String,
+    tcp: String,
+    http: reqwest::Client,
+}
+
+impl Target {
+    async fn connect(&self) -> Result<Conn, String> {
+        match self.protocol {
+            Protocol::Http | Protocol::HttpBatch => Ok(Conn::Http(self.http.clone())),
+            Protocol::Ws => tokio_tungstenite::connect_async(&self.ws_url)
+                .await
+                .map(|(ws, _)| Conn::Ws(Box::new(ws)))
+                .map_err(|_| "ws-connect".to_owned()),
+            Protocol::Tcp => tokio::net::TcpStream::connect(&self.tcp)
+                .await
+                .map(|s| Conn::Tcp(BufReader::new(s)))
+                .map_err(|_| "connect".to_owned()),
+        }
+    }
+}
+
+/// Sends one request of `events`; `Err` is the error's kind. A connection that failed is
+/// dropped, so the next request opens a new one.
+async fn send(target: &Target, conn: &mut Option<Conn>, events: Vec<Value>) -> Result<(), String> {
+    if conn.is_none() {
+        *conn = Some(target.connect().await?);
+    }
+    let result = match conn.as_mut() {
+        Some(Conn::Http(client)) => {
+            let body = if target.protocol == Protocol::HttpBatch {
+                Value::Array(events)
+            } else {
+                events.into_iter().next().unwrap_or_default()
+            };
+            match client.post(&target.http_url).json(&body).send().await {
+                Ok(r) if r.status() == reqwest::StatusCode::ACCEPTED => {
+                    // Read the answer so the connection can be reused.
+                    let _ = r.bytes().await;
+                    Ok(())
+                }
+                Ok(r) => Err(format!("http-{}", r.status().as_u16())),
+                Err(e) if e.is_timeout() => Err("timeout".to_owned()),
+                Err(e) if e.is_connect() => Err("connect".to_owned()),
+                Err(_) => Err("transport".to_owned()),
+            }
+        }
+        Some(Conn::Ws(ws)) => {
+            let text = if events.len() == 1 {
+                events[0].to_string()
+            } else {
+                Value::Array(events).to_string()
+            };
+            if ws.send(Message::text(text)).await.is_err() {
+                Err("ws-closed".to_owned())
+            } else {
+                loop {
+                    match ws.next().await {
+                        Some(Ok(Message::Text(t))) => {
+                            let answer: Value =
+                                serde_json::from_str(t.as_str()).unwrap_or_default();
+                            break if answer["ok"] == true {
+                                Ok(())
+                            } else {
+                                Err(format!(
+                                    "ws-{}",
+                                    answer["error"]["status"].as_u64().unwrap_or(0)
+                                ))
+                            };
+                        }
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        _ => break Err("ws-closed".to_owned()),
+                    }
+                }
+            }
+        }
+        Some(Conn::Tcp(stream)) => {
+            let mut line = events.into_iter().next().unwrap_or_default().to_string();
+            line.push('\n');
+            if stream.get_mut().write_all(line.as_bytes()).await.is_err() {
+                Err("tcp-closed".to_owned())
+            } else {
+                let mut answer = String::new();
+                match stream.read_line(&mut answer).await {
+                    Ok(0) | Err(_) => Err("tcp-closed".to_owned()),
+                    Ok(_) if answer.starts_with("ok ") => Ok(()),
+                    Ok(_) if answer.contains("busy") => Err("tcp-busy".to_owned()),
+                    Ok(_) => Err("tcp-error".to_owned()),
+                }
+            }
+        }
+        None => Err("connect".to_owned()),
+    };
+    if matches!(
+        result.as_ref().map_err(String::as_str),
+        Err("ws-closed" | "tcp-closed" | "transport")
+    ) {
+        *conn = None;
+    }
+    result
+}
+
+/// Runs the load and, when asked, the sink checks; returns what it measured.
 pub async fn run(args: &Args) -> anyhow::Result<Report> {
     check_target(&args.target, args.allow_remote)?;
-    let url = format!(
-        "{}/v1/streams/{}/events",
-        args.target.trim_end_matches('/'),
-        args.stream
+    if args.protocol == Protocol::Tcp {
+        check_tcp_target(&args.tcp_target, args.allow_remote)?;
+    }
+    let base = args.target.trim_end_matches('/');
+    let path = args
+        .path
+        .clone()
+        .unwrap_or_else(|| format!("/v1/streams/{}/events", args.stream));
+    let mut http = reqwest::Client::builder().timeout(Duration::from_secs(30));
+    http = if args.keep_alive {
+        http.pool_max_idle_per_host(args.concurrency as usize)
+    } else {
+        http.pool_max_idle_per_host(0)
+    };
+    let target = Arc::new(Target {
+        protocol: args.protocol,
+        http_url: format!("{base}{path}"),
+        ws_url: format!(
+            "{}/v1/streams/{}/ws",
+            base.replacen("http", "ws", 1),
+            args.stream
+        ),
+        tcp: args.tcp_target.clone(),
+        http: http.build()?,
+    });
+    let verifying = !args.sinks().is_empty();
+    let run_id = format!(
+        "lg{:x}",
+        jiff::Timestamp::now().as_microsecond() & 0xffff_ffff_ffff
     );
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(args.concurrency as usize)
-        .build()?;
+    let total = args.total_requests();
+    let per_request = args.events_per_request();
     let tally = Arc::new(Tally::default());
     let histogram = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
-        1, 60_000_000, 3,
+        1,
+        120_000_000,
+        3,
     )?));
+    let acked_ids = Arc::new(Mutex::new(Vec::<String>::new()));
     let next = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(args.duration);
     let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.duration);
+    let schedule = match args.rate {
+        Some(r) => Some(Schedule::new(started, r).context("--rate must be a positive number")?),
+        None => None,
+    };
+    let delay = Duration::from_millis(args.delay);
+
+    let progress = (args.report_interval > 0).then(|| {
+        let (tally, every) = (tally.clone(), Duration::from_secs(args.report_interval));
+        tokio::spawn(async move {
+            let mut last = 0;
+            loop {
+                tokio::time::sleep(every).await;
+                let acked = tally.acknowledged.load(Ordering::Relaxed);
+                let errors: u64 = tally.errors.lock().map(|e| e.values().sum()).unwrap_or(0);
+                eprintln!(
+                    "[loadgen] {:>6.1}s  sent {}  acknowledged {}  errors {}  {:.0} req/s",
+                    started.elapsed().as_secs_f64(),
+                    tally.sent.load(Ordering::Relaxed),
+                    acked,
+                    errors,
+                    (acked - last) as f64 / every.as_secs_f64()
+                );
+                last = acked;
+            }
+        })
+    });
 
     let mut clients = tokio::task::JoinSet::new();
     for _ in 0..args.concurrency {
-        let (client, url, tally, histogram, next) = (
-            client.clone(),
-            url.clone(),
+        let (target, tally, histogram, next, acked_ids, run_id) = (
+            target.clone(),
             tally.clone(),
             histogram.clone(),
             next.clone(),
+            acked_ids.clone(),
+            run_id.clone(),
         );
-        let requests = args.requests;
+        let shape = args.shape;
         clients.spawn(async move {
             let mut local =
-                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+                Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("valid bounds");
+            let mut ids = Vec::new();
+            let mut conn = None;
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= requests || Instant::now() >= deadline {
+                if n >= total || Instant::now() >= deadline {
                     break;
                 }
-                let body =
-                    json!({"userId": format!("user-{}", n % 1000), "page": "/products", "n": n});
-                let start = Instant::now();
-                tally.sent.fetch_add(1, Ordering::Relaxed);
-                let outcome = client.post(&url).json(&body).send().await;
-                let micros = start.elapsed().as_micros().max(1) as u64;
-                let kind = match outcome {
-                    Ok(r) if r.status() == reqwest::StatusCode::ACCEPTED => None,
-                    Ok(r) => Some(format!("http-{}", r.status().as_u16())),
-                    Err(e) if e.is_timeout() => Some("timeout".to_owned()),
-                    Err(e) if e.is_connect() => Some("connect".to_owned()),
-                    Err(_) => Some("transport".to_owned()),
-                };
-                match kind {
-                    None => {
-                        tally.acknowledged.fetch_add(1, Ordering::Relaxed);
-                        local.saturating_record(micros);
+                let due = match schedule {
+                    Some(s) => {
+                        let due = s.due(n);
+                        if due >= deadline {
+                            break;
+                        }
+                        tokio::time::sleep_until(due.into()).await;
+                        due
                     }
-                    Some(kind) => *tally.errors.lock().await.entry(kind).or_default() += 1,
+                    None => Instant::now(),
+                };
+                let events: Vec<Value> = (n * per_request..(n + 1) * per_request)
+                    .map(|i| payload::event(shape, &run_id, i))
+                    .collect();
+                let sent_ids: Vec<String> = if verifying {
+                    events
+                        .iter()
+                        .filter_map(|e| e["id"].as_str().map(str::to_owned))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                tally.sent.fetch_add(1, Ordering::Relaxed);
+                match send(&target, &mut conn, events).await {
+                    Ok(()) => {
+                        local.saturating_record(due.elapsed().as_micros().max(1) as u64);
+                        tally.acknowledged.fetch_add(1, Ordering::Relaxed);
+                        ids.extend(sent_ids);
+                    }
+                    Err(kind) => tally.error(kind),
+                }
+                if schedule.is_none() && !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
                 }
             }
             histogram.lock().await.add(&local).expect("same bounds");
+            acked_ids.lock().await.extend(ids);
         });
     }
     while let Some(done) = clients.join_next().await {
         done?;
     }
     let seconds = started.elapsed().as_secs_f64();
-    let h = histogram.lock().await;
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    if let Some(p) = progress {
+        p.abort();
+    }
     let acknowledged = tally.acknowledged.load(Ordering::Relaxed);
+    let ids = acked_ids.lock().await.clone();
+    let mut verification = Vec::new();
+    for sink in args.sinks() {
+        verification.push(
+            sink.verify(&args.stream, &ids, Duration::from_secs(args.verify_timeout))
+                .await?,
+        );
+    }
+    let latency_ms = Latencies::of(&*histogram.lock().await);
+    let errors = tally.errors.lock().map(|e| e.clone()).unwrap_or_default();
     Ok(Report {
+        protocol: args.protocol,
         sent: tally.sent.load(Ordering::Relaxed),
         acknowledged,
-        errors: tally.errors.lock().await.clone().into_iter().collect(),
+        events_acknowledged: acknowledged * per_request,
+        errors,
         seconds,
         throughput: acknowledged as f64 / seconds.max(f64::EPSILON),
-        latency_ms: Latencies {
-            p50: ms(0.5),
-            p90: ms(0.9),
-            p99: ms(0.99),
-            p999: ms(0.999),
-            max: h.max() as f64 / 1000.0,
-        },
+        events_per_second: (acknowledged * per_request) as f64 / seconds.max(f64::EPSILON),
+        latency_ms,
+        verification,
     })
 }
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
 
     #[test]
@@ -232,5 +631,69 @@ mod tests {
         assert!(err.to_string().contains("--allow-remote"));
         assert!(check_target("http://10.0.0.5:8080", true).is_ok());
         assert!(check_target("not a url", false).is_err());
+        assert!(check_tcp_target("127.0.0.1:2525", false).is_ok());
+        assert!(check_tcp_target("10.1.2.3:2525", false).is_err());
+        assert!(check_tcp_target("127.0.0.1", false).is_err());
+    }
+
+    #[test]
+    fn workshop_flags_are_accepted() {
+        let a = Args::try_parse_from([
+            "sluice-loadgen",
+            "--web-service",
+            "http://127.0.0.1:9000",
+            "--concurrent-clients",
+            "8",
+            "--report-interval",
+            "2",
+        ])
+        .expect("workshop client flags");
+        assert_eq!(
+            (a.target.as_str(), a.concurrency, a.report_interval),
+            ("http://127.0.0.1:9000", 8, 2)
+        );
+        let t = Args::try_parse_from([
+            "sluice-loadgen",
+            "--protocol",
+            "tcp",
+            "--concurrent-user",
+            "50",
+            "--req-per-user",
+            "20",
+            "--delay",
+            "10",
+        ])
+        .expect("TCP client flags");
+        assert_eq!(t.total_requests(), 1000);
+        assert_eq!(t.events_per_request(), 1);
+        let b = Args::try_parse_from([
+            "sluice-loadgen",
+            "--protocol",
+            "http-batch",
+            "--batch-size",
+            "50",
+        ])
+        .expect("batch");
+        assert_eq!(b.events_per_request(), 50);
+        assert!(
+            Args::try_parse_from(["sluice-loadgen", "--requests", "0"]).is_err(),
+            "bounded"
+        );
+        assert!(
+            Args::try_parse_from(["sluice-loadgen", "--duration", "100000"]).is_err(),
+            "bounded"
+        );
+    }
+
+    #[test]
+    fn latencies_come_from_the_histogram() {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("histogram");
+        for micros in 1..=1000 {
+            h.record(micros * 1000).expect("record");
+        }
+        let l = Latencies::of(&h);
+        assert!((l.p50 - 500.0).abs() < 1.0, "{l:?}");
+        assert!((l.p99 - 990.0).abs() < 1.5, "{l:?}");
+        assert!((l.max - 1000.0).abs() < 1.0, "{l:?}");
     }
 }

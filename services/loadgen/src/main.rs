@@ -1,4 +1,5 @@
-//! `sluice-loadgen` binary: parses flags, runs one load, prints the report.
+//! `sluice-loadgen` binary: parses flags, runs one load, prints the report. Exits with 2
+//! when a sink check found an acknowledged event missing or duplicated.
 
 use clap::Parser;
 use sluice_loadgen::{Args, run};
@@ -12,6 +13,13 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{report}");
+    }
+    if report
+        .verification
+        .iter()
+        .any(|v| v.missing > 0 || v.duplicated > 0)
+    {
+        std::process::exit(2);
     }
     Ok(())
 }

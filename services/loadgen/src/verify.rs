@@ -1,0 +1,194 @@
+//! After a run: did every acknowledged event reach the sink, once?
+//!
+//! The ids the server acknowledged are looked up in the sink (`--verify-redis`,
+//! `--verify-file`, `--verify-postgres`), waiting up to `--verify-timeout` for collectors
+//! to catch up. Redis holds one key per event and PostgreSQL one row per `(stream, id)`,
+//! so there a duplicate can only be a second key or row under another id; the file sink
+//! appends lines, so a duplicate there is an id on two lines.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// What the check found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verification {
+    /// The sink checked.
+    pub sink: String,
+    /// Acknowledged events looked up.
+    pub checked: u64,
+    /// Acknowledged events not in the sink.
+    pub missing: u64,
+    /// Acknowledged events in the sink more than once.
+    pub duplicated: u64,
+    /// Up to ten missing ids.
+    pub missing_examples: Vec<String>,
+    /// Up to ten duplicated ids.
+    pub duplicated_examples: Vec<String>,
+}
+
+/// Compares the acknowledged ids with how often each was found.
+pub fn compare(sink: &str, acknowledged: &[String], found: &BTreeMap<String, u64>) -> Verification {
+    let mut v = Verification {
+        sink: sink.to_owned(),
+        checked: acknowledged.len() as u64,
+        missing: 0,
+        duplicated: 0,
+        missing_examples: Vec::new(),
+        duplicated_examples: Vec::new(),
+    };
+    for id in acknowledged {
+        match found.get(id).copied().unwrap_or(0) {
+            0 => {
+                v.missing += 1;
+                if v.missing_examples.len() < 10 {
+                    v.missing_examples.push(id.clone());
+                }
+            }
+            1 => {}
+            _ => {
+                v.duplicated += 1;
+                if v.duplicated_examples.len() < 10 {
+                    v.duplicated_examples.push(id.clone());
+                }
+            }
+        }
+    }
+    v
+}
+
+/// Where to look.
+#[derive(Debug, Clone)]
+pub enum Sink {
+    /// Redis at this URL, keys `<prefix>:<stream>:<id>`.
+    Redis {
+        /// URL.
+        url: String,
+        /// Key prefix.
+        prefix: String,
+    },
+    /// The file sink's record directory.
+    File(std::path::PathBuf),
+    /// PostgreSQL at this URL, in this table.
+    Postgres {
+        /// URL.
+        url: String,
+        /// Table.
+        table: String,
+    },
+}
+
+impl Sink {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Redis { .. } => "redis",
+            Self::File(_) => "file",
+            Self::Postgres { .. } => "postgres",
+        }
+    }
+
+    /// How often each of `ids` of `stream` is in the sink.
+    async fn count(&self, stream: &str, ids: &[String]) -> anyhow::Result<BTreeMap<String, u64>> {
+        let mut found = BTreeMap::new();
+        match self {
+            Self::Redis { url, prefix } => {
+                let mut redis = redis::Client::open(url.as_str())?
+                    .get_multiplexed_async_connection()
+                    .await?;
+                for chunk in ids.chunks(1000) {
+                    let keys: Vec<String> = chunk
+                        .iter()
+                        .map(|id| sluice_core::store::record_key(prefix, stream, id))
+                        .collect();
+                    let present: Vec<bool> = {
+                        let mut pipe = redis::pipe();
+                        for k in &keys {
+                            pipe.exists(k);
+                        }
+                        pipe.query_async(&mut redis).await?
+                    };
+                    for (id, there) in chunk.iter().zip(present) {
+                        found.insert(id.clone(), u64::from(there));
+                    }
+                }
+            }
+            Self::File(dir) => {
+                let dir = dir.clone();
+                let stream = stream.to_owned();
+                let lines = tokio::task::spawn_blocking(move || {
+                    sluice_collector::sink::file::read_all(Path::new(&dir), &stream)
+                })
+                .await??;
+                for line in lines {
+                    if let Some(id) = line["id"].as_str() {
+                        *found.entry(id.to_owned()).or_default() += 1;
+                    }
+                }
+            }
+            Self::Postgres { url, table } => {
+                if !table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    anyhow::bail!("{table:?} is not a plain table name");
+                }
+                let pool = sqlx::PgPool::connect(url).await?;
+                let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
+                    "SELECT id, count(*) FROM {table} WHERE stream = $1 AND id = ANY($2) GROUP BY id"
+                ))
+                .bind(stream)
+                .bind(ids)
+                .fetch_all(&pool)
+                .await?;
+                pool.close().await;
+                for (id, n) in rows {
+                    found.insert(id, n.max(0) as u64);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Looks the ids up until none is missing or `timeout` passed.
+    pub async fn verify(
+        &self,
+        stream: &str,
+        ids: &[String],
+        timeout: Duration,
+    ) -> anyhow::Result<Verification> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = compare(self.name(), ids, &self.count(stream, ids).await?);
+            if v.missing == 0 || Instant::now() >= deadline {
+                return Ok(v);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_and_duplicated_ids_are_counted_with_examples() {
+        let acked: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+        let found = BTreeMap::from([
+            ("a".to_owned(), 1),
+            ("c".to_owned(), 3),
+            ("x".to_owned(), 1),
+        ]);
+        let v = compare("file", &acked, &found);
+        assert_eq!((v.checked, v.missing, v.duplicated), (4, 2, 1));
+        assert_eq!(v.missing_examples, vec!["b", "d"]);
+        assert_eq!(v.duplicated_examples, vec!["c"]);
+    }
+
+    #[test]
+    fn all_present_once_is_clean() {
+        let acked: Vec<String> = (0..50).map(|n| format!("r-{n}")).collect();
+        let found = acked.iter().map(|id| (id.clone(), 1)).collect();
+        let v = compare("redis", &acked, &found);
+        assert_eq!((v.missing, v.duplicated), (0, 0));
+    }
+}
