@@ -1,7 +1,7 @@
 //! `sluice-loadgen`: the load client of the workshops and Sluice's benchmark tool.
 //!
 //! `--concurrency` clients (`--concurrent-clients`, `--concurrent-user`) send requests over
-//! one protocol (`--protocol http | http-batch | ws | tcp`) until `--requests` were sent or
+//! one protocol (`--protocol http | http-batch | ws | tcp | kafka`) until `--requests` were sent or
 //! `--duration` passed. Closed loop by default: each client waits for its answer (and
 //! `--delay` ms) before the next request. With `--rate` the run is open loop: request `n`
 //! is due at `n / rate` seconds, and its latency counts from then (see [`rate`]).
@@ -50,6 +50,10 @@ pub enum Protocol {
     Ws,
     /// One TCP connection per client to the write port; one JSON line, one `ok <id>`.
     Tcp,
+    /// Straight to Kafka with a bare producer (`--kafka-brokers`, topic = `--stream`),
+    /// configured as ingest's, each request (`--batch-size` records) waiting for its
+    /// acknowledgements: the ceiling ingest's figures are measured against.
+    Kafka,
 }
 
 /// Command line of `sluice-loadgen`.
@@ -68,6 +72,9 @@ pub struct Args {
         default_value = "http://127.0.0.1:8080"
     )]
     pub target: String,
+    /// Kafka for `--protocol kafka`.
+    #[arg(long, env = "SLUICE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
     /// Address of ingest's TCP write port (`--protocol tcp`).
     #[arg(
         long,
@@ -103,7 +110,7 @@ pub struct Args {
     /// Closed loop: milliseconds each client waits between requests.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub delay: u64,
-    /// Events per request for `http-batch` and `ws`.
+    /// Events per request for `http-batch`, `ws` and `kafka`.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub batch_size: u64,
     /// Reuse HTTP connections (`false`: a new connection per request).
@@ -154,7 +161,7 @@ impl Args {
     /// Events per request.
     pub fn events_per_request(&self) -> u64 {
         match self.protocol {
-            Protocol::HttpBatch | Protocol::Ws => self.batch_size,
+            Protocol::HttpBatch | Protocol::Ws | Protocol::Kafka => self.batch_size,
             Protocol::Http | Protocol::Tcp => 1,
         }
     }
@@ -346,6 +353,7 @@ enum Conn {
         >,
     ),
     Tcp(BufReader<tokio::net::TcpStream>),
+    Kafka(rdkafka::producer::FutureProducer),
 }
 
 struct Target {
@@ -353,7 +361,9 @@ struct Target {
     http_url: String,
     ws_url: String,
     tcp: String,
+    topic: String,
     http: reqwest::Client,
+    kafka: Option<rdkafka::producer::FutureProducer>,
 }
 
 impl Target {
@@ -368,6 +378,11 @@ impl Target {
                 .await
                 .map(|s| Conn::Tcp(BufReader::new(s)))
                 .map_err(|_| "connect".to_owned()),
+            Protocol::Kafka => self
+                .kafka
+                .clone()
+                .map(Conn::Kafka)
+                .ok_or_else(|| "kafka-client".to_owned()),
         }
     }
 }
@@ -386,7 +401,7 @@ async fn send(target: &Target, conn: &mut Option<Conn>, events: Vec<Value>) -> R
                 events.into_iter().next().unwrap_or_default()
             };
             match client.post(&target.http_url).json(&body).send().await {
-                Ok(r) if r.status() == reqwest::StatusCode::ACCEPTED => {
+                Ok(r) if r.status().is_success() => {
                     // Read the answer so the connection can be reused.
                     let _ = r.bytes().await;
                     Ok(())
@@ -441,6 +456,33 @@ async fn send(target: &Target, conn: &mut Option<Conn>, events: Vec<Value>) -> R
                 }
             }
         }
+        Some(Conn::Kafka(producer)) => {
+            // Every record of the request is sent at once; the request is acknowledged
+            // when all of them are.
+            let producer = &*producer;
+            let sends = events.iter().map(|event| {
+                let key = event["userId"].as_str().unwrap_or_default().to_owned();
+                let value = event.to_string();
+                async move {
+                    let record = rdkafka::producer::FutureRecord::to(&target.topic)
+                        .key(&key)
+                        .payload(&value);
+                    producer.send(record, Duration::from_secs(30)).await
+                }
+            });
+            match futures::future::join_all(sends)
+                .await
+                .into_iter()
+                .find_map(Result::err)
+            {
+                None => Ok(()),
+                Some((e, _)) => Err(format!(
+                    "kafka-{}",
+                    e.rdkafka_error_code()
+                        .map_or_else(|| "error".to_owned(), |c| format!("{c:?}"))
+                )),
+            }
+        }
         None => Err("connect".to_owned()),
     };
     if matches!(
@@ -478,7 +520,22 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
             args.stream
         ),
         tcp: args.tcp_target.clone(),
+        topic: args.stream.clone(),
         http: http.build()?,
+        kafka: if args.protocol == Protocol::Kafka {
+            check_tcp_target(
+                args.kafka_brokers.split(',').next().unwrap_or_default(),
+                args.allow_remote,
+            )?;
+            Some(
+                sluice_core::kafka::KafkaArgs::new(&args.kafka_brokers)
+                    .producer_config()
+                    .create()
+                    .context("cannot create a Kafka producer")?,
+            )
+        } else {
+            None
+        },
     });
     let verifying = !args.sinks().is_empty();
     let run_id = format!(

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 /// What the check found.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Verification {
     /// The sink checked.
     pub sink: String,
@@ -27,6 +27,9 @@ pub struct Verification {
     pub missing_examples: Vec<String>,
     /// Up to ten duplicated ids.
     pub duplicated_examples: Vec<String>,
+    /// Seconds from the end of the run until the sink held every event (or the check
+    /// gave up).
+    pub seconds: f64,
 }
 
 /// Compares the acknowledged ids with how often each was found.
@@ -38,6 +41,7 @@ pub fn compare(sink: &str, acknowledged: &[String], found: &BTreeMap<String, u64
         duplicated: 0,
         missing_examples: Vec::new(),
         duplicated_examples: Vec::new(),
+        seconds: 0.0,
     };
     for id in acknowledged {
         match found.get(id).copied().unwrap_or(0) {
@@ -155,10 +159,12 @@ impl Sink {
         ids: &[String],
         timeout: Duration,
     ) -> anyhow::Result<Verification> {
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
         loop {
-            let v = compare(self.name(), ids, &self.count(stream, ids).await?);
+            let mut v = compare(self.name(), ids, &self.count(stream, ids).await?);
             if v.missing == 0 || Instant::now() >= deadline {
+                v.seconds = started.elapsed().as_secs_f64();
                 return Ok(v);
             }
             tokio::time::sleep(Duration::from_millis(500)).await;

@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# The benchmark suite: every standard scenario against a release build, each figure beside
+# a ceiling measured in the same run on the same machine, and the ratio.
+#
+#   benches/run.sh             (DURATION=10 CLIENTS=64 to change the runs)
+#
+# Scenarios (sluice-loadgen drives all but the ceilings):
+#   HTTP single event, WebSocket, TCP lines   vs a bare rdkafka producer, 1 record per request
+#   HTTP batches of 100                       vs the bare producer, 100 records per request
+#   every request rate                        vs wrk on GET /healthz
+#   end to end into Redis (50,000 events, ingest -> Kafka -> collector -> Redis, verified
+#   by id)                                    vs redis-benchmark -P 16 SET on the same Redis
+#   POST /v1/work?ms=100 at 10, 100 and 1,000 clients vs the bound clients / 0.1 s
+#
+# Prints a Markdown table and writes it, with the date, commit and machine, to
+# docs/benchmarks.md. Starts the local stack if needed; stops what it started itself.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+duration="${DURATION:-10}"
+clients="${CLIENTS:-64}"
+
+scripts/setup >/dev/null
+if ! command -v wrk >/dev/null; then
+  sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd=sudo
+  $sudo_cmd apt-get install -y -q wrk >/dev/null
+fi
+eval "$(scripts/stack up 2>/dev/null)"
+echo "[bench] building release binaries" >&2
+cargo build --release --locked --bins -q
+bin="${CARGO_TARGET_DIR:-$root/target}/release"
+
+work="$(mktemp -d)"
+tag="bench$(date +%s)"
+cat >"$work/pipeline.yaml" <<YAML
+streams:
+  - name: $tag
+    partitions: 6
+  - name: $tag-e2e
+    partitions: 6
+YAML
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+http_port=$(free_port); tcp_port=$(free_port)
+base="http://127.0.0.1:$http_port"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+export SLUICE_LOG=warn
+"$bin/sluice-ingest" --listen "127.0.0.1:$http_port" --settings "$work/pipeline.yaml" \
+  --tcp-write-listen "127.0.0.1:$tcp_port" --tcp-stream "$tag" --create-topics \
+  --read-events false --key-prefix "$tag" >"$work/ingest.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do curl -fsS "$base/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
+curl -fsS "$base/readyz" >/dev/null || { cat "$work/ingest.log" >&2; exit 1; }
+
+lg() {
+  local name=$1; shift
+  echo "[bench] $name" >&2
+  "$bin/sluice-loadgen" --target "$base" --tcp-target "127.0.0.1:$tcp_port" \
+    --kafka-brokers "$SLUICE_KAFKA_BROKERS" --stream "$tag" --report-interval 0 --json \
+    --requests 10000000 --duration "$duration" "$@" >"$work/$name.json"
+}
+
+echo "[bench] wrk GET /healthz" >&2
+wrk -t 2 -c "$clients" -d "${duration}s" --latency "$base/healthz" >"$work/wrk.txt"
+lg kafka-single --protocol kafka --batch-size 1 --concurrency "$clients"
+lg http-single --protocol http --concurrency "$clients"
+lg ws-single --protocol ws --batch-size 1 --concurrency "$clients"
+lg tcp --protocol tcp --shape record --concurrency "$clients"
+lg kafka-batch --protocol kafka --batch-size 100 --concurrency "$clients"
+lg http-batch --protocol http-batch --batch-size 100 --concurrency "$clients"
+for c in 10 100 1000; do
+  lg "work-$c" --protocol http --path "/v1/work?ms=100" --concurrency "$c"
+done
+
+echo "[bench] redis-benchmark -P 16 SET" >&2
+redis_port="${SLUICE_REDIS_URL##*:}"
+redis-benchmark -h 127.0.0.1 -p "$redis_port" -P 16 -t set -n 1000000 -q >"$work/redis.txt" 2>&1
+"$bin/sluice-collector" --settings "$work/pipeline.yaml" --streams "$tag-e2e" --group "$tag-e2e" \
+  --key-prefix "$tag" --batch-size 2000 --concurrent-count 6 >"$work/collector.log" 2>&1 &
+pids+=($!)
+echo "[bench] end to end into Redis" >&2
+"$bin/sluice-loadgen" --target "$base" --stream "$tag-e2e" --protocol http-batch --batch-size 100 \
+  --requests 500 --concurrency 16 --duration 120 --report-interval 0 --json \
+  --verify-redis "$SLUICE_REDIS_URL" --verify-key-prefix "$tag" --verify-timeout 120 >"$work/e2e.json"
+
+commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+python3 - "$work" "$clients" "$duration" "$commit" <<'PY'
+import json, os, re, subprocess, sys, datetime
+work, clients, duration, commit = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+def load(name):
+    with open(os.path.join(work, name + ".json")) as f:
+        return json.load(f)
+wrk = open(os.path.join(work, "wrk.txt")).read()
+healthz = float(re.search(r"Requests/sec:\s+([\d.]+)", wrk).group(1))
+def wrk_ms(pct):
+    m = re.search(r"\s%s%%\s+([\d.]+)(us|ms|s)" % pct, wrk)
+    v, unit = float(m.group(1)), m.group(2)
+    return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+redis_txt = open(os.path.join(work, "redis.txt")).read()
+redis_set = float(re.search(r"SET:\s+([\d.]+)\s+requests per second", redis_txt).group(1))
+rows = []
+def fmt(x): return f"{x:,.0f}"
+def row(scenario, c, r, ceiling_name, ceiling, value):
+    rows.append(f"| {scenario} | {c} | {fmt(r['throughput'])} | {fmt(r['events_per_second'])} | "
+                f"{r['latency_ms']['p50']:.2f} | {r['latency_ms']['p99']:.2f} | "
+                f"{ceiling_name} {fmt(ceiling)} | {value / ceiling:.2f} |")
+rows.append(f"| `GET /healthz` (wrk, ceiling) | {clients} | {fmt(healthz)} | – | {wrk_ms(50):.2f} | {wrk_ms(99):.2f} | – | – |")
+ks, kb = load("kafka-single"), load("kafka-batch")
+rows.append(f"| bare rdkafka producer, 1 record (ceiling) | {clients} | {fmt(ks['throughput'])} | {fmt(ks['events_per_second'])} | {ks['latency_ms']['p50']:.2f} | {ks['latency_ms']['p99']:.2f} | – | – |")
+for name, label in [("http-single", "HTTP `POST`, 1 event"), ("ws-single", "WebSocket, 1 event per message"), ("tcp", "TCP write port, 1 line")]:
+    r = load(name)
+    row(label, clients, r, "producer", ks["events_per_second"], r["events_per_second"])
+rows.append(f"| bare rdkafka producer, 100 records (ceiling) | {clients} | {fmt(kb['throughput'])} | {fmt(kb['events_per_second'])} | {kb['latency_ms']['p50']:.2f} | {kb['latency_ms']['p99']:.2f} | – | – |")
+hb = load("http-batch")
+row("HTTP `POST`, batch of 100", clients, hb, "producer", kb["events_per_second"], hb["events_per_second"])
+e2e = load("e2e")
+v = e2e["verification"][0]
+e2e_rate = v["checked"] / (e2e["seconds"] + v["seconds"])
+rows.append(f"| end to end into Redis, {v['checked']:,} events ({v['missing']} missing, {v['duplicated']} duplicated) | 16 | – | {fmt(e2e_rate)} | {e2e['latency_ms']['p50']:.2f} | {e2e['latency_ms']['p99']:.2f} | redis-benchmark -P 16 SET {fmt(redis_set)} | {e2e_rate / redis_set:.2f} |")
+for c in (10, 100, 1000):
+    r = load(f"work-{c}")
+    bound = c / 0.1
+    row(f"`POST /v1/work?ms=100`", c, r, "bound", bound, r["throughput"])
+head = ("| scenario | clients | requests/s | events/s | p50 ms | p99 ms | ceiling (same run) | ratio |\n"
+        "|---|---|---|---|---|---|---|---|")
+table = head + "\n" + "\n".join(rows)
+errors = {n: load(n)["errors"] for n in ["http-single", "ws-single", "tcp", "http-batch", "e2e", "work-10", "work-100", "work-1000"] if load(n)["errors"]}
+cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
+when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+print(table)
+if errors:
+    print("\nerrors:", json.dumps(errors))
+with open("docs/benchmarks.md", "w") as f:
+    f.write(f"""# Benchmarks
+
+Produced by `benches/run.sh` (release build; the broker, Redis, the services and the load
+client share the machine). Every figure stands beside a ceiling measured in the same run:
+the request-level ceiling is `wrk` on `GET /healthz`; acknowledged events are compared with
+a bare rdkafka producer configured as ingest's (idempotent, `acks=all`, `linger.ms=1`) on
+the same broker; the end-to-end drain into Redis with `redis-benchmark -P 16` SET on the
+same Redis; the compute endpoint with its bound, clients ÷ 0.1 s. Latencies are from
+sluice-loadgen's HDR histogram (closed loop, {duration} s per scenario).
+
+Run: {when}, commit `{commit}`, {os.cpu_count()} cores ({cpu}).
+
+{table}
+""" + (f"\nErrors during the run: `{json.dumps(errors)}`\n" if errors else "") + """
+Read the ratios, not the absolute numbers: on a shared two-core machine every scenario
+competes with the broker for the same cores.
+""")
+PY
+echo "[bench] written to docs/benchmarks.md" >&2
