@@ -89,6 +89,7 @@ echo "[bench] end to end into Redis" >&2
   --requests 500 --concurrency 16 --duration 120 --report-interval 0 --json \
   --verify-redis "$SLUICE_REDIS_URL" --verify-key-prefix "$tag" --verify-timeout 120 >"$work/e2e.json"
 
+mkdir -p docs
 commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 python3 - "$work" "$clients" "$duration" "$commit" <<'PY'
 import json, os, re, subprocess, sys, datetime
