@@ -4,8 +4,11 @@
 #   make test    the whole test suite against the real stack (started and stopped here)
 #   make lint    rustfmt and clippy, as the test command runs them
 #   make stack-up / stack-down / stack-status
+#   make kind-up / kind-down   Sluice on a local kind cluster (needs Docker, kind, kubectl, helm)
+#   make images                the container images (needs Docker)
+#   make generate              the CRD and the rendered chart, from the code
 
-.PHONY: run test lint build setup stack-up stack-down stack-status clean
+.PHONY: run test lint build setup stack-up stack-down stack-status clean kind-up kind-down images generate
 
 run:
 	scripts/run
@@ -31,6 +34,18 @@ stack-down:
 
 stack-status:
 	scripts/stack status
+
+kind-up:
+	scripts/kind up
+
+kind-down:
+	scripts/kind down
+
+images:
+	scripts/kind images
+
+generate:
+	scripts/generate
 
 clean:
 	scripts/stack clean

@@ -6,7 +6,7 @@
 //! Services and HorizontalPodAutoscalers, and reports what it did in the status.
 //!
 //! The `///` docs on each field become the descriptions of the generated CRD
-//! (`cargo run --bin crdgen > manifests/crd.yaml`); validation rules reject nonsense at
+//! (`scripts/generate` writes `manifests/crd.yaml`); validation rules reject nonsense at
 //! `kubectl apply` time.
 
 use std::collections::BTreeMap;

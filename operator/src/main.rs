@@ -44,6 +44,9 @@ struct Args {
     /// Image of the managed Redis.
     #[arg(long, env = "SLUICE_REDIS_IMAGE", default_value_t = Images::default().redis)]
     redis_image: String,
+    /// OTLP endpoint the pipelines' ingest and collector pods export traces to.
+    #[arg(long, env = "SLUICE_PIPELINE_OTLP_ENDPOINT")]
+    pipeline_otlp_endpoint: Option<String>,
     /// Address of `/metrics`, `/healthz` and `/readyz` (plain HTTP).
     #[arg(long, env = "SLUICE_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
     metrics_listen: SocketAddr,
@@ -134,6 +137,9 @@ async fn operate(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
             .context("cannot use the self-signed certificate")?
         }
     };
+    if let (Some(cert), Some(key)) = (args.tls_cert_file.clone(), args.tls_key_file.clone()) {
+        tokio::spawn(reload_certificate(tls.clone(), cert, key, shutdown.clone()));
+    }
     let std_listener = std::net::TcpListener::bind(args.external_metrics_listen)
         .with_context(|| format!("cannot listen on {}", args.external_metrics_listen))?;
     std_listener.set_nonblocking(true)?;
@@ -170,6 +176,7 @@ async fn operate(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
                 ingest: args.ingest_image.clone(),
                 collector: args.collector_image.clone(),
                 redis: args.redis_image.clone(),
+                otlp_endpoint: args.pipeline_otlp_endpoint.clone(),
             },
         )
         .with_metrics(metrics.clone()),
@@ -248,4 +255,38 @@ async fn lead(
         Err(e) => tracing::warn!(error = %e, "lease task failed"),
     }
     Ok(())
+}
+
+/// Serves a renewed certificate (cert-manager rotates the Secret; the kubelet updates the
+/// mounted files) without a restart: the files are read every minute and the server's
+/// certificate replaced when they changed. A pair that cannot be loaded keeps the old one.
+async fn reload_certificate(
+    tls: axum_server::tls_rustls::RustlsConfig,
+    cert: PathBuf,
+    key: PathBuf,
+    shutdown: CancellationToken,
+) {
+    let read =
+        |cert: &PathBuf, key: &PathBuf| Some((std::fs::read(cert).ok()?, std::fs::read(key).ok()?));
+    let mut served = read(&cert, &key);
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = read(&cert, &key);
+        if now.is_none() || now == served {
+            continue;
+        }
+        match tls.reload_from_pem_file(&cert, &key).await {
+            Ok(()) => {
+                tracing::info!(cert = %cert.display(), "serving the renewed certificate");
+                served = now;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot load the renewed certificate; keeping the old one")
+            }
+        }
+    }
 }

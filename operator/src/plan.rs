@@ -34,6 +34,8 @@ pub struct Images {
     pub collector: String,
     /// Image of the managed Redis.
     pub redis: String,
+    /// OTLP endpoint the ingest and collector pods export traces to; none when unset.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for Images {
@@ -42,6 +44,7 @@ impl Default for Images {
             ingest: "ghcr.io/sluice-dev/sluice-ingest:0.1.0".to_owned(),
             collector: "ghcr.io/sluice-dev/sluice-collector:0.1.0".to_owned(),
             redis: "redis:7.4-alpine".to_owned(),
+            otlp_endpoint: None,
         }
     }
 }
@@ -348,6 +351,15 @@ fn deployment(
     d
 }
 
+/// Where a pipeline's pods send their traces, when the operator was told.
+fn telemetry_env(images: &Images) -> Vec<Value> {
+    images
+        .otlp_endpoint
+        .iter()
+        .map(|e| json!({"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": e}))
+        .collect()
+}
+
 fn ingest(
     pc: &PipelineConfig,
     images: &Images,
@@ -358,6 +370,7 @@ fn ingest(
     let mut service_ports =
         vec![json!({"name": "http", "port": spec.http_port, "targetPort": "http"})];
     let mut env = common_env(pc, Vec::new());
+    env.extend(telemetry_env(images));
     env.push(json!({"name": "SLUICE_INGEST_LISTEN", "value": "0.0.0.0:8080"}));
     if let Some(tcp) = &spec.tcp {
         ports.push(json!({"name": "tcp-write", "containerPort": 2525}));
@@ -444,6 +457,7 @@ fn collector(
         StartAt::Latest => vec![("auto.offset.reset".to_owned(), "latest".to_owned())],
     };
     let mut env = common_env(pc, start);
+    env.extend(telemetry_env(images));
     env.extend([
         json!({"name": "SLUICE_COLLECTOR_GROUP", "value": names::collector_group(pc, &c.name)}),
         json!({"name": "SLUICE_COLLECTOR_STREAMS", "value": c.streams.join(",")}),
@@ -789,6 +803,25 @@ spec:
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn pipeline_pods_export_traces_only_when_told_where() {
+        let plain = children(&pc(BASIC), &Images::default());
+        assert!(!env_of(&plain.ingest).contains_key("OTEL_EXPORTER_OTLP_ENDPOINT"));
+        let images = Images {
+            otlp_endpoint: Some("http://otel.observability:4317".to_owned()),
+            ..Images::default()
+        };
+        let traced = children(&pc(BASIC), &images);
+        for d in std::iter::once(&traced.ingest).chain(&traced.collectors) {
+            assert_eq!(
+                env_of(d)["OTEL_EXPORTER_OTLP_ENDPOINT"],
+                "http://otel.observability:4317",
+                "{:?}",
+                d.metadata.name
+            );
+        }
     }
 
     #[test]

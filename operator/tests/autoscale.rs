@@ -260,6 +260,11 @@ async fn the_hpa_scales_a_collector_on_lag_up_to_its_partitions_and_back() {
     scaled_to(1).await.expect("back from zero");
     sampler.abort();
 
+    let apiservices: Api<APIService> = Api::all(client.clone());
+    apiservices
+        .delete(APISERVICE, &DeleteParams::default())
+        .await
+        .expect("APIService removed");
     drop(registration);
     api.delete("lagged", &DeleteParams::default())
         .await

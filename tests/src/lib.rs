@@ -293,7 +293,7 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let path = dir.join(name);
     if !path.exists() {
         bail!(
-            "{} does not exist: build the binaries first with `cargo build --workspace --bins` (make test does)",
+            "{} does not exist: build the binaries first with `cargo build --workspace --bins --release` (make test does), in the profile the tests run in",
             path.display()
         );
     }

@@ -1,5 +1,6 @@
 //! `sluice-loadgen` against a real pipeline (ingest, Kafka, a Redis collector): every
-//! protocol, then a check by id that each acknowledged event reached Redis exactly once.
+//! protocol, then a check by id that each acknowledged event reached Redis and the file
+//! sink exactly once.
 
 use std::time::Duration;
 
@@ -36,6 +37,21 @@ async fn every_protocol_delivers_every_acknowledged_event_to_redis() -> anyhow::
         &env,
     )?;
     let _collector = Process::spawn("sluice-collector", &["--group", &unique("load")], &env)?;
+    // A second group writes the same events to files.
+    let records = std::env::temp_dir().join(unique("loadgen-records"));
+    let records_dir = records.display().to_string();
+    let _files = Process::spawn(
+        "sluice-collector",
+        &[
+            "--group",
+            &unique("files"),
+            "--sink",
+            "file",
+            "--record-directory",
+            &records_dir,
+        ],
+        &env,
+    )?;
     let base = format!("http://{http}");
     let client = reqwest::Client::new();
     wait_for("ingest to answer", Duration::from_secs(60), || {
@@ -85,6 +101,8 @@ async fn every_protocol_delivers_every_acknowledged_event_to_redis() -> anyhow::
             &stack.redis_url,
             "--verify-key-prefix",
             &pipeline.key_prefix,
+            "--verify-file",
+            &records_dir,
         ];
         args.extend(extra);
         let output = tokio::process::Command::new(binary("sluice-loadgen")?)
@@ -107,16 +125,19 @@ async fn every_protocol_delivers_every_acknowledged_event_to_redis() -> anyhow::
             serde_json::json!({}),
             "{protocol}: {report}"
         );
-        let check = &report["verification"][0];
-        assert_eq!(check["sink"], "redis");
-        assert_eq!(check["checked"], events, "{protocol}: {report}");
-        assert_eq!(check["missing"], 0, "{protocol}: {report}");
-        assert_eq!(check["duplicated"], 0, "{protocol}: {report}");
+        for (i, sink) in ["redis", "file"].into_iter().enumerate() {
+            let check = &report["verification"][i];
+            assert_eq!(check["sink"], sink);
+            assert_eq!(check["checked"], events, "{protocol}: {report}");
+            assert_eq!(check["missing"], 0, "{protocol}: {report}");
+            assert_eq!(check["duplicated"], 0, "{protocol}: {report}");
+        }
         assert!(
             report["latency_ms"]["p50"]
                 .as_f64()
                 .is_some_and(|p| p > 0.0)
         );
     }
+    let _ = std::fs::remove_dir_all(&records);
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! Prints the `PipelineConfig` CRD as YAML: `cargo run --bin crdgen > manifests/crd.yaml`.
+//! Prints the `PipelineConfig` CRD as YAML: scripts/generate writes it to
+//! `manifests/crd.yaml` and `charts/sluice/crds/pipelineconfigs.yaml`.
 
 fn main() {
     print!("{}", sluice_operator::crd_yaml());
