@@ -64,6 +64,10 @@ struct Args {
     /// Private key (PEM) of the external metrics API.
     #[arg(long, env = "SLUICE_TLS_KEY_FILE", requires = "tls_cert_file")]
     tls_key_file: Option<PathBuf>,
+    /// Seconds between checks of `--tls-cert-file` and `--tls-key-file` for a renewed
+    /// certificate.
+    #[arg(long, env = "SLUICE_TLS_RELOAD_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    tls_reload_seconds: u64,
     /// Names in the self-signed certificate, comma separated.
     #[arg(
         long,
@@ -138,7 +142,14 @@ async fn operate(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         }
     };
     if let (Some(cert), Some(key)) = (args.tls_cert_file.clone(), args.tls_key_file.clone()) {
-        tokio::spawn(reload_certificate(tls.clone(), cert, key, shutdown.clone()));
+        let every = Duration::from_secs(args.tls_reload_seconds);
+        tokio::spawn(reload_certificate(
+            tls.clone(),
+            cert,
+            key,
+            every,
+            shutdown.clone(),
+        ));
     }
     let std_listener = std::net::TcpListener::bind(args.external_metrics_listen)
         .with_context(|| format!("cannot listen on {}", args.external_metrics_listen))?;
@@ -258,18 +269,19 @@ async fn lead(
 }
 
 /// Serves a renewed certificate (cert-manager rotates the Secret; the kubelet updates the
-/// mounted files) without a restart: the files are read every minute and the server's
+/// mounted files) without a restart: the files are read `every` so often and the server's
 /// certificate replaced when they changed. A pair that cannot be loaded keeps the old one.
 async fn reload_certificate(
     tls: axum_server::tls_rustls::RustlsConfig,
     cert: PathBuf,
     key: PathBuf,
+    every: Duration,
     shutdown: CancellationToken,
 ) {
     let read =
         |cert: &PathBuf, key: &PathBuf| Some((std::fs::read(cert).ok()?, std::fs::read(key).ok()?));
     let mut served = read(&cert, &key);
-    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,

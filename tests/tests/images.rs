@@ -269,3 +269,19 @@ fn the_charts_default_images_are_the_dockerfiles_targets() {
         );
     }
 }
+
+#[test]
+fn the_dev_kafka_for_kind_is_the_version_the_tests_run_against() {
+    let pom = read("scripts/kafka/pom.xml");
+    let version = pom
+        .split("<kafka.version>")
+        .nth(1)
+        .and_then(|rest| rest.split("</kafka.version>").next())
+        .expect("scripts/kafka/pom.xml names kafka.version");
+    let manifest = read("manifests/kafka-dev.yaml");
+    let image = manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("image: "))
+        .expect("manifests/kafka-dev.yaml names an image");
+    assert_eq!(image, format!("docker.io/apache/kafka:{version}"));
+}

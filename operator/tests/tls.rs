@@ -1,0 +1,132 @@
+//! The external metrics API serves a renewed certificate without a restart, as when
+//! cert-manager rotates the Secret the chart mounts, and keeps the old one when the new
+//! files cannot be loaded.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use sluice_operator::external::self_signed;
+use sluice_testkit::{Process, free_port, wait_for};
+
+use common::{client, namespace};
+
+/// The SHA-256 fingerprint of the certificate served on `port`, as openssl prints it.
+fn served_fingerprint(port: u16) -> Option<String> {
+    let mut client = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-servername",
+            "localhost",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let x509 = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256"])
+        .stdin(client.stdout.take()?)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let _ = client.wait();
+    let out = x509.wait_with_output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn fingerprint_of(pem: &str, dir: &Path) -> String {
+    let path = dir.join("probe.pem");
+    std::fs::write(&path, pem).expect("write");
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(&path)
+        .output()
+        .expect("openssl runs");
+    assert!(out.status.success(), "openssl reads the certificate");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test]
+async fn a_renewed_certificate_is_served_without_a_restart() {
+    let client = client().await;
+    let ns = namespace(&client).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cert = dir.path().join("tls.crt");
+    let key = dir.path().join("tls.key");
+    let first = self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    std::fs::write(&cert, &first.cert_pem).expect("write");
+    std::fs::write(&key, &first.key_pem).expect("write");
+
+    let metrics = free_port().expect("port");
+    let external = free_port().expect("port");
+    let cert_arg = cert.display().to_string();
+    let key_arg = key.display().to_string();
+    let mut operator = Process::spawn(
+        "sluice-operator",
+        &[
+            "--namespace",
+            &ns,
+            "--leader-election",
+            "false",
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics}"),
+            "--external-metrics-listen",
+            &format!("127.0.0.1:{external}"),
+            "--tls-cert-file",
+            &cert_arg,
+            "--tls-key-file",
+            &key_arg,
+            "--tls-reload-seconds",
+            "1",
+        ],
+        &[],
+    )
+    .expect("operator started");
+
+    let served = |want: String| {
+        move || {
+            let want = want.clone();
+            async move { Ok((served_fingerprint(external) == Some(want)).then_some(())) }
+        }
+    };
+    let first_print = fingerprint_of(&first.cert_pem, dir.path());
+    wait_for(
+        "the first certificate",
+        Duration::from_secs(30),
+        served(first_print.clone()),
+    )
+    .await
+    .expect("serves the certificate it started with");
+
+    // Renewed: the key first, then the certificate, as a kubelet update may land.
+    let second = self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    std::fs::write(&key, &second.key_pem).expect("write");
+    std::fs::write(&cert, &second.cert_pem).expect("write");
+    let second_print = fingerprint_of(&second.cert_pem, dir.path());
+    assert_ne!(first_print, second_print);
+    wait_for(
+        "the renewed certificate",
+        Duration::from_secs(30),
+        served(second_print.clone()),
+    )
+    .await
+    .expect("serves the renewed certificate");
+
+    // A broken pair is refused and the renewed certificate stays.
+    std::fs::write(&cert, "not a certificate").expect("write");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(served_fingerprint(external), Some(second_print));
+    assert!(
+        operator.running(),
+        "a broken file does not stop the operator"
+    );
+    operator.kill().expect("stopped");
+}
