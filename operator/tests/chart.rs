@@ -394,7 +394,7 @@ fn other_values_change_what_they_say_and_nothing_else() {
 }
 
 #[test]
-fn a_wrong_value_is_refused_with_a_message_naming_it() {
+fn wrong_values_are_refused_with_a_message_naming_them() {
     let err = template("ops", &["externalMetrics.certificate.source=selfmade"])
         .expect_err("an unknown certificate source is refused");
     assert!(
@@ -406,6 +406,36 @@ fn a_wrong_value_is_refused_with_a_message_naming_it() {
     let err = template("ops", &["externalMetrics.certificate.source=secret"])
         .expect_err("source secret needs a name");
     assert!(err.contains("secretName is required"), "{err}");
+    let err = template(
+        "ops",
+        &[
+            "externalMetrics.certificate.source=secret",
+            "externalMetrics.certificate.secretName=own-tls",
+        ],
+    )
+    .expect_err("an own certificate needs its CA for the APIService");
+    assert!(
+        err.contains("needs the CA") && err.contains("ops/own-tls"),
+        "{err}"
+    );
+    let docs = documents(
+        &template(
+            "ops",
+            &[
+                "externalMetrics.certificate.source=secret",
+                "externalMetrics.certificate.secretName=own-tls",
+                "externalMetrics.certificate.caBundle=Q0E=",
+            ],
+        )
+        .expect("renders with the CA given"),
+    );
+    assert_eq!(one(&docs, "APIService")["spec"]["caBundle"], "Q0E=");
+    assert!(
+        of_kind(&docs, "Secret").is_empty(),
+        "the Secret is the user's"
+    );
+    let volumes = &one(&docs, "Deployment")["spec"]["template"]["spec"]["volumes"];
+    assert_eq!(volumes[0]["secret"]["secretName"], "own-tls");
 }
 
 #[test]
