@@ -148,6 +148,7 @@ async fn operate(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
             cert,
             key,
             every,
+            metrics.clone(),
             shutdown.clone(),
         ));
     }
@@ -270,12 +271,14 @@ async fn lead(
 
 /// Serves a renewed certificate (cert-manager rotates the Secret; the kubelet updates the
 /// mounted files) without a restart: the files are read `every` so often and the server's
-/// certificate replaced when they changed. A pair that cannot be loaded keeps the old one.
+/// certificate replaced when they changed. A pair that cannot be loaded keeps the old one;
+/// each attempt is counted in `sluice_operator_certificate_reloads_total{result}`.
 async fn reload_certificate(
     tls: axum_server::tls_rustls::RustlsConfig,
     cert: PathBuf,
     key: PathBuf,
     every: Duration,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let read =
@@ -287,18 +290,23 @@ async fn reload_certificate(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now = read(&cert, &key);
-        if now.is_none() || now == served {
+        let Some(now) = read(&cert, &key) else {
+            continue;
+        };
+        if served.as_ref() == Some(&now) {
             continue;
         }
-        match tls.reload_from_pem_file(&cert, &key).await {
+        match tls.reload_from_pem(now.0.clone(), now.1.clone()).await {
             Ok(()) => {
                 tracing::info!(cert = %cert.display(), "serving the renewed certificate");
-                served = now;
+                metrics.certificate_reload("ok");
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot load the renewed certificate; keeping the old one")
+                tracing::warn!(error = %e, "cannot load the renewed certificate; keeping the old one");
+                metrics.certificate_reload("error");
             }
         }
+        // A pair that failed is tried again only once the files change.
+        served = Some(now);
     }
 }

@@ -36,6 +36,7 @@ pub struct Metrics {
     duration: Histogram,
     leader: Gauge<i64, AtomicI64>,
     lag_queries: Family<ResultLabels, Counter>,
+    certificate_reloads: Family<ResultLabels, Counter>,
     ready: atomic::AtomicBool,
 }
 
@@ -79,6 +80,12 @@ impl Metrics {
             "Requests to the external metrics API, by result (ok, not_found, error)",
             lag_queries.clone(),
         );
+        let certificate_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "certificate_reloads",
+            "Renewed certificates of the external metrics API, by result (ok, error)",
+            certificate_reloads.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -86,6 +93,7 @@ impl Metrics {
             duration,
             leader,
             lag_queries,
+            certificate_reloads,
             ready: atomic::AtomicBool::new(false),
         }
     }
@@ -116,6 +124,15 @@ impl Metrics {
     /// Records one external metrics request.
     pub fn lag_query(&self, result: &'static str) {
         self.lag_queries
+            .get_or_create(&ResultLabels {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Records one attempt to serve a renewed certificate.
+    pub fn certificate_reload(&self, result: &'static str) {
+        self.certificate_reloads
             .get_or_create(&ResultLabels {
                 result: result.to_owned(),
             })

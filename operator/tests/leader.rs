@@ -12,7 +12,7 @@ use serde_json::json;
 use sluice_operator::crd::PipelineConfig;
 use sluice_testkit::{Process, free_port, wait_for};
 
-use common::{client, condition, install_crd, namespace};
+use common::{client, condition, install_crd, metric, namespace};
 
 struct Operator {
     process: Process,
@@ -44,23 +44,6 @@ fn start(ns: &str, lease: &str, identity: &str) -> Operator {
     )
     .expect("operator started");
     Operator { process, metrics }
-}
-
-/// The value of a metric line starting with `name` (0 when absent); `None` while the
-/// endpoint does not answer.
-async fn metric(port: u16, name: &str) -> Option<f64> {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    Some(
-        text.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum(),
-    )
 }
 
 async fn leader_of(ops: &[&Operator]) -> Option<usize> {

@@ -1,6 +1,6 @@
 //! The external metrics API serves a renewed certificate without a restart, as when
 //! cert-manager rotates the Secret the chart mounts, and keeps the old one when the new
-//! files cannot be loaded.
+//! files cannot be loaded; both are counted in its metrics.
 
 mod common;
 
@@ -11,7 +11,7 @@ use std::time::Duration;
 use sluice_operator::external::self_signed;
 use sluice_testkit::{Process, free_port, wait_for};
 
-use common::{client, namespace};
+use common::{client, metric, namespace};
 
 /// The SHA-256 fingerprint of the certificate served on `port`, as openssl prints it.
 fn served_fingerprint(port: u16) -> Option<String> {
@@ -40,6 +40,13 @@ fn served_fingerprint(port: u16) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// `sluice_operator_certificate_reloads_total{result}`; `None` while `/metrics` does not
+/// answer.
+async fn reloads(port: u16, result: &str) -> Option<f64> {
+    let name = format!("sluice_operator_certificate_reloads_total{{result=\"{result}\"}} ");
+    metric(port, &name).await
 }
 
 fn fingerprint_of(pem: &str, dir: &Path) -> String {
@@ -91,20 +98,16 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
     )
     .expect("operator started");
 
-    let served = |want: String| {
-        move || {
+    let await_served = |what: &'static str, want: String| {
+        wait_for(what, Duration::from_secs(30), move || {
             let want = want.clone();
             async move { Ok((served_fingerprint(external) == Some(want)).then_some(())) }
-        }
+        })
     };
     let first_print = fingerprint_of(&first.cert_pem, dir.path());
-    wait_for(
-        "the first certificate",
-        Duration::from_secs(30),
-        served(first_print.clone()),
-    )
-    .await
-    .expect("serves the certificate it started with");
+    await_served("the first certificate", first_print.clone())
+        .await
+        .expect("serves the certificate it started with");
 
     // Renewed: the key first, then the certificate, as a kubelet update may land.
     let second = self_signed(vec!["localhost".to_owned()]).expect("certificate");
@@ -112,18 +115,30 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
     std::fs::write(&cert, &second.cert_pem).expect("write");
     let second_print = fingerprint_of(&second.cert_pem, dir.path());
     assert_ne!(first_print, second_print);
+    await_served("the renewed certificate", second_print.clone())
+        .await
+        .expect("serves the renewed certificate");
+
+    // A broken pair is refused, counted, and the renewed certificate stays.
+    let failed_before = reloads(metrics, "error").await.unwrap_or(0.0);
+    std::fs::write(&cert, "not a certificate").expect("write");
     wait_for(
-        "the renewed certificate",
+        "the broken pair to be refused",
         Duration::from_secs(30),
-        served(second_print.clone()),
+        || async {
+            Ok(reloads(metrics, "error")
+                .await
+                .filter(|n| *n > failed_before)
+                .map(|_| ()))
+        },
     )
     .await
-    .expect("serves the renewed certificate");
-
-    // A broken pair is refused and the renewed certificate stays.
-    std::fs::write(&cert, "not a certificate").expect("write");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    .expect("the broken pair is tried and refused");
     assert_eq!(served_fingerprint(external), Some(second_print));
+    assert!(
+        reloads(metrics, "ok").await.is_some_and(|n| n >= 1.0),
+        "the renewal was counted"
+    );
     assert!(
         operator.running(),
         "a broken file does not stop the operator"

@@ -91,3 +91,20 @@ pub fn controller(client: &Client, namespace: &str) -> tokio_util::sync::Cancell
     ));
     stop
 }
+
+/// The sum of the metric lines starting with `name` on an operator's `/metrics` at
+/// 127.0.0.1:`port` (0 when absent); `None` while the endpoint does not answer.
+pub async fn metric(port: u16, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    Some(
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
+}
