@@ -5,10 +5,11 @@
 #   make lint    rustfmt and clippy, as the test command runs them
 #   make stack-up / stack-down / stack-status
 #   make kind-up / kind-down   Sluice on a local kind cluster (needs Docker, kind, kubectl, helm)
+#   make cluster-up / cluster-down   Sluice on a real node on this machine, without Docker (root)
 #   make images                the container images (needs Docker)
 #   make generate              the CRD and the rendered chart, from the code
 
-.PHONY: run test lint build setup stack-up stack-down stack-status clean kind-up kind-down images generate
+.PHONY: run test lint build setup stack-up stack-down stack-status clean kind-up kind-down cluster-up cluster-down images generate
 
 run:
 	scripts/run
@@ -40,6 +41,13 @@ kind-up:
 
 kind-down:
 	scripts/kind down
+
+cluster-up: setup
+	scripts/realnode install
+
+cluster-down:
+	scripts/realnode down
+	scripts/stack down
 
 images:
 	scripts/kind images

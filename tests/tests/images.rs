@@ -3,8 +3,9 @@
 //! (`scripts/test`), and every image runs its binary as the unprivileged user the chart
 //! and the operator's pods expect.
 //!
-//! The image build itself needs a Docker engine; this checks the Dockerfile as a parsed
-//! document instead.
+//! This checks the Dockerfile as a parsed document; the images themselves are built from
+//! it with buildah by `scripts/realnode images` and run on the real node
+//! (`operator/tests/realnode.rs`).
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -147,7 +148,8 @@ fn images_are_built_with_the_test_commands_cargo_profile_and_features() {
         let copied = image.instructions.iter().any(|i| match i {
             Instruction::Copy(c) => {
                 c.options.iter().any(|o| {
-                    o.name.value == "from" && o.value.as_ref().is_some_and(|v| v.value == "build")
+                    o.name.value == "from"
+                        && o.value.as_ref().is_some_and(|v| v.value == "binaries")
                 }) && c.src.iter().any(|s| match s {
                     parse_dockerfile::Source::Path(p) => p.value == format!("/out/{name}"),
                     _ => false,
@@ -155,7 +157,7 @@ fn images_are_built_with_the_test_commands_cargo_profile_and_features() {
             }
             _ => false,
         });
-        assert!(copied, "{name} copies /out/{name} from the build stage");
+        assert!(copied, "{name} copies /out/{name} from the binaries stage");
         let entrypoint = image.instructions.iter().find_map(|i| match i {
             Instruction::Entrypoint(e) => match &e.arguments {
                 Command::Exec(args) => Some(
@@ -176,6 +178,40 @@ fn images_are_built_with_the_test_commands_cargo_profile_and_features() {
         // The very binary the tests ran exists in the same profile's output.
         sluice_testkit::binary(name).unwrap_or_else(|e| panic!("{e}"));
     }
+
+    // The binaries come from the build stage unless a build asks for prebuilt ones, which
+    // must be the same four.
+    let default = file
+        .global_args()
+        .find_map(|a| {
+            a.arguments
+                .value
+                .strip_prefix("BINARIES=")
+                .map(str::to_owned)
+        })
+        .expect("the Dockerfile has ARG BINARIES");
+    assert_eq!(default, "build", "images compile their binaries by default");
+    assert_eq!(stage(&file, "binaries").from.image.value, "${BINARIES}");
+    let prebuilt = stage(&file, "prebuilt");
+    let prebuilt_copies: BTreeSet<String> = prebuilt
+        .instructions
+        .iter()
+        .filter_map(|i| match i {
+            Instruction::Copy(c) => Some(c),
+            _ => None,
+        })
+        .flat_map(|c| {
+            c.src.iter().filter_map(|s| match s {
+                parse_dockerfile::Source::Path(p) => Some(p.value.to_string()),
+                _ => None,
+            })
+        })
+        .collect();
+    assert_eq!(
+        prebuilt_copies,
+        IMAGES.iter().map(|n| n.to_string()).collect(),
+        "the prebuilt stage takes the same binaries"
+    );
 
     let runtime = stage(&file, "runtime");
     let user = user_of(&runtime).expect("the runtime stage sets USER");

@@ -1,0 +1,640 @@
+//! Sluice in real pods on the real node that `scripts/realnode` runs (containerd, kubelet,
+//! kube-proxy, CoreDNS): the chart installs the operator from the images built here from
+//! `docker/Dockerfile`, and it runs with in-cluster config and its ServiceAccount; the
+//! APIService reaches it through the chart's Service and generated certificate; an example
+//! PipelineConfig becomes ingest, collector and Redis pods that take events through a
+//! NodePort and serve them back; and the HorizontalPodAutoscaler scales the real
+//! collectors on the lag they drain themselves. Every namespace enforces the Pod Security
+//! `restricted` profile, so the admission controller checks the pods' security contexts.
+//!
+//! Needs the real node and its images (`eval "$(scripts/realnode up)"`, then
+//! `scripts/realnode images`), the stack's Kafka started after the node so that it has a
+//! listener for pods (`SLUICE_STACK_KAFKA_POD_BROKERS`), and `helm` and `kubectl` on PATH
+//! (`eval "$(scripts/k8s env)"`). `make test` does all of this.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use sluice_core::store::DEFAULT_PREFIX;
+use sluice_operator::crd::PipelineConfig;
+use sluice_testkit::wait_for;
+
+use common::{condition, uuid_like};
+
+/// Where the chart is installed, and the operator's name in it.
+const RELEASE_NAMESPACE: &str = "sluice-system";
+const OPERATOR: &str = "sluice-operator";
+const APISERVICE: &str = "v1beta1.external.metrics.k8s.io";
+/// The real node's name (scripts/realnode).
+const NODE: &str = "sluice-node";
+
+/// The real node's cluster, from the environment `scripts/realnode` and `scripts/stack`
+/// print.
+struct RealNode {
+    kubeconfig: String,
+    /// Kafka's listener for pods.
+    pod_brokers: String,
+    /// The address NodePorts answer on.
+    host: String,
+}
+
+fn var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: start the real node with `eval \"$(scripts/realnode up)\"`, then the stack \
+             (`eval \"$(scripts/stack up)\"`), or run `make test`"
+        )
+    })
+}
+
+fn real_node() -> RealNode {
+    RealNode {
+        kubeconfig: var("SLUICE_REALNODE_KUBECONFIG"),
+        pod_brokers: var("SLUICE_STACK_KAFKA_POD_BROKERS"),
+        host: var("SLUICE_REALNODE_NODEPORT_HOST"),
+    }
+}
+
+async fn client(node: &RealNode) -> Client {
+    let kubeconfig = Kubeconfig::read_from(&node.kubeconfig).expect("the real node's kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("kube config");
+    Client::try_from(config).expect("kube client")
+}
+
+/// Runs `program` against the real node's cluster; its standard output, or what it said.
+fn run(node: &RealNode, program: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(program)
+        .args(args)
+        .env("KUBECONFIG", &node.kubeconfig)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program}: {e}; `eval \"$(scripts/k8s env)\"` puts it on PATH")
+        });
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{program} {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        ))
+    }
+}
+
+/// Applies a YAML or JSON document with kubectl (server-side).
+fn apply(node: &RealNode, document: &Value) -> Result<String, String> {
+    let path = std::env::temp_dir().join(format!("sluice-realnode-{}.json", uuid_like()));
+    std::fs::write(&path, document.to_string()).expect("write manifest");
+    let out = run(
+        node,
+        "kubectl",
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=sluice-tests",
+            "-f",
+            &path.display().to_string(),
+        ],
+    );
+    let _ = std::fs::remove_file(path);
+    out
+}
+
+/// The labels that make the apiserver's Pod Security admission enforce `restricted`.
+fn restricted_labels() -> Value {
+    json!({
+        "pod-security.kubernetes.io/enforce": "restricted",
+        "pod-security.kubernetes.io/enforce-version": "latest",
+    })
+}
+
+/// Installs the chart once for the tests of this file, with its default images (the ones
+/// `scripts/realnode images` built) and Debian's Redis for the pipelines, and waits until
+/// helm sees the operator's Deployment available.
+fn chart_installed(node: &RealNode) {
+    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+    let installed = INSTALLED.get_or_init(|| {
+        let mut labels = restricted_labels();
+        labels["sluice.dev/test"] = json!("true");
+        apply(
+            node,
+            &json!({"apiVersion": "v1", "kind": "Namespace",
+                    "metadata": {"name": RELEASE_NAMESPACE, "labels": labels}}),
+        )?;
+        let chart = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../charts/sluice")
+            .display()
+            .to_string();
+        run(
+            node,
+            "helm",
+            &[
+                "upgrade",
+                "--install",
+                "sluice",
+                &chart,
+                "--namespace",
+                RELEASE_NAMESPACE,
+                "--set",
+                "images.redis.repository=localhost/sluice-redis",
+                "--set",
+                "images.redis.tag=7",
+                "--wait",
+                "--timeout",
+                "5m",
+            ],
+        )
+        .map(|_| ())
+    });
+    if let Err(e) = installed {
+        panic!("helm install of charts/sluice on the real node: {e}");
+    }
+}
+
+/// A namespace of this test, with the `restricted` profile enforced.
+async fn restricted_namespace(client: &Client) -> String {
+    let name = format!("sluice-real-{}", uuid_like());
+    let mut labels = restricted_labels();
+    labels["sluice.dev/test"] = json!("true");
+    let ns: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).expect("ns");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("namespace created");
+    name
+}
+
+fn ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// `GET` of an aggregated API path through the apiserver, as `kubectl get --raw` does.
+fn get_raw(node: &RealNode, path: &str) -> Result<Value, String> {
+    let text = run(node, "kubectl", &["get", "--raw", path])?;
+    serde_json::from_str(&text).map_err(|e| format!("{path}: {e}: {text}"))
+}
+
+/// The lag the operator reports for a collector through the apiserver.
+fn lag(node: &RealNode, namespace: &str, pipeline: &str, collector: &str) -> Result<i64, String> {
+    let list = get_raw(
+        node,
+        &format!(
+            "/apis/external.metrics.k8s.io/v1beta1/namespaces/{namespace}/sluice_consumer_lag\
+             ?labelSelector=pipeline%3D{pipeline}%2Ccollector%3D{collector}"
+        ),
+    )?;
+    list["items"][0]["value"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("no lag value in {list}"))
+}
+
+/// An example from `manifests/examples/`, renamed for this test (the pipeline, and its
+/// streams, whose names are Kafka topic and group names) and pointed at the test broker.
+fn example(file: &str, node: &RealNode) -> (PipelineConfig, BTreeMap<String, String>) {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../manifests/examples")
+        .join(file);
+    let text = std::fs::read_to_string(&path).expect("example");
+    let mut pc: PipelineConfig = serde_yaml_ng::from_str(&text).expect("example parses");
+    let id = uuid_like();
+    pc.metadata.name = Some(format!("{}-{id}", pc.name_any()));
+    pc.spec.kafka.bootstrap_servers = node.pod_brokers.clone();
+    pc.spec.topic_deletion_policy = sluice_operator::crd::TopicDeletionPolicy::Delete;
+    let renamed: BTreeMap<String, String> = pc
+        .spec
+        .streams
+        .iter()
+        .map(|s| (s.name.clone(), format!("{}-{id}", s.name)))
+        .collect();
+    for s in &mut pc.spec.streams {
+        s.name = renamed[&s.name].clone();
+    }
+    for c in &mut pc.spec.collectors {
+        for s in &mut c.streams {
+            *s = renamed[s].clone();
+        }
+    }
+    (pc, renamed)
+}
+
+async fn create(client: &Client, namespace: &str, pc: &PipelineConfig) -> Api<PipelineConfig> {
+    let api: Api<PipelineConfig> = Api::namespaced(client.clone(), namespace);
+    api.create(&PostParams::default(), pc)
+        .await
+        .expect("PipelineConfig created");
+    api
+}
+
+/// A NodePort Service for the pipeline's ingest HTTP port, as `manifests/kind-nodeports.yaml`
+/// gives kind; the base URL it answers on.
+async fn ingest_nodeport(
+    client: &Client,
+    node: &RealNode,
+    namespace: &str,
+    pipeline: &str,
+) -> String {
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": format!("{pipeline}-ingest-nodeport")},
+        "spec": {
+            "type": "NodePort",
+            "selector": {"app.kubernetes.io/instance": pipeline, "app.kubernetes.io/component": "ingest"},
+            "ports": [{"name": "http", "port": 8080, "targetPort": "http"}],
+        }
+    }))
+    .expect("service");
+    let created = services
+        .create(&PostParams::default(), &service)
+        .await
+        .expect("NodePort Service created");
+    let port = created
+        .spec
+        .and_then(|s| s.ports)
+        .and_then(|p| p.into_iter().next())
+        .and_then(|p| p.node_port)
+        .expect("a node port");
+    format!("http://{}:{port}", node.host)
+}
+
+async fn delete_namespace(client: &Client, namespace: &str) {
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(namespace, &DeleteParams::default())
+        .await;
+}
+
+#[tokio::test]
+async fn the_chart_runs_the_operator_in_real_pods_behind_the_apiservice() {
+    let node = real_node();
+    chart_installed(&node);
+    let client = client(&node).await;
+    let limit = Duration::from_secs(180);
+
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+    wait_for("both operator replicas Ready", limit, || async {
+        let d = deployments.get(OPERATOR).await?;
+        Ok((d.status.and_then(|s| s.ready_replicas) == Some(2)).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+    let operators = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=sluice-operator"))
+        .await
+        .expect("operator pods");
+    let names: BTreeSet<String> = operators
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| p.name_any())
+        .collect();
+    assert_eq!(names.len(), 2, "two operator pods: {names:?}");
+    for pod in operators
+        .items
+        .iter()
+        .filter(|p| names.contains(&p.name_any()))
+    {
+        let spec = pod.spec.as_ref().expect("pod spec");
+        assert_eq!(
+            spec.node_name.as_deref(),
+            Some(NODE),
+            "{} runs on the real node",
+            pod.name_any()
+        );
+        assert_eq!(spec.service_account_name.as_deref(), Some(OPERATOR));
+        assert!(ready(pod), "{} is Ready through its probes", pod.name_any());
+        let image = spec.containers[0].image.clone().unwrap_or_default();
+        assert!(
+            image.starts_with("ghcr.io/sluice-dev/sluice-operator:"),
+            "the chart's default image: {image}"
+        );
+    }
+
+    // The replicas elect a leader through the apiserver with their ServiceAccount.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+    let holder = wait_for("an operator pod to hold the Lease", limit, || async {
+        let lease = leases.get_opt(OPERATOR).await?;
+        Ok(lease
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity)
+            .filter(|h| names.contains(h)))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(names.contains(&holder));
+
+    // The aggregator reaches the operator through the chart's Service, trusting the CA the
+    // chart generated.
+    let apiservices: Api<APIService> = Api::all(client.clone());
+    let available = wait_for("the APIService to become Available", limit, || async {
+        let a = apiservices.get(APISERVICE).await?;
+        let is_available = a
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| {
+                c.iter()
+                    .any(|c| c.type_ == "Available" && c.status == "True")
+            });
+        Ok(is_available.then_some(a))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let spec = available.spec.expect("APIService spec");
+    assert_ne!(spec.insecure_skip_tls_verify, Some(true), "TLS is verified");
+    assert!(
+        spec.ca_bundle.is_some_and(|b| !b.0.is_empty()),
+        "the chart's CA is in the caBundle"
+    );
+    assert_eq!(
+        spec.service.and_then(|s| s.name).as_deref(),
+        Some(OPERATOR),
+        "through the chart's Service"
+    );
+    let resources =
+        get_raw(&node, "/apis/external.metrics.k8s.io/v1beta1").unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        resources.to_string().contains("sluice_consumer_lag"),
+        "the API lists the lag metric: {resources}"
+    );
+}
+
+#[tokio::test]
+async fn an_example_pipeline_runs_in_real_pods_and_serves_its_events() {
+    let node = real_node();
+    chart_installed(&node);
+    let client = client(&node).await;
+    let ns = restricted_namespace(&client).await;
+    let limit = Duration::from_secs(240);
+
+    let (pc, streams) = example("kv-store.yaml", &node);
+    let name = pc.name_any();
+    let stream = streams["items"].clone();
+    let api = create(&client, &ns, &pc).await;
+    wait_for("the pipeline to become Ready", limit, || async {
+        Ok(condition(&api, &name, "Ready")
+            .await
+            .filter(|(status, _, _)| status == "True"))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    // Every pod of the pipeline runs on the real node and is Ready.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let list = pods.list(&ListParams::default()).await.expect("pods");
+    let components: BTreeSet<String> = list
+        .items
+        .iter()
+        .filter(|p| ready(p))
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(NODE))
+        .filter_map(|p| p.labels().get("app.kubernetes.io/component").cloned())
+        .collect();
+    for component in ["ingest", "collector-to-redis", "redis", "redis-replica"] {
+        assert!(
+            components.contains(component),
+            "a Ready {component} pod on the real node; Ready components: {components:?}"
+        );
+    }
+
+    // Events in through the NodePort, back out of the pipeline's Redis through GET.
+    let base = ingest_nodeport(&client, &node, &ns, &name).await;
+    let http = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let id = format!("item-{i}-{}", uuid_like());
+        let answer = wait_for(
+            "ingest to take an event through the NodePort",
+            limit,
+            || async {
+                let r = http
+                    .post(format!("{base}/v1/streams/{stream}/events"))
+                    .json(&json!({"id": id, "name": format!("item {i}")}))
+                    .send()
+                    .await?;
+                Ok((r.status() == 202).then_some(r.json::<Value>().await?))
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(answer["id"], id.as_str());
+        ids.push(id);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let record = wait_for("the record to be readable through GET", limit, || async {
+            let r = http
+                .get(format!("{base}/v1/streams/{stream}/records/{id}"))
+                .send()
+                .await?;
+            Ok((r.status() == 200).then_some(r.json::<Value>().await?))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(record["payload"]["name"], format!("item {i}"));
+        assert_eq!(record["stream"], stream.as_str());
+    }
+
+    // What a user sees: kubectl shows the pipeline Ready, and the lag through the
+    // apiserver drops to zero once the collector wrote the events.
+    let table =
+        run(&node, "kubectl", &["get", "pcfg", "-n", &ns, &name]).unwrap_or_else(|e| panic!("{e}"));
+    let row = table.lines().nth(1).unwrap_or_default();
+    assert!(
+        row.split_whitespace().nth(1) == Some("True"),
+        "kubectl get pcfg shows READY True: {table}"
+    );
+    wait_for("the collector's lag to reach 0", limit, || async {
+        Ok(lag(&node, &ns, &name, "to-redis").ok().filter(|l| *l == 0))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    api.delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for("the pipeline to be deleted", limit, || async {
+        Ok(api.get_opt(&name).await?.is_none().then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    delete_namespace(&client, &ns).await;
+}
+
+/// Replicas of a Deployment: (spec, ready).
+async fn replicas(deployments: &Api<Deployment>, name: &str) -> anyhow::Result<(i32, i32)> {
+    let d = deployments.get(name).await?;
+    Ok((
+        d.spec.and_then(|s| s.replicas).unwrap_or(0),
+        d.status.and_then(|s| s.ready_replicas).unwrap_or(0),
+    ))
+}
+
+#[tokio::test]
+async fn the_hpa_scales_real_collectors_on_the_lag_they_drain() {
+    let node = real_node();
+    chart_installed(&node);
+    let client = client(&node).await;
+    let ns = restricted_namespace(&client).await;
+    let limit = Duration::from_secs(300);
+    const EVENTS: usize = 120_000;
+    const BATCH: usize = 1_000;
+
+    // The kv-store pipeline at first without its collector: a backlog builds up in Kafka.
+    let (mut pc, streams) = example("kv-store.yaml", &node);
+    let name = pc.name_any();
+    let stream = streams["items"].clone();
+    let mut collector = pc.spec.collectors.remove(0);
+    let api = create(&client, &ns, &pc).await;
+    wait_for("the pipeline to become Ready", limit, || async {
+        Ok(condition(&api, &name, "Ready")
+            .await
+            .filter(|(status, _, _)| status == "True"))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let base = ingest_nodeport(&client, &node, &ns, &name).await;
+    let http = reqwest::Client::new();
+    let mut ids = Vec::with_capacity(EVENTS);
+    for b in 0..EVENTS / BATCH {
+        let batch: Vec<Value> = (0..BATCH)
+            .map(|i| json!({"id": format!("e{}", b * BATCH + i), "n": b * BATCH + i}))
+            .collect();
+        let answer = wait_for("ingest to take a batch", limit, || async {
+            let r = http
+                .post(format!("{base}/v1/streams/{stream}/events"))
+                .json(&batch)
+                .send()
+                .await?;
+            Ok((r.status() == 202).then_some(r.json::<Value>().await?))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(answer["count"], BATCH);
+        ids.extend((0..BATCH).map(|i| format!("e{}", b * BATCH + i)));
+    }
+
+    // The collector arrives with the example's autoscaling (at most 6 replicas, one per
+    // partition), and a short scale-down window so the test sees it scale back.
+    let autoscale = collector
+        .autoscale
+        .as_mut()
+        .expect("the example autoscales");
+    autoscale.scale_down_stabilization_seconds = 10;
+    let lag_per_replica = autoscale.lag_per_replica;
+    let collector_name = collector.name.clone();
+    api.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"collectors": [collector]}})),
+    )
+    .await
+    .expect("collector added");
+
+    let deployment = format!("{name}-collector-{collector_name}");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
+    let mut most = 0;
+    let mut drained = false;
+    let deadline = tokio::time::Instant::now() + limit;
+    // Follow the Deployment until the lag is gone and the HPA has scaled it back to one.
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the backlog did not drain and scale back within {limit:?} (most replicas {most})"
+        );
+        let (wanted, _) = replicas(&deployments, &deployment).await.unwrap_or((0, 0));
+        most = most.max(wanted);
+        assert!(wanted <= 6, "never above the 6 partitions: {wanted}");
+        if let Ok(l) = lag(&node, &ns, &name, &collector_name) {
+            drained |= l == 0;
+        }
+        if drained && most > 1 && wanted == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let hpa = hpas
+        .get(&format!("{name}-collector-{collector_name}"))
+        .await
+        .expect("the collector's HPA");
+    assert_eq!(hpa.spec.as_ref().map(|s| s.max_replicas), Some(6));
+    assert!(
+        most > 1,
+        "the HPA scaled the collectors up on a lag of {EVENTS} (target {lag_per_replica} per replica)"
+    );
+
+    // Every event is in the pipeline's Redis exactly once, written by the collectors.
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let redis_ip = services
+        .get(&format!("{name}-redis"))
+        .await
+        .expect("redis service")
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("cluster IP");
+    let mut redis = redis::Client::open(format!("redis://{redis_ip}:6379"))
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("the pipeline's Redis through its ClusterIP");
+    let mut missing = 0usize;
+    for chunk in ids.chunks(5_000) {
+        let mut pipe = redis::pipe();
+        for id in chunk {
+            pipe.exists(format!("{DEFAULT_PREFIX}:{stream}:{id}"));
+        }
+        let found: Vec<bool> = pipe.query_async(&mut redis).await.expect("EXISTS");
+        missing += found.iter().filter(|f| !**f).count();
+    }
+    assert_eq!(missing, 0, "every acknowledged event is in the sink");
+    let mut counted = 0i64;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{DEFAULT_PREFIX}:agg:{stream}:*"))
+        .query_async(&mut redis)
+        .await
+        .expect("KEYS");
+    for key in keys {
+        let c: Option<i64> = redis::cmd("HGET")
+            .arg(&key)
+            .arg("count")
+            .query_async(&mut redis)
+            .await
+            .expect("HGET");
+        counted += c.unwrap_or(0);
+    }
+    assert_eq!(
+        counted, EVENTS as i64,
+        "the per-minute aggregates count each event once"
+    );
+
+    api.delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for("the pipeline to be deleted", limit, || async {
+        Ok(api.get_opt(&name).await?.is_none().then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    delete_namespace(&client, &ns).await;
+}
