@@ -19,7 +19,7 @@ test:
 
 lint: setup
 	cargo fmt --all -- --check
-	cargo clippy --workspace --all-targets --locked -- -D warnings
+	cargo clippy --workspace --all-targets --locked --release -- -D warnings
 
 build: setup
 	cargo build --workspace --bins --locked

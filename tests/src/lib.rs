@@ -540,6 +540,8 @@ impl OwnBroker {
                 controller_port.to_string(),
             )
             .env("SLUICE_STACK_KAFKA_SASL_PORT", "off")
+            // The stack's own broker has the listener for pods.
+            .env_remove("SLUICE_STACK_KAFKA_POD_LISTENER")
             .stdout(Stdio::null())
             .status()?;
         anyhow::ensure!(status.success(), "scripts/stack {command} failed");
