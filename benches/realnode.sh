@@ -3,15 +3,15 @@
 # with 1, 2, 3 and 6 collector replicas, and how quickly the HorizontalPodAutoscaler
 # follows the lag.
 #
-#   benches/realnode.sh            (EVENTS=300000 to change the backlog)
+#   benches/realnode.sh            (EVENTS=1000000 to change the backlog)
 #
 # For each replica count: a pipeline like manifests/examples/kv-store.yaml (one stream of
 # 6 partitions into the pipeline's managed Redis) without its collector; EVENTS events
 # posted through ingest's NodePort by sluice-loadgen (batches of 1,000, acknowledged by
 # Kafka); then the collector is added with that many replicas, and the lag that the
-# operator serves through the apiserver is sampled every 0.5 s until it is 0. The drain
-# rate is the lag at its first fall divided by the time from then to 0 (pod start and group
-# join are reported apart). Then the same backlog with the example's autoscaling (at most 6
+# operator serves through the apiserver is sampled until it is 0. The drain rate is the
+# backlog divided by the time from all replicas Ready to lag 0 (so it includes the group's
+# join; the pods' start is reported apart). Then the same backlog with the example's autoscaling (at most 6
 # replicas, lagPerReplica 500, the default scale-down window of 120 s): the time from the
 # collector's arrival, with the lag already far over the target, to each change of the
 # Deployment's replicas and to those replicas being Ready, and back down.
@@ -25,7 +25,7 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-events="${EVENTS:-300000}"
+events="${EVENTS:-1000000}"
 batch=1000
 
 log() { printf '[bench] %s\n' "$*" >&2; }
@@ -80,9 +80,17 @@ EOF
   echo "http://$SLUICE_REALNODE_NODEPORT_HOST:$(kubectl get svc -n "$ns" "$name-ingest-nodeport" -o jsonpath='{.spec.ports[0].nodePort}')"
 }
 
-backlog() { # url stream
-  "$loadgen" --target "$1" --allow-remote --stream "$2" --protocol http-batch --batch-size "$batch" \
-    --requests $((events / batch)) --concurrency 4 --json >/dev/null
+backlog() { # url stream: posts until Kafka acknowledged all the events
+  local acked=0 got tries=0
+  while [ "$acked" -lt "$events" ]; do
+    [ "$tries" -lt 20 ] || { log "ingest at $1 does not take events"; exit 1; }
+    tries=$((tries + 1))
+    got="$("$loadgen" --target "$1" --allow-remote --stream "$2" --protocol http-batch --batch-size "$batch" \
+      --requests $(((events - acked) / batch)) --concurrency 4 --json 2>/dev/null |
+      python3 -c 'import json,sys; print(json.load(sys.stdin)["events_acknowledged"])')"
+    acked=$((acked + got))
+    [ "$acked" -ge "$events" ] || sleep 1
+  done
 }
 
 add_collector() { # name stream spec-fields (JSON)
@@ -105,17 +113,19 @@ for replicas in 1 2 3 6; do
   backlog "$url" "$stream"
   added="$(now)"
   add_collector "$name" "$stream" "\"replicas\":$replicas"
-  first="" first_lag="" zero=""
+  ready="" zero=""
   while [ -z "$zero" ]; do
-    l="$(lag "$name")"
-    if [ -n "$l" ] && [ -z "$first" ] && [ "$l" -lt "$events" ]; then first="$(now)"; first_lag="$l"; fi
-    if [ -n "$first" ] && [ "$l" = 0 ]; then zero="$(now)"; fi
+    if [ -z "$ready" ] &&
+      [ "$(kubectl get deploy -n "$ns" "$name-collector-to-redis" -o jsonpath='{.status.readyReplicas}' 2>/dev/null)" = "$replicas" ]; then
+      ready="$(now)"
+    fi
+    [ -n "$ready" ] && [ "$(lag "$name")" = 0 ] && zero="$(now)"
     [ "$(seconds_since "$added")" -lt 600 ] || { log "no drain within 600 s"; exit 1; }
-    sleep 0.5
+    sleep 0.2
   done
-  start_s="$(python3 -c "print(f'{$first - $added:.1f}')")"
-  drain_s="$(python3 -c "print(f'{$zero - $first:.1f}')")"
-  rate="$(python3 -c "print(round($first_lag / max($zero - $first, 0.5)))")"
+  start_s="$(python3 -c "print(f'{$ready - $added:.1f}')")"
+  drain_s="$(python3 -c "print(f'{$zero - $ready:.1f}')")"
+  rate="$(python3 -c "print(round($events / max($zero - $ready, 0.1)))")"
   [ -n "$base_rate" ] || base_rate="$rate"
   ratio="$(python3 -c "print(f'{$rate / $base_rate:.2f}')")"
   rows+=("| $replicas | $events | $start_s | $drain_s | $rate | $ratio |")
@@ -153,7 +163,7 @@ cores="$(nproc)"
 table="$(
   echo "A backlog of $events events (sluice-loadgen's visit reports) on a 6-partition topic, drained into the pipeline's managed Redis by a fixed number of collector pods:"
   echo
-  echo "| replicas | events | pod start + join s | drain s | events/s | vs 1 replica |"
+  echo "| replicas | events | pods start s | join + drain s | events/s | vs 1 replica |"
   echo "|---|---|---|---|---|---|"
   printf '%s\n' "${rows[@]}"
   echo
