@@ -16,7 +16,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -79,43 +78,23 @@ async fn client(node: &RealNode) -> Client {
 
 /// Runs `program` against the real node's cluster; its standard output, or what it said.
 fn run(node: &RealNode, program: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(program)
-        .args(args)
-        .env("KUBECONFIG", &node.kubeconfig)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run {program}: {e}; `eval \"$(scripts/k8s env)\"` puts it on PATH")
-        });
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "{program} {}: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        ))
-    }
+    common::run(program, args, None, &[("KUBECONFIG", &node.kubeconfig)])
 }
 
-/// Applies a YAML or JSON document with kubectl (server-side).
+/// Applies a document with kubectl (server-side).
 fn apply(node: &RealNode, document: &Value) -> Result<String, String> {
-    let path = std::env::temp_dir().join(format!("sluice-realnode-{}.json", uuid_like()));
-    std::fs::write(&path, document.to_string()).expect("write manifest");
-    let out = run(
-        node,
+    common::run(
         "kubectl",
         &[
             "apply",
             "--server-side",
             "--field-manager=sluice-tests",
             "-f",
-            &path.display().to_string(),
+            "-",
         ],
-    );
-    let _ = std::fs::remove_file(path);
-    out
+        Some(&document.to_string()),
+        &[("KUBECONFIG", &node.kubeconfig)],
+    )
 }
 
 /// The labels that make the apiserver's Pod Security admission enforce `restricted`.
@@ -277,7 +256,33 @@ async fn ingest_nodeport(
     format!("http://{}:{port}", node.host)
 }
 
-async fn delete_namespace(client: &Client, namespace: &str) {
+async fn pipeline_ready(api: &Api<PipelineConfig>, name: &str, limit: Duration) {
+    wait_for("the pipeline to become Ready", limit, || async {
+        Ok(condition(api, name, "Ready")
+            .await
+            .filter(|(status, _, _)| status == "True"))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Deletes the pipeline, waits until the operator's finalizer let it go (its topics are
+/// deleted with it), then deletes the namespace.
+async fn remove(
+    client: &Client,
+    api: &Api<PipelineConfig>,
+    name: &str,
+    namespace: &str,
+    limit: Duration,
+) {
+    api.delete(name, &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for("the pipeline to be deleted", limit, || async {
+        Ok(api.get_opt(name).await?.is_none().then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     let _ = Api::<Namespace>::all(client.clone())
         .delete(namespace, &DeleteParams::default())
         .await;
@@ -397,13 +402,7 @@ async fn an_example_pipeline_runs_in_real_pods_and_serves_its_events() {
     let name = pc.name_any();
     let stream = streams["items"].clone();
     let api = create(&client, &ns, &pc).await;
-    wait_for("the pipeline to become Ready", limit, || async {
-        Ok(condition(&api, &name, "Ready")
-            .await
-            .filter(|(status, _, _)| status == "True"))
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    pipeline_ready(&api, &name, limit).await;
 
     // Every pod of the pipeline runs on the real node and is Ready.
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -474,15 +473,7 @@ async fn an_example_pipeline_runs_in_real_pods_and_serves_its_events() {
     .await
     .unwrap_or_else(|e| panic!("{e}"));
 
-    api.delete(&name, &DeleteParams::default())
-        .await
-        .expect("delete");
-    wait_for("the pipeline to be deleted", limit, || async {
-        Ok(api.get_opt(&name).await?.is_none().then_some(()))
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    delete_namespace(&client, &ns).await;
+    remove(&client, &api, &name, &ns, limit).await;
 }
 
 /// Replicas of a Deployment: (spec, ready).
@@ -510,13 +501,7 @@ async fn the_hpa_scales_real_collectors_on_the_lag_they_drain() {
     let stream = streams["items"].clone();
     let mut collector = pc.spec.collectors.remove(0);
     let api = create(&client, &ns, &pc).await;
-    wait_for("the pipeline to become Ready", limit, || async {
-        Ok(condition(&api, &name, "Ready")
-            .await
-            .filter(|(status, _, _)| status == "True"))
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    pipeline_ready(&api, &name, limit).await;
     let base = ingest_nodeport(&client, &node, &ns, &name).await;
     let http = reqwest::Client::new();
     let mut ids = Vec::with_capacity(EVENTS);
@@ -652,13 +637,5 @@ async fn the_hpa_scales_real_collectors_on_the_lag_they_drain() {
         "the per-minute aggregates count each event once"
     );
 
-    api.delete(&name, &DeleteParams::default())
-        .await
-        .expect("delete");
-    wait_for("the pipeline to be deleted", limit, || async {
-        Ok(api.get_opt(&name).await?.is_none().then_some(()))
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    delete_namespace(&client, &ns).await;
+    remove(&client, &api, &name, &ns, limit).await;
 }

@@ -108,3 +108,48 @@ pub async fn metric(port: u16, name: &str) -> Option<f64> {
             .sum(),
     )
 }
+
+/// Runs `program` with `envs`, `input` on its standard input; its standard output, or its
+/// standard error as the error.
+pub fn run(
+    program: &str,
+    args: &[&str],
+    input: Option<&str>,
+    envs: &[(&str, &str)],
+) -> Result<String, String> {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(program)
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program}: {e}; `eval \"$(scripts/k8s env)\"` puts it on PATH")
+        });
+    if let Some(text) = input {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("command output");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{program} {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        ))
+    }
+}
