@@ -5,7 +5,8 @@
 //! PipelineConfig becomes ingest, collector and Redis pods that take events through a
 //! NodePort and serve them back; and the HorizontalPodAutoscaler scales the real
 //! collectors on the lag they drain themselves, one of them deleted mid-drain, with every
-//! event in the sink afterwards. Every namespace enforces the Pod Security
+//! event in the sink afterwards; under a steady load, an ingest pod deleted and a settings
+//! change that rolls ingest fail no request. Every namespace enforces the Pod Security
 //! `restricted` profile, so the admission controller checks the pods' security contexts.
 //!
 //! Needs the real node and its images (`eval "$(scripts/realnode up)"`, then
@@ -16,7 +17,8 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -288,6 +290,190 @@ async fn remove(
         .await;
 }
 
+/// The pipeline's managed Redis primary, through its ClusterIP (routed to the node's
+/// bridge).
+async fn pipeline_redis(
+    client: &Client,
+    namespace: &str,
+    pipeline: &str,
+) -> redis::aio::MultiplexedConnection {
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let redis_ip = services
+        .get(&format!("{pipeline}-redis"))
+        .await
+        .expect("redis service")
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("cluster IP");
+    redis::Client::open(format!("redis://{redis_ip}:6379"))
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("the pipeline's Redis through its ClusterIP")
+}
+
+/// How many of `ids` have no record of `stream` in the pipeline's Redis.
+async fn missing_in_redis(
+    redis: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    ids: &[String],
+) -> usize {
+    let mut missing = 0usize;
+    for chunk in ids.chunks(5_000) {
+        let mut pipe = redis::pipe();
+        for id in chunk {
+            pipe.exists(format!("{DEFAULT_PREFIX}:{stream}:{id}"));
+        }
+        let found: Vec<bool> = pipe.query_async(redis).await.expect("EXISTS");
+        missing += found.iter().filter(|f| !**f).count();
+    }
+    missing
+}
+
+/// Clients that each POST one event after another through their own keep-alive
+/// connection, as a steady load, until stopped.
+struct SteadyLoad {
+    stop: Arc<AtomicBool>,
+    acknowledged: Arc<AtomicUsize>,
+    clients: Vec<tokio::task::JoinHandle<LoadOutcome>>,
+}
+
+/// What the clients of a [`SteadyLoad`] saw.
+#[derive(Default)]
+struct LoadOutcome {
+    /// Ids of the events answered `202`.
+    acknowledged: Vec<String>,
+    /// Every other answer, and every request that got no answer (reset, refused, timed
+    /// out), with the error's causes.
+    failed: Vec<String>,
+}
+
+/// An error with its causes, as one line.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+impl SteadyLoad {
+    fn start(base: &str, stream: &str, clients: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acknowledged = Arc::new(AtomicUsize::new(0));
+        let url = format!("{base}/v1/streams/{stream}/events");
+        let run = uuid_like();
+        let clients = (0..clients)
+            .map(|c| {
+                let (stop, acknowledged, url) = (stop.clone(), acknowledged.clone(), url.clone());
+                let prefix = format!("load-{run}-{c}");
+                tokio::spawn(async move {
+                    let http = reqwest::Client::builder()
+                        .timeout(Duration::from_secs(30))
+                        .build()
+                        .expect("client");
+                    let mut outcome = LoadOutcome::default();
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let id = format!("{prefix}-{n}");
+                        match http
+                            .post(&url)
+                            .json(&json!({"id": id, "n": n}))
+                            .send()
+                            .await
+                        {
+                            Ok(r) if r.status() == 202 => {
+                                outcome.acknowledged.push(id);
+                                acknowledged.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(r) => outcome.failed.push(format!(
+                                "{id}: {} (Retry-After {:?})",
+                                r.status(),
+                                r.headers().get("retry-after")
+                            )),
+                            Err(e) => outcome.failed.push(format!("{id}: {}", causes(&e))),
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    outcome
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            acknowledged,
+            clients,
+        }
+    }
+
+    /// Waits until `more` events beyond those acknowledged so far are acknowledged.
+    async fn progress(&self, more: usize, limit: Duration) {
+        let target = self.acknowledged.load(Ordering::Relaxed) + more;
+        wait_for(
+            &format!("the load to get {more} more events acknowledged"),
+            limit,
+            || async { Ok((self.acknowledged.load(Ordering::Relaxed) >= target).then_some(())) },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    async fn finish(self) -> LoadOutcome {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = LoadOutcome::default();
+        for client in self.clients {
+            let o = client.await.expect("load client");
+            all.acknowledged.extend(o.acknowledged);
+            all.failed.extend(o.failed);
+        }
+        all
+    }
+}
+
+/// The pipeline's ingest pods that are not being deleted, once there are `want` of them,
+/// all Ready and none other terminating; their names with their settings checksum.
+async fn settled_ingest_pods(
+    pods: &Api<Pod>,
+    pipeline: &str,
+    want: usize,
+    limit: Duration,
+) -> BTreeMap<String, String> {
+    let selector = ListParams::default().labels(&format!(
+        "app.kubernetes.io/instance={pipeline},app.kubernetes.io/component=ingest"
+    ));
+    wait_for(
+        &format!("{want} Ready ingest pods and no other"),
+        limit,
+        || async {
+            let list = pods.list(&selector).await?;
+            let settled = list.items.len() == want
+                && list
+                    .items
+                    .iter()
+                    .all(|p| ready_pod(p) && p.metadata.deletion_timestamp.is_none());
+            Ok(settled.then(|| {
+                list.items
+                    .iter()
+                    .map(|p| {
+                        let sum = p
+                            .annotations()
+                            .get("sluice.dev/settings-checksum")
+                            .cloned()
+                            .unwrap_or_default();
+                        (p.name_any(), sum)
+                    })
+                    .collect()
+            }))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
 #[tokio::test]
 async fn the_chart_runs_the_operator_in_real_pods_behind_the_apiservice() {
     let node = real_node();
@@ -473,6 +659,81 @@ async fn an_example_pipeline_runs_in_real_pods_and_serves_its_events() {
     .await
     .unwrap_or_else(|e| panic!("{e}"));
 
+    // Two ingest replicas under a steady load: one pod deleted, then a settings change
+    // that rolls every ingest pod. Draining instances (readiness failing, each answer
+    // closing its connection, then the stop) fail no request.
+    api.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"ingest": {"replicas": {"min": 2, "max": 4}}}})),
+    )
+    .await
+    .expect("two ingest replicas");
+    let before = settled_ingest_pods(&pods, &name, 2, limit).await;
+    let load = SteadyLoad::start(&base, &stream, 8);
+    load.progress(200, limit).await;
+
+    let deleted = before.keys().next().expect("an ingest pod").clone();
+    pods.delete(&deleted, &DeleteParams::default())
+        .await
+        .expect("ingest pod deleted");
+    let after_delete = settled_ingest_pods(&pods, &name, 2, limit).await;
+    assert!(!after_delete.contains_key(&deleted), "{after_delete:?}");
+    load.progress(200, limit).await;
+
+    let mut streams_now = api.get(&name).await.expect("pipeline").spec.streams;
+    let mut added = streams_now[0].clone();
+    added.name = format!("{stream}-more");
+    streams_now.push(added);
+    api.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"streams": streams_now}})),
+    )
+    .await
+    .expect("a stream added to the settings");
+    let old_sum = after_delete.values().next().cloned().unwrap_or_default();
+    let rolled = wait_for(
+        "every ingest pod to roll to the new settings",
+        limit,
+        || async {
+            let now = settled_ingest_pods(&pods, &name, 2, limit).await;
+            Ok(now.values().all(|sum| *sum != old_sum).then_some(now))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        rolled.keys().all(|p| !after_delete.contains_key(p)),
+        "new pods: {rolled:?}"
+    );
+    load.progress(200, limit).await;
+
+    let outcome = load.finish().await;
+    eprintln!(
+        "steady load through an ingest pod deletion and a rollout: {} events acknowledged, {} failed",
+        outcome.acknowledged.len(),
+        outcome.failed.len()
+    );
+    assert!(
+        outcome.failed.is_empty(),
+        "{} of {} requests failed, first: {:?}",
+        outcome.failed.len(),
+        outcome.failed.len() + outcome.acknowledged.len(),
+        &outcome.failed[..outcome.failed.len().min(10)]
+    );
+    wait_for("the collector's lag to reach 0", limit, || async {
+        Ok(lag(&node, &ns, &name, "to-redis").ok().filter(|l| *l == 0))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut redis = pipeline_redis(&client, &ns, &name).await;
+    assert_eq!(
+        missing_in_redis(&mut redis, &stream, &outcome.acknowledged).await,
+        0,
+        "every acknowledged event is in the sink"
+    );
+
     remove(&client, &api, &name, &ns, limit).await;
 }
 
@@ -593,28 +854,8 @@ async fn the_hpa_scales_real_collectors_on_the_lag_they_drain() {
     );
 
     // Every event is in the pipeline's Redis exactly once, written by the collectors.
-    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
-    let redis_ip = services
-        .get(&format!("{name}-redis"))
-        .await
-        .expect("redis service")
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .expect("cluster IP");
-    let mut redis = redis::Client::open(format!("redis://{redis_ip}:6379"))
-        .expect("redis url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("the pipeline's Redis through its ClusterIP");
-    let mut missing = 0usize;
-    for chunk in ids.chunks(5_000) {
-        let mut pipe = redis::pipe();
-        for id in chunk {
-            pipe.exists(format!("{DEFAULT_PREFIX}:{stream}:{id}"));
-        }
-        let found: Vec<bool> = pipe.query_async(&mut redis).await.expect("EXISTS");
-        missing += found.iter().filter(|f| !**f).count();
-    }
+    let mut redis = pipeline_redis(&client, &ns, &name).await;
+    let missing = missing_in_redis(&mut redis, &stream, &ids).await;
     assert_eq!(missing, 0, "every acknowledged event is in the sink");
     let mut counted = 0i64;
     let keys: Vec<String> = redis::cmd("KEYS")

@@ -80,6 +80,11 @@ impl RetrySettings {
     }
 }
 
+/// A command-line duration (`500ms`, `10s`, `5m`, `1h`), for clap's `value_parser`.
+pub fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 500ms, 10s, 5m or 1h"))
+}
+
 /// Parses `500ms`, `1s`, `2m`, `1h`.
 pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
     let text = text.trim();

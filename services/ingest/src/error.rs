@@ -70,6 +70,9 @@ pub enum ApiError {
     /// Kafka is unreachable: ingest accepts nothing until it is back.
     #[error("Kafka is unreachable; retry later")]
     NotReady,
+    /// This instance is shutting down (only `/readyz` says so; requests are still served).
+    #[error("this ingest instance is shutting down; send to another one")]
+    Draining,
     /// The store could not be read.
     #[error("the record store is unavailable: {0}")]
     Store(#[source] redis::RedisError),
@@ -95,7 +98,7 @@ impl ApiError {
             Self::TooManyEvents(..) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Body { status, .. } => *status,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::NotReady | Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotReady | Self::Draining | Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -122,6 +125,7 @@ impl ApiError {
             Self::NoRoute(_) => "no-route",
             Self::Unauthorized => "unauthorized",
             Self::NotReady => "kafka-unavailable",
+            Self::Draining => "draining",
             Self::Store(_) => "store-unavailable",
         }
     }

@@ -10,7 +10,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{MatchedPath, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -111,7 +111,13 @@ async fn observe(State(app): State<App>, request: Request, next: Next) -> Respon
     let _ = span.set_parent(telemetry::extract_http(request.headers()));
     let start = Instant::now();
     app.inner.metrics.request_started(&route);
-    let response = next.run(request).instrument(span.clone()).await;
+    let mut response = next.run(request).instrument(span.clone()).await;
+    if app.draining() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // Clients finish this exchange and open their next connection elsewhere.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     let status = response.status().as_u16();
     span.record("http.response.status_code", status);
     app.inner
@@ -150,12 +156,19 @@ async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
+/// Ready until the process drains. A Kafka outage does not make ingest unready: every
+/// instance shares the broker, and taking them all out of a Service would turn the
+/// documented `503` with `Retry-After` into refused connections.
 async fn readyz(State(app): State<App>) -> Result<Json<Value>, ApiError> {
-    if app.kafka_ready() {
-        Ok(Json(json!({"status": "ready"})))
-    } else {
-        Err(ApiError::NotReady)
+    if app.draining() {
+        return Err(ApiError::Draining);
     }
+    let kafka = if app.kafka_ready() {
+        "reachable"
+    } else {
+        "unreachable"
+    };
+    Ok(Json(json!({"status": "ready", "kafka": kafka})))
 }
 
 async fn metrics(State(app): State<App>) -> impl IntoResponse {
@@ -167,7 +180,9 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        app.inner.metrics.encode(depth),
+        app.inner
+            .metrics
+            .encode(depth, app.kafka_ready(), app.draining()),
     )
 }
 

@@ -10,8 +10,11 @@
 //! - [`listener`]: the connection limit; [`metrics`]: Prometheus metrics.
 //!
 //! Ingest answers 2xx only after Kafka acknowledged every event of a request (unless the
-//! caller asks for `ack=none`); while Kafka is unreachable `/readyz` fails and publishing
-//! answers 503 with `Retry-After` at once, without queueing.
+//! caller asks for `ack=none`); while Kafka is unreachable publishing answers 503 with
+//! `Retry-After` at once, without queueing, and the instance stays ready so that clients
+//! get that answer rather than a refused connection. On SIGTERM it drains first
+//! ([`App::start_draining`]): `/readyz` fails and every answer closes its connection,
+//! while it goes on serving for `--drain-delay`; then it stops.
 
 pub mod error;
 pub mod http;
@@ -32,7 +35,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
 use redis::aio::ConnectionManager;
 use sluice_core::kafka::{KafkaArgs, TopicSpec, ensure_topics};
-use sluice_core::settings::SettingsError;
+use sluice_core::settings::{SettingsError, duration_arg};
 use sluice_core::{PipelineSettings, store};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -118,6 +121,11 @@ pub struct Args {
     /// `/api` endpoints need one of them.
     #[arg(long, env = "SLUICE_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
+    /// How long ingest keeps serving after SIGTERM, with `/readyz` failing and every
+    /// answer closing its connection, so that load balancers and clients move to other
+    /// instances before it stops accepting. Ctrl-C (SIGINT) stops without this delay.
+    #[arg(long, env = "SLUICE_DRAIN_DELAY", default_value = "5s", value_parser = duration_arg)]
+    pub drain_delay: Duration,
     /// Log filter, for example `info` or `info,sluice_ingest=debug`.
     #[arg(long, env = "SLUICE_LOG", default_value = "info")]
     pub log_level: String,
@@ -147,6 +155,7 @@ impl Args {
             worker_size: 4,
             max_line_bytes: 64 * 1024,
             api_keys_file: None,
+            drain_delay: Duration::from_secs(5),
             log_level: "info".to_owned(),
         }
     }
@@ -203,6 +212,7 @@ struct Inner {
     work_max_ms: u64,
     api_keys: Vec<Vec<u8>>,
     kafka_ready: AtomicBool,
+    draining: AtomicBool,
     metrics: Arc<Metrics>,
     /// Cancelled when the server shuts down; long-lived connections (WebSocket) close.
     closing: CancellationToken,
@@ -304,6 +314,7 @@ impl App {
                 api_keys,
                 // Optimistic until the first check says otherwise.
                 kafka_ready: AtomicBool::new(true),
+                draining: AtomicBool::new(false),
                 metrics,
                 closing,
                 tcp_stream: args.tcp_stream.clone(),
@@ -315,6 +326,20 @@ impl App {
     /// Whether Kafka answered the last metadata request.
     pub fn kafka_ready(&self) -> bool {
         self.inner.kafka_ready.load(Ordering::Relaxed)
+    }
+
+    /// Starts draining: `/readyz` answers 503 and every HTTP answer carries
+    /// `Connection: close`, while requests are still served. Stopping is the caller's
+    /// next step ([`run`]'s `shutdown`).
+    pub fn start_draining(&self) {
+        if !self.inner.draining.swap(true, Ordering::Relaxed) {
+            tracing::info!("draining: readiness fails and connections close after each answer");
+        }
+    }
+
+    /// Whether [`App::start_draining`] was called.
+    pub fn draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Relaxed)
     }
 
     /// Asks Kafka for metadata every `interval` and keeps [`App::kafka_ready`] up to date,

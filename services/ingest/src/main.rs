@@ -12,8 +12,16 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let telemetry = sluice_core::telemetry::init("sluice-ingest", &args.log_level);
-    let shutdown = sluice_core::shutdown::on_signal();
+    let drain = sluice_core::shutdown::on_signal_with_drain(args.drain_delay);
+    let shutdown = drain.stop.clone();
     let app = App::connect(&args).await.context("cannot start ingest")?;
+    tokio::spawn({
+        let app = app.clone();
+        async move {
+            drain.draining.cancelled().await;
+            app.start_draining();
+        }
+    });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

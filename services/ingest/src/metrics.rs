@@ -53,6 +53,8 @@ pub struct Metrics {
     queue_depth: Gauge<i64, AtomicI64>,
     connections: Family<DoorLabels, Gauge<i64, AtomicI64>>,
     in_flight: Family<RouteLabels, Gauge<i64, AtomicI64>>,
+    kafka_reachable: Gauge<i64, AtomicI64>,
+    draining: Gauge<i64, AtomicI64>,
 }
 
 impl Default for Metrics {
@@ -115,6 +117,18 @@ impl Metrics {
             "HTTP requests being served, by route",
             in_flight.clone(),
         );
+        let kafka_reachable = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "kafka_reachable",
+            "1 while Kafka answers metadata requests, 0 while it does not (events are refused with 503)",
+            kafka_reachable.clone(),
+        );
+        let draining = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "draining",
+            "1 while the process drains before stopping (readiness fails, connections are closed after each answer)",
+            draining.clone(),
+        );
         Self {
             registry,
             requests,
@@ -125,6 +139,8 @@ impl Metrics {
             queue_depth,
             connections,
             in_flight,
+            kafka_reachable,
+            draining,
         }
     }
 
@@ -204,9 +220,12 @@ impl Metrics {
             .dec();
     }
 
-    /// The Prometheus text exposition, with the producer queue depth read now.
-    pub fn encode(&self, queue_depth: i64) -> String {
+    /// The Prometheus text exposition, with the producer queue depth and the process's
+    /// state read now.
+    pub fn encode(&self, queue_depth: i64, kafka_reachable: bool, draining: bool) -> String {
         self.queue_depth.set(queue_depth);
+        self.kafka_reachable.set(i64::from(kafka_reachable));
+        self.draining.set(i64::from(draining));
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

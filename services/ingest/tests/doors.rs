@@ -1,6 +1,6 @@
 //! Every door of a running ingest server (real listener, real Kafka and Redis): batches,
 //! NDJSON, ids and keys, workshop paths, chat messages, the read path, WebSocket, the work
-//! endpoint, auth, limits, readiness, metrics and the OpenAPI document.
+//! endpoint, auth, limits, readiness, draining, metrics and the OpenAPI document.
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 struct Server {
     base: String,
     client: reqwest::Client,
+    app: App,
     stop: CancellationToken,
 }
 
@@ -43,10 +44,11 @@ async fn start(stack: &Stack, pipeline: &Pipeline, tweak: impl FnOnce(&mut Args)
         .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let stop = CancellationToken::new();
-    tokio::spawn(run(listener, app, stop.clone()));
+    tokio::spawn(run(listener, app.clone(), stop.clone()));
     Server {
         base,
         client: reqwest::Client::new(),
+        app,
         stop,
     }
 }
@@ -635,8 +637,18 @@ async fn api_keys_guard_the_api_but_not_health() {
     assert!(err.to_string().contains("too short"), "{err}");
 }
 
+/// What `/readyz` says of Kafka (`reachable` or `unreachable`), with its status.
+async fn readiness(server: &Server) -> (StatusCode, String) {
+    let (status, text) = server.get("/readyz").await;
+    let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    (
+        status,
+        body["kafka"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
 #[tokio::test]
-async fn unreachable_kafka_means_not_ready_and_503_at_once() {
+async fn unreachable_kafka_answers_503_at_once_and_ingest_stays_ready() {
     let stack = Stack::from_env();
     let s = stream("down");
     let name = s.name.clone();
@@ -648,15 +660,21 @@ async fn unreachable_kafka_means_not_ready_and_503_at_once() {
     })
     .await;
 
-    wait_for("/readyz to fail", Duration::from_secs(30), || async {
-        Ok((server.get("/readyz").await.0 == StatusCode::SERVICE_UNAVAILABLE).then_some(()))
-    })
+    wait_for(
+        "/readyz to report Kafka unreachable",
+        Duration::from_secs(30),
+        || async { Ok((readiness(&server).await.1 == "unreachable").then_some(())) },
+    )
     .await
-    .expect("not ready");
-    assert_eq!(
-        server.get("/healthz").await.0,
-        StatusCode::OK,
-        "alive while not ready"
+    .expect("Kafka seen as unreachable");
+    // Still ready: a Service keeps the instance, and clients get 503 rather than a
+    // refused connection.
+    assert_eq!(readiness(&server).await.0, StatusCode::OK);
+    let (status, metrics) = server.get("/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        metrics.contains("sluice_ingest_kafka_reachable 0"),
+        "{metrics}"
     );
     let r = server
         .client
@@ -671,7 +689,7 @@ async fn unreachable_kafka_means_not_ready_and_503_at_once() {
 }
 
 #[tokio::test]
-async fn readiness_follows_kafka_away_and_back_without_a_restart() {
+async fn kafka_away_and_back_is_followed_without_a_restart() {
     let stack = Stack::from_env();
     let broker = sluice_testkit::OwnBroker::start()
         .await
@@ -685,27 +703,31 @@ async fn readiness_follows_kafka_away_and_back_without_a_restart() {
     let pipeline = Pipeline::create(&own, vec![s]).await.expect("pipeline");
     let server = start(&own, &pipeline, |_| {}).await;
     let path = format!("/v1/streams/{name}/events");
-    let ready = |want: StatusCode| {
+    let kafka = |want: &'static str| {
         let server = &server;
         async move {
             wait_for(
-                &format!("/readyz to answer {want}"),
+                &format!("/readyz to report Kafka {want}"),
                 Duration::from_secs(90),
-                || async { Ok((server.get("/readyz").await.0 == want).then_some(())) },
+                || async {
+                    let (status, kafka) = readiness(server).await;
+                    assert_eq!(status, StatusCode::OK, "ready whatever Kafka does");
+                    Ok((kafka == want).then_some(()))
+                },
             )
             .await
         }
     };
-    ready(StatusCode::OK).await.expect("ready");
+    kafka("reachable").await.expect("reachable");
     assert_eq!(
         server.post_json(&path, &json!({"n": 1})).await.0,
         StatusCode::ACCEPTED
     );
 
     broker.down().await.expect("stop broker");
-    ready(StatusCode::SERVICE_UNAVAILABLE)
+    kafka("unreachable")
         .await
-        .expect("not ready while Kafka is away");
+        .expect("seen unreachable while Kafka is away");
     let (status, problem) = server.post_json(&path, &json!({"n": 2})).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
@@ -714,13 +736,102 @@ async fn readiness_follows_kafka_away_and_back_without_a_restart() {
     );
 
     broker.up().await.expect("restart broker");
-    ready(StatusCode::OK).await.expect("ready again");
+    kafka("reachable").await.expect("reachable again");
     let (status, body) = server.post_json(&path, &json!({"n": 3})).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     assert_eq!(
         topic_len(&own, &name).expect("len"),
         2,
         "events 1 and 3, not 2"
+    );
+}
+
+/// Sends one HTTP/1.1 request on `connection` and reads until the server closes it (or
+/// `limit` passes): the whole answer as text.
+async fn exchange_until_closed(
+    connection: &mut tokio::net::TcpStream,
+    request: &str,
+    limit: Duration,
+) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    connection
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    match tokio::time::timeout(limit, connection.read_to_end(&mut answer)).await {
+        Ok(Ok(_)) => Ok(String::from_utf8_lossy(&answer).into_owned()),
+        Ok(Err(e)) => Err(format!("read: {e}")),
+        Err(_) => Err(format!(
+            "the connection stayed open {limit:?} after: {}",
+            String::from_utf8_lossy(&answer)
+        )),
+    }
+}
+
+#[tokio::test]
+async fn draining_fails_readiness_and_closes_each_connection_after_its_answer() {
+    let stack = Stack::from_env();
+    let s = stream("drain");
+    let name = s.name.clone();
+    let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
+    let server = start(&stack, &pipeline, |_| {}).await;
+    let path = format!("/v1/streams/{name}/events");
+    let addr = server.base.trim_start_matches("http://").to_owned();
+
+    // Before: ready, and connections are kept alive.
+    assert_eq!(readiness(&server).await.0, StatusCode::OK);
+    let r = server
+        .client
+        .post(format!("{}{path}", server.base))
+        .json(&json!({"n": 1}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert!(r.headers().get("connection").is_none(), "{r:?}");
+
+    // A client holds an idle keep-alive connection when draining starts.
+    let mut held = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    server.app.start_draining();
+    let (status, text) = server.get("/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert!(text.contains("/problems/draining"), "{text}");
+
+    // Its next request is still served in full, and the server then closes it.
+    let body = json!({"id": "during-drain", "n": 2}).to_string();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = exchange_until_closed(&mut held, &request, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    // New connections are still taken while draining (load balancers may still send some).
+    let (status, _) = server.post_json(&path, &json!({"n": 3})).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+
+    // Then the stop: no new connection is accepted.
+    server.stop.cancel();
+    wait_for("the listener to close", Duration::from_secs(30), || async {
+        Ok(tokio::net::TcpStream::connect(&addr)
+            .await
+            .is_err()
+            .then_some(()))
+    })
+    .await
+    .expect("stopped");
+    assert_eq!(
+        topic_len(&stack, &name).expect("len"),
+        3,
+        "every answered event is in the topic"
     );
 }
 
