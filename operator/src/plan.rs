@@ -483,6 +483,9 @@ fn collector(
         "env": env,
         "ports": [{"name": "metrics", "containerPort": 9464}],
         "volumeMounts": mounts,
+        // Not ready while its sink is unavailable: the outage shows in the pipeline's
+        // ready replicas and in `kubectl get pods`.
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10},
         "securityContext": restricted_container(),
     });
@@ -983,6 +986,12 @@ spec:
         assert_eq!(
             archive["spec"]["template"]["spec"]["volumes"][1]["persistentVolumeClaim"]["claimName"],
             "records"
+        );
+        let container = &archive["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(
+            container["readinessProbe"]["httpGet"],
+            json!({"path": "/readyz", "port": "metrics"}),
+            "not ready while the sink is unavailable"
         );
     }
 

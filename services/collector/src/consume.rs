@@ -1,7 +1,8 @@
 //! The consumer loop of a collector, for its main topics and for its retry topics.
 //!
 //! 1. Wait for a record, then take whatever else is already fetched, up to `--batch-size`.
-//! 2. Decode each record into an event; a record that is not an event goes to the stream's
+//! 2. Decode each record into an event; a record that is not an event, or an event that
+//!    names another stream than the one its topic belongs to, goes to the stream's
 //!    dead-letter topic at once, with the reason in the `sluice-error` header.
 //! 3. Split the events by partition and write the partitions concurrently (at most
 //!    `--concurrent-count` at once); within a partition, order is kept.
@@ -9,18 +10,27 @@
 //!    commits stored offsets every second and on shutdown.
 //!
 //! "Done" means every event of the partition is in the sink or acknowledged on the retry or
-//! dead-letter topic. On the main topics a batch is tried `--write-attempts` times; if it
-//! still fails, each event is tried alone once and those that fail go to `<stream>.retry`
-//! with `sluice-attempt: 1`. On the retry topics each event waits for its backoff, is tried
-//! once, and goes back to `<stream>.retry` with its attempt count raised, or, after the
-//! last attempt, to `<stream>.dlq`.
+//! dead-letter topic. Two kinds of failure are told apart ([`SinkError::is_retriable`]):
+//!
+//! - **The sink is unavailable** (down, unreachable, timing out, read-only, out of memory
+//!   or disk): the write is tried again, unchanged, after a capped backoff
+//!   ([`crate::health`]), for as long as the outage lasts. Nothing goes to the retry or
+//!   dead-letter topics for it. Every [`HOLD`] the worker gives the records back to Kafka
+//!   (it stores the offsets of what is done and seeks the partition back to the first
+//!   record that is not), so that it keeps polling and stays in its group, and reads them
+//!   again.
+//! - **The sink rejects events** (a value it cannot store): on the main topics the batch is
+//!   tried `--write-attempts` times, then each event alone, and those it rejects go to
+//!   `<stream>.retry` with `sluice-attempt: 1`. On the retry topics each event waits for
+//!   its backoff, is tried once, and goes back to `<stream>.retry` with its attempt count
+//!   raised, or, after the last attempt, to `<stream>.dlq`.
 //!
 //! Rebalances happen inside `recv`, between batches, so work in flight always finishes
 //! before its partitions are given up. When shutdown interrupts a batch, its offsets are not
 //! stored and its records are delivered again to whoever takes the partitions next.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
@@ -35,14 +45,19 @@ use sluice_core::kafka::KafkaArgs;
 use sluice_core::settings::{RetrySettings, StreamSettings};
 use tokio_util::sync::CancellationToken;
 
+use crate::health::SinkHealth;
 use crate::metrics::Metrics;
-use crate::sink::{AnySink, Record, Sink};
+use crate::sink::{AnySink, Record, Sink, SinkError};
 use crate::{dead_letter_topic, retry_topic};
 
 /// Header with the number of attempts an event has had.
 pub const ATTEMPT_HEADER: &str = "sluice-attempt";
 /// Header with why an event went to a retry or dead-letter topic.
 pub const ERROR_HEADER: &str = "sluice-error";
+
+/// Longest a worker waits for an unavailable sink before it gives the records back to
+/// Kafka and polls again (well inside the consumer's `max.poll.interval.ms`).
+pub const HOLD: Duration = Duration::from_secs(10);
 
 /// Which topics a worker consumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,9 +111,13 @@ pub struct Worker {
     consumer: StreamConsumer<LagContext>,
     producer: Arc<FutureProducer>,
     sink: Arc<AnySink>,
+    health: Arc<SinkHealth>,
     metrics: Arc<Metrics>,
     /// topic → stream name
     streams: HashMap<String, String>,
+    /// Per partition, the last offset of a record dead-lettered as not an event: read
+    /// again after a seek back, it is not dead-lettered twice.
+    dead_lettered_through: Mutex<HashMap<(String, i32), i64>>,
 }
 
 /// An event read from Kafka, with what the retry path needs.
@@ -114,8 +133,30 @@ struct Item {
 struct PartitionWork {
     topic: String,
     partition: i32,
+    first_offset: i64,
     last_offset: i64,
     items: Vec<Item>,
+}
+
+/// How far the worker got with the records of one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    /// Every record is done.
+    Done,
+    /// Records before `resume_at` are done; the rest are read again (after a seek back),
+    /// or, when `stopped`, by whoever takes the partition after shutdown.
+    Partial { resume_at: i64, stopped: bool },
+}
+
+/// The outcome of writing some records while waiting out sink outages.
+enum Attempt {
+    Written,
+    /// The sink refused them for themselves.
+    Rejected(SinkError),
+    /// The sink stayed unavailable until the hold ran out.
+    Held,
+    /// Shutdown came first.
+    Stopped,
 }
 
 impl Worker {
@@ -124,6 +165,7 @@ impl Worker {
         kafka: &KafkaArgs,
         config: WorkerConfig,
         sink: Arc<AnySink>,
+        health: Arc<SinkHealth>,
         producer: Arc<FutureProducer>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, KafkaError> {
@@ -155,8 +197,10 @@ impl Worker {
             consumer,
             producer,
             sink,
+            health,
             metrics,
             streams,
+            dead_lettered_through: Mutex::new(HashMap::new()),
         })
     }
 
@@ -219,6 +263,7 @@ impl Worker {
                     work.push(PartitionWork {
                         topic: m.topic().to_owned(),
                         partition: m.partition(),
+                        first_offset: m.offset(),
                         last_offset: m.offset(),
                         items: Vec::new(),
                     });
@@ -226,7 +271,22 @@ impl Worker {
                 }
             };
             work[index].last_offset = m.offset();
-            match Envelope::decode(m.payload(), m.headers()) {
+            // The topic says which stream a record belongs to, not the record: one that
+            // names another stream would land in that stream's keys, rows or files.
+            let decoded = Envelope::decode(m.payload(), m.headers())
+                .map_err(|e| e.to_string())
+                .and_then(|envelope| {
+                    if envelope.stream == stream {
+                        Ok(envelope)
+                    } else {
+                        Err(format!(
+                            "the event names stream {:?} but was read from {:?}, a topic of stream {stream:?}",
+                            envelope.stream,
+                            m.topic()
+                        ))
+                    }
+                });
+            match decoded {
                 Ok(envelope) => {
                     let attempts = envelope
                         .headers
@@ -245,33 +305,63 @@ impl Worker {
                     });
                 }
                 Err(reason) => {
-                    if !self
-                        .dead_letter_raw(m, &stream, &reason.to_string(), shutdown)
-                        .await
-                    {
+                    let key = (m.topic().to_owned(), m.partition());
+                    let already = self
+                        .dead_lettered_through
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .get(&key)
+                        .is_some_and(|through| *through >= m.offset());
+                    if already {
+                        continue;
+                    }
+                    if !self.dead_letter_raw(m, &stream, &reason, shutdown).await {
                         return false;
                     }
+                    self.dead_lettered_through
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(key, m.offset());
                 }
             }
         }
-        let outcomes: Vec<(String, i32, i64, bool)> = futures::stream::iter(work)
-            .map(|w| async move {
-                let done = match self.config.mode {
-                    Mode::Main => self.write_main(w.items, shutdown).await,
-                    Mode::Retry => self.write_retry(w.items, shutdown).await,
+        let outcomes: Vec<(PartitionWork, Progress)> = futures::stream::iter(work)
+            .map(|mut w| async move {
+                let items = std::mem::take(&mut w.items);
+                let progress = match self.config.mode {
+                    Mode::Main => self.write_main(items, shutdown).await,
+                    Mode::Retry => self.write_retry(items, shutdown).await,
                 };
-                (w.topic, w.partition, w.last_offset, done)
+                (w, progress)
             })
             .buffer_unordered(self.config.concurrency.max(1))
             .collect()
             .await;
         let mut complete = true;
-        for (topic, partition, offset, done) in outcomes {
-            if !done {
-                complete = false;
-                continue;
-            }
-            if let Err(e) = self.consumer.store_offset(&topic, partition, offset) {
+        for (w, progress) in outcomes {
+            let (topic, partition) = (w.topic.as_str(), w.partition);
+            let done_through = match progress {
+                Progress::Done => Some(w.last_offset),
+                Progress::Partial { resume_at, stopped } => {
+                    complete &= !stopped;
+                    if !stopped {
+                        // Read again from the first record not done. Without a timeout the
+                        // seek is asynchronous; records fetched before it are dropped.
+                        if let Err(e) = self.consumer.seek(
+                            topic,
+                            partition,
+                            rdkafka::Offset::Offset(resume_at),
+                            Duration::ZERO,
+                        ) {
+                            tracing::warn!(error = %e, %topic, partition, resume_at, "cannot seek back; the records are read again after the next rebalance");
+                        }
+                    }
+                    (resume_at > w.first_offset).then_some(resume_at - 1)
+                }
+            };
+            if let Some(offset) = done_through
+                && let Err(e) = self.consumer.store_offset(topic, partition, offset)
+            {
                 // The partition was taken away meanwhile; its new owner replays the records.
                 tracing::debug!(error = %e, %topic, partition, "offset not stored");
             }
@@ -306,40 +396,98 @@ impl Worker {
         result
     }
 
-    /// Main topics: the whole partition batch a few times, then each event alone, then the
-    /// retry topic for the events that still fail.
-    async fn write_main(&self, items: Vec<Item>, shutdown: &CancellationToken) -> bool {
-        if items.is_empty() {
-            return true;
+    /// Writes `records`, waiting out an unavailable sink until `hold_until`.
+    async fn write_through_outage(
+        &self,
+        records: &[Record],
+        hold_until: Instant,
+        shutdown: &CancellationToken,
+    ) -> Attempt {
+        loop {
+            match self.write(records).await {
+                Ok(()) => {
+                    self.health.available();
+                    return Attempt::Written;
+                }
+                Err(e) if e.is_retriable() => {
+                    self.metrics.sink_error(self.sink.name(), "unavailable");
+                    let wait = self.health.unavailable(&e);
+                    let holding = Instant::now() + wait < hold_until;
+                    if !sleep_or_shutdown(wait, shutdown).await {
+                        return Attempt::Stopped;
+                    }
+                    if !holding {
+                        return Attempt::Held;
+                    }
+                }
+                Err(e) => {
+                    // The sink answered: it is up, and refuses these events.
+                    self.health.available();
+                    self.metrics.sink_error(self.sink.name(), "rejected");
+                    return Attempt::Rejected(e);
+                }
+            }
         }
+    }
+
+    /// Main topics: the whole partition batch (a few times if the sink rejects it), then
+    /// each event alone, and the retry topic for the events the sink rejects.
+    async fn write_main(&self, items: Vec<Item>, shutdown: &CancellationToken) -> Progress {
         let records: Vec<Record> = items.into_iter().map(|i| i.record).collect();
+        let Some(first) = records.first().map(|r| r.offset) else {
+            return Progress::Done;
+        };
+        let hold_until = Instant::now() + HOLD;
+        let held = |resume_at| Progress::Partial {
+            resume_at,
+            stopped: false,
+        };
+        let stopped = |resume_at| Progress::Partial {
+            resume_at,
+            stopped: true,
+        };
         let mut backoff = Backoff::new();
         for attempt in 1..=self.config.write_attempts {
-            match self.write(&records).await {
-                Ok(()) => return true,
-                Err(e) => {
-                    tracing::warn!(sink = self.sink.name(), error = %e, attempt, events = records.len(), "sink write failed");
+            match self
+                .write_through_outage(&records, hold_until, shutdown)
+                .await
+            {
+                Attempt::Written => return Progress::Done,
+                Attempt::Held => return held(first),
+                Attempt::Stopped => return stopped(first),
+                Attempt::Rejected(e) => {
+                    tracing::warn!(sink = self.sink.name(), error = %e, attempt, events = records.len(), "sink rejected the batch");
                     if attempt < self.config.write_attempts
                         && !sleep_or_shutdown(backoff.next(), shutdown).await
                     {
-                        return false;
+                        return stopped(first);
                     }
                 }
             }
         }
-        for record in records {
-            if let Err(e) = self.write(std::slice::from_ref(&record)).await
-                && !self.send_on(&record, 1, &e.to_string(), shutdown).await
+        for record in &records {
+            match self
+                .write_through_outage(std::slice::from_ref(record), hold_until, shutdown)
+                .await
             {
-                return false;
+                Attempt::Written => {}
+                Attempt::Held => return held(record.offset),
+                Attempt::Stopped => return stopped(record.offset),
+                Attempt::Rejected(e) => {
+                    if !self.send_on(record, 1, &e.to_string(), shutdown).await {
+                        return stopped(record.offset);
+                    }
+                }
             }
         }
-        true
+        Progress::Done
     }
 
-    /// Retry topics: each event after its backoff, once.
-    async fn write_retry(&self, items: Vec<Item>, shutdown: &CancellationToken) -> bool {
+    /// Retry topics: each event after its backoff, once (as often as it takes while the
+    /// sink is unavailable).
+    async fn write_retry(&self, items: Vec<Item>, shutdown: &CancellationToken) -> Progress {
         for item in items {
+            let offset = item.record.offset;
             let attempts = item.attempts.max(1);
             let due_ms = item.timestamp_ms.unwrap_or(0)
                 + self.config.retry.delay(attempts).as_millis() as i64;
@@ -348,17 +496,43 @@ impl Worker {
                 && !sleep_or_shutdown(Duration::from_millis((due_ms - now_ms) as u64), shutdown)
                     .await
             {
-                return false;
+                return Progress::Partial {
+                    resume_at: offset,
+                    stopped: true,
+                };
             }
-            if let Err(e) = self.write(std::slice::from_ref(&item.record)).await
-                && !self
-                    .send_on(&item.record, attempts + 1, &e.to_string(), shutdown)
-                    .await
+            let hold_until = Instant::now() + HOLD;
+            match self
+                .write_through_outage(std::slice::from_ref(&item.record), hold_until, shutdown)
+                .await
             {
-                return false;
+                Attempt::Written => {}
+                Attempt::Held => {
+                    return Progress::Partial {
+                        resume_at: offset,
+                        stopped: false,
+                    };
+                }
+                Attempt::Stopped => {
+                    return Progress::Partial {
+                        resume_at: offset,
+                        stopped: true,
+                    };
+                }
+                Attempt::Rejected(e) => {
+                    if !self
+                        .send_on(&item.record, attempts + 1, &e.to_string(), shutdown)
+                        .await
+                    {
+                        return Progress::Partial {
+                            resume_at: offset,
+                            stopped: true,
+                        };
+                    }
+                }
             }
         }
-        true
+        Progress::Done
     }
 
     /// Sends an event that failed `attempts` times to the retry topic, or to the

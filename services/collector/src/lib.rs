@@ -3,7 +3,8 @@
 //!
 //! - [`consume`]: the consumer loop: batches, partitions in parallel, offsets, retries;
 //! - [`sink`]: the sinks (`redis`, `redis-index`, `file`, `postgres`) behind one trait;
-//! - [`metrics`]: Prometheus metrics, with consumer lag per partition.
+//! - [`metrics`]: Prometheus metrics, with consumer lag per partition;
+//! - [`redrive`]: `sluice-collector redrive`, dead-lettered events back to their stream.
 //!
 //! Each group runs two consumers: the main one on the streams' topics, and a retry
 //! consumer (group `<group>.retry`) on their `<stream>.retry` topics. A write that keeps
@@ -13,7 +14,9 @@
 //! on a retry or dead-letter topic.
 
 pub mod consume;
+pub mod health;
 pub mod metrics;
+pub mod redrive;
 pub mod sink;
 
 use std::collections::BTreeMap;
@@ -25,11 +28,12 @@ use std::time::Duration;
 use axum::routing::get;
 use rdkafka::error::KafkaError;
 use sluice_core::kafka::{KafkaArgs, TopicSpec, ensure_topics};
-use sluice_core::settings::{SettingsError, parse_duration};
+use sluice_core::settings::{SettingsError, duration_arg};
 use sluice_core::{PipelineSettings, StreamSettings, store};
 use tokio_util::sync::CancellationToken;
 
 use consume::{Mode, Worker, WorkerConfig};
+use health::SinkHealth;
 use metrics::Metrics;
 use sink::{AnySink, SinkError};
 
@@ -46,12 +50,25 @@ pub enum SinkKind {
     Postgres,
 }
 
+impl SinkKind {
+    /// The sink's name in logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Redis => "redis",
+            Self::RedisIndex => "redis-index",
+            Self::File => "file",
+            Self::Postgres => "postgres",
+        }
+    }
+}
+
 /// Command line and environment of `sluice-collector`.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "sluice-collector",
     version,
-    about = "Sluice collector: Kafka in, sinks out"
+    about = "Sluice collector: Kafka in, sinks out",
+    after_help = "`sluice-collector redrive --help`: send a stream's dead-lettered events back to its topic."
 )]
 pub struct Args {
     /// Pipeline settings file (streams and their topics, retry policy).
@@ -91,7 +108,7 @@ pub struct Args {
     #[arg(long, env = "SLUICE_KEY_PREFIX", default_value = store::DEFAULT_PREFIX)]
     pub key_prefix: String,
     /// Expiry of records in Redis (`3600s`, `24h`); records never expire when unset.
-    #[arg(long, env = "SLUICE_RECORD_TTL", value_parser = parse_duration_arg)]
+    #[arg(long, env = "SLUICE_RECORD_TTL", value_parser = duration_arg)]
     pub record_ttl: Option<Duration>,
     /// Directory of the `file` sink.
     #[arg(long, env = "SLUICE_RECORD_DIRECTORY", default_value = "records")]
@@ -100,7 +117,7 @@ pub struct Args {
     #[arg(long, env = "SLUICE_FILE_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub file_max_bytes: u64,
     /// The `file` sink starts a new segment after this long (`10m`, `1h`).
-    #[arg(long, env = "SLUICE_FILE_MAX_AGE", default_value = "1h", value_parser = parse_duration_arg)]
+    #[arg(long, env = "SLUICE_FILE_MAX_AGE", default_value = "1h", value_parser = duration_arg)]
     pub file_max_age: Duration,
     /// When the `file` sink syncs to disk.
     #[arg(long, env = "SLUICE_FSYNC", value_enum, default_value = "batch")]
@@ -119,7 +136,7 @@ pub struct Args {
     #[arg(long, env = "SLUICE_DB_CONNECT_ATTEMPTS", default_value_t = 10)]
     pub db_connect_attempts: u32,
     /// Wait between connection attempts (`10s`).
-    #[arg(long, env = "SLUICE_DB_CONNECT_BACKOFF", default_value = "10s", value_parser = parse_duration_arg)]
+    #[arg(long, env = "SLUICE_DB_CONNECT_BACKOFF", default_value = "10s", value_parser = duration_arg)]
     pub db_connect_backoff: Duration,
     /// Most records written to the sink in one batch.
     #[arg(long, env = "SLUICE_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -139,10 +156,6 @@ pub struct Args {
     /// Log filter, for example `info` or `info,sluice_collector=debug`.
     #[arg(long, env = "SLUICE_LOG", default_value = "info")]
     pub log_level: String,
-}
-
-fn parse_duration_arg(s: &str) -> Result<Duration, String> {
-    parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 500ms, 10s, 5m or 1h"))
 }
 
 /// Why the collector stopped with an error.
@@ -258,18 +271,37 @@ async fn build_sink(args: &Args, settings: &PipelineSettings) -> Result<AnySink,
     })
 }
 
+/// `/readyz`: 503 while the sink is unavailable (the collector holds its records and
+/// retries), with how long and why.
+async fn ready(health: Arc<SinkHealth>) -> (axum::http::StatusCode, String) {
+    match health.outage() {
+        None => (axum::http::StatusCode::OK, "ok".to_owned()),
+        Some(o) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "sink unavailable for {} s, retrying: {}",
+                o.lasted.as_secs(),
+                o.error
+            ),
+        ),
+    }
+}
+
 /// Runs the collector until `shutdown` is cancelled.
 pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), CollectorError> {
     let settings = PipelineSettings::from_file(&args.settings)?;
     let plan = plan_groups(&args, &settings)?;
     let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(SinkHealth::new(args.sink.name(), metrics.clone()));
     if let Some(addr) = args.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(CollectorError::Metrics)?;
         let m = metrics.clone();
+        let h = health.clone();
         let router = axum::Router::new()
             .route("/healthz", get(|| async { "ok" }))
+            .route("/readyz", get(move || ready(h.clone())))
             .route(
                 "/metrics",
                 get(move || {
@@ -327,6 +359,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Collecto
                 &args.kafka,
                 config,
                 sink.clone(),
+                health.clone(),
                 producer.clone(),
                 metrics.clone(),
             )?;

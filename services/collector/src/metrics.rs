@@ -30,6 +30,12 @@ struct BatchLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    sink: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PartitionLabels {
     topic: String,
     partition: String,
@@ -44,6 +50,9 @@ pub struct Metrics {
     dead_lettered: Family<StreamLabels, Counter>,
     batch: Family<BatchLabels, Histogram>,
     lag: Family<PartitionLabels, Gauge<i64, AtomicI64>>,
+    sink_available: Family<BatchLabels, Gauge<i64, AtomicI64>>,
+    sink_unavailable_since: Family<BatchLabels, Gauge<i64, AtomicI64>>,
+    sink_errors: Family<ErrorLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -94,6 +103,24 @@ impl Metrics {
             "Records behind the end of each assigned partition",
             lag.clone(),
         );
+        let sink_available = Family::<BatchLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "sink_available",
+            "1 while the sink takes writes, 0 while it is down (records are held and retried)",
+            sink_available.clone(),
+        );
+        let sink_unavailable_since = Family::<BatchLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "sink_unavailable_since_seconds",
+            "Unix time the current sink outage began; 0 while the sink is available",
+            sink_unavailable_since.clone(),
+        );
+        let sink_errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "sink_errors",
+            "Failed sink writes: kind unavailable (retried until the sink is back) or rejected (events sent to the retry topic)",
+            sink_errors.clone(),
+        );
         Self {
             registry,
             consumed,
@@ -102,7 +129,34 @@ impl Metrics {
             dead_lettered,
             batch,
             lag,
+            sink_available,
+            sink_unavailable_since,
+            sink_errors,
         }
+    }
+
+    /// Marks the sink available (`None`) or unavailable since a time.
+    pub fn sink_available(&self, sink: &str, unavailable_since: Option<jiff::Timestamp>) {
+        let labels = BatchLabels {
+            sink: sink.to_owned(),
+        };
+        self.sink_available
+            .get_or_create(&labels)
+            .set(i64::from(unavailable_since.is_none()));
+        self.sink_unavailable_since
+            .get_or_create(&labels)
+            .set(unavailable_since.map_or(0, |t| t.as_second()));
+    }
+
+    /// Counts a failed sink write: `unavailable` (the sink's fault, retried until it is
+    /// back) or `rejected` (the events', sent through the retry topic).
+    pub fn sink_error(&self, sink: &str, kind: &str) {
+        self.sink_errors
+            .get_or_create(&ErrorLabels {
+                sink: sink.to_owned(),
+                kind: kind.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts records read from Kafka.

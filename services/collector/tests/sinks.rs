@@ -1,5 +1,6 @@
 //! Every sink against the real Kafka, Redis and PostgreSQL: what was sent is written, a
-//! replay adds nothing, outages are retried, poison goes to the dead-letter topic.
+//! replay adds nothing, a minute-long outage under the default settings dead-letters
+//! nothing, poison goes through the retry topic to the dead-letter topic.
 //!
 //! Each failure test counts by id: events sent = events in the sink + events on the
 //! dead-letter topic, with no duplicates in the sink.
@@ -43,7 +44,6 @@ fn start(pipeline: &Pipeline, stack: &Stack, group: &str, extra: &[&str]) -> Run
         ("--database-url", stack.database_url.as_str()),
         ("--key-prefix", pipeline.key_prefix.as_str()),
         ("--group", group),
-        ("--batch-size", "50"),
     ];
     let mut argv = vec!["sluice-collector".to_owned()];
     for (flag, value) in base {
@@ -184,6 +184,9 @@ async fn file_sink_writes_every_event_once_across_a_replay() {
         dir_arg.as_str(),
         "--file-max-bytes",
         "20000",
+        // Segments are cut between batches: small batches, so that several are.
+        "--batch-size",
+        "50",
     ];
 
     let read = |dir: std::path::PathBuf, name: String| async move {
@@ -324,6 +327,11 @@ async fn poison_goes_to_the_dead_letter_topic_and_the_events_behind_it_are_writt
     produce_raw(&stack, &name, "k", b"{this is not an event")
         .await
         .expect("poison");
+    // An event that names another stream than the one whose topic it is on.
+    let other = format!("{name}-other");
+    let mut stray = Envelope::new(&other, None, json!({"n": 0}));
+    stray.id = "stray".to_owned();
+    produce(&stack, &name, &[stray]).await.expect("stray");
     produce(&stack, &name, &after).await.expect("produce");
 
     let running = start(&pipeline, &stack, &unique("g"), &[]);
@@ -332,17 +340,30 @@ async fn poison_goes_to_the_dead_letter_topic_and_the_events_behind_it_are_writt
     sent.extend(ids(&after));
     assert_eq!(stored, sent);
     let dlq = wait_for("the poison on the dead-letter topic", LIMIT, || async {
-        Ok((topic_len(&stack, &format!("{name}.dlq"))? >= 1).then_some(()))
+        Ok((topic_len(&stack, &format!("{name}.dlq"))? >= 2).then_some(()))
     });
     dlq.await.expect("dlq");
     let dead = dead_letters(&stack, &name).await;
-    assert_eq!(dead.len(), 1);
+    assert_eq!(dead.len(), 2);
     assert_eq!(
         rdkafka::Message::payload(&dead[0]),
         Some(&b"{this is not an event"[..])
     );
     let reason = header(&dead[0], "sluice-error").expect("reason header");
     assert!(reason.contains("not a Sluice event envelope"), "{reason}");
+    assert_eq!(json_of(&dead[1]).expect("json")["id"], "stray");
+    let reason = header(&dead[1], "sluice-error").expect("reason header");
+    assert!(
+        reason.contains(&format!("names stream \"{other}\"")),
+        "{reason}"
+    );
+    assert!(
+        redis_ids(&stack, &pipeline.key_prefix, &other)
+            .await
+            .expect("keys")
+            .is_empty(),
+        "nothing written under the other stream's keys"
+    );
     running.stop().await;
 }
 
@@ -364,115 +385,257 @@ fn retry_pipeline(stream: StreamSettings, max_attempts: u32, backoff: &str) -> P
     }
 }
 
-#[tokio::test]
-async fn redis_outage_is_retried_and_every_event_arrives_once_redis_is_back() {
-    let stack = Stack::from_env();
-    let s = StreamSettings::new(unique("outage"));
-    let name = s.name.clone();
-    let pipeline = Pipeline::create_with(&stack, retry_pipeline(s, 10, "1s"))
-        .await
-        .expect("pipeline");
-    let proxy = Proxy::start(stack.redis_url.trim_start_matches("redis://"))
-        .await
-        .expect("proxy");
-    let redis_url = format!("redis://127.0.0.1:{}", proxy.port());
-    let extra = ["--redis-url", redis_url.as_str(), "--write-attempts", "2"];
-    let running = start(&pipeline, &stack, &unique("g"), &extra);
-    let first = events(&name, 50, "x");
-    produce(&stack, &name, &first).await.expect("produce");
-    await_redis(&stack, &pipeline.key_prefix, &name, 50).await;
+/// How long the sink is cut off in the outage tests.
+const OUTAGE: Duration = Duration::from_secs(60);
 
-    proxy.cut();
-    let second = events(&name, 50, "y");
-    produce(&stack, &name, &second).await.expect("produce");
-    // The writes fail and the events go to the retry topic.
-    wait_for("events on the retry topic", LIMIT, || async {
-        Ok((topic_len(&stack, &format!("{name}.retry"))? > 0).then_some(()))
+/// Produces a few events every half second until `stop`; the events it sent.
+fn steady_events(
+    stack: &Stack,
+    stream: &str,
+    tag: &'static str,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<Vec<Envelope>> {
+    let (stack, stream) = (stack.clone(), stream.to_owned());
+    tokio::spawn(async move {
+        let mut sent = Vec::new();
+        let mut round = 0;
+        while !stop.is_cancelled() {
+            let mut batch = events(&stream, 10, tag);
+            for e in &mut batch {
+                e.id = format!("{}-{round}", e.id);
+            }
+            produce(&stack, &stream, &batch).await.expect("produce");
+            sent.extend(batch);
+            round += 1;
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+        sent
+    })
+}
+
+/// `/readyz` and `/metrics` of a collector's metrics port.
+async fn collector_state(port: u16) -> anyhow::Result<(u16, String)> {
+    let base = format!("http://127.0.0.1:{port}");
+    let ready = reqwest::get(format!("{base}/readyz"))
+        .await?
+        .status()
+        .as_u16();
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await?
+        .text()
+        .await?;
+    Ok((ready, metrics))
+}
+
+/// A sink cut off for [`OUTAGE`] under a steady stream, with the pipeline's default retry
+/// policy and the collector's default flags; one poison event (that the sink rejects for
+/// itself, with an error that says `rejected_for`) is sent during the outage. Afterwards:
+/// the poison alone is on the dead-letter topic, after its last attempt; every other event is in the sink (`stored` lists the ids
+/// there, one per stored copy); both groups are committed to the end.
+/// The collector runs with the sink flags `sink_args` (through `proxy`) and nothing else
+/// beyond the connections.
+async fn sink_outage_under_load<F, Fut>(
+    stack: &Stack,
+    pipeline: &Pipeline,
+    name: &str,
+    (proxy, sink_args): (&Proxy, &[&str]),
+    sink: &str,
+    (poison, rejected_for): (Envelope, &str),
+    stored: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Vec<String>>>,
+{
+    let metrics_port = sluice_testkit::free_port().expect("port");
+    let metrics_listen = format!("127.0.0.1:{metrics_port}");
+    let group = unique("g");
+    let mut args = sink_args.to_vec();
+    args.extend(["--metrics-listen", metrics_listen.as_str()]);
+    let running = start(pipeline, stack, &group, &args);
+    let first = events(name, 50, "x");
+    produce(stack, name, &first).await.expect("produce");
+    wait_for("the first events in the sink", LIMIT, || async {
+        Ok((stored().await?.len() >= 50).then_some(()))
     })
     .await
-    .expect("retried");
+    .expect("first events");
+
+    let cut_at = tokio::time::Instant::now();
+    proxy.cut();
+    let stop = CancellationToken::new();
+    let steady = steady_events(stack, name, "y", stop.clone());
+    // The wait is visible: readiness fails and the metrics say since when.
+    let seen = wait_for(
+        "the collector to report the sink unavailable",
+        LIMIT,
+        || async {
+            let (ready, metrics) = collector_state(metrics_port).await?;
+            let down = format!("sluice_collector_sink_available{{sink=\"{sink}\"}} 0");
+            Ok((ready == 503 && metrics.contains(&down)).then_some(metrics))
+        },
+    )
+    .await
+    .expect("outage reported");
+    assert!(
+        seen.contains(&format!(
+            "sluice_collector_sink_errors_total{{sink=\"{sink}\",kind=\"unavailable\"}}"
+        )),
+        "{seen}"
+    );
+    produce(stack, name, std::slice::from_ref(&poison))
+        .await
+        .expect("poison");
+    tokio::time::sleep_until(cut_at + OUTAGE).await;
+    assert_eq!(
+        topic_len(stack, &format!("{name}.dlq")).expect("dlq"),
+        0,
+        "nothing dead-lettered during the outage"
+    );
     proxy.restore();
+    let sent = {
+        // The stream goes on for a while after the sink is back.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.cancel();
+        steady.await.expect("steady producer")
+    };
 
     let mut all = ids(&first);
-    all.extend(ids(&second));
-    let stored = await_redis(&stack, &pipeline.key_prefix, &name, 100).await;
-    assert_eq!(stored, all, "every event once; none dead-lettered");
-    assert_eq!(topic_len(&stack, &format!("{name}.dlq")).expect("dlq"), 0);
+    all.extend(ids(&sent));
+    let want = all.len();
+    let got = wait_for(&format!("{want} events in the sink"), LIMIT * 2, || async {
+        let got = stored().await?;
+        Ok((got.len() >= want).then_some(got))
+    })
+    .await
+    .expect("every event");
+    assert_eq!(got.len(), want, "no event stored twice");
+    assert_eq!(got.into_iter().collect::<BTreeSet<_>>(), all);
+    // The poison goes through the retry topic to the dead-letter topic on the default
+    // policy (5 attempts, 1 s doubling).
+    wait_for("the poison on the dead-letter topic", LIMIT, || async {
+        Ok((topic_len(stack, &format!("{name}.dlq"))? >= 1).then_some(()))
+    })
+    .await
+    .expect("dlq");
+    let dead = dead_letters(stack, name).await;
+    assert_eq!(dead.len(), 1, "the poison alone is dead-lettered");
+    assert_eq!(json_of(&dead[0]).expect("json")["id"], poison.id.as_str());
+    assert_eq!(header(&dead[0], "sluice-attempt").as_deref(), Some("5"));
+    let reason = header(&dead[0], "sluice-error").expect("reason");
+    assert!(reason.contains(rejected_for), "{reason}");
+    for (g, topic) in [
+        (group.to_owned(), name.to_owned()),
+        (format!("{group}.retry"), format!("{name}.retry")),
+    ] {
+        wait_for(
+            &format!("{g} committed to the end of {topic}"),
+            LIMIT,
+            || async { Ok(committed_to_end(stack, &g, &topic)?.then_some(())) },
+        )
+        .await
+        .expect("lag 0");
+    }
+    let (ready, metrics) = collector_state(metrics_port).await.expect("state");
+    assert_eq!(ready, 200, "ready again");
+    assert!(
+        metrics.contains(&format!(
+            "sluice_collector_sink_available{{sink=\"{sink}\"}} 1"
+        )),
+        "{metrics}"
+    );
     running.stop().await;
 }
 
 #[tokio::test]
-async fn postgres_outage_is_retried_and_every_row_arrives() {
+async fn redis_down_for_a_minute_dead_letters_nothing_and_every_event_arrives_once() {
+    let stack = Stack::from_env();
+    let s = StreamSettings::new(unique("outage"));
+    let name = s.name.clone();
+    let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
+    let proxy = Proxy::start(stack.redis_url.trim_start_matches("redis://"))
+        .await
+        .expect("proxy");
+    let redis_url = format!("redis://127.0.0.1:{}", proxy.port());
+    // The poison: its record key already holds a list, so Redis refuses to store it.
+    let mut poison = Envelope::new(&name, None, json!({"n": -1}));
+    poison.id = "poison".to_owned();
+    let mut redis = stack.redis().await.expect("redis");
+    let _: i64 = redis
+        .rpush(
+            sluice_core::store::record_key(&pipeline.key_prefix, &name, "poison"),
+            "not a record",
+        )
+        .await
+        .expect("rpush");
+    let stored = || async {
+        let mut ids = redis_ids(&stack, &pipeline.key_prefix, &name).await?;
+        ids.remove("poison");
+        Ok(ids.into_iter().collect())
+    };
+    sink_outage_under_load(
+        &stack,
+        &pipeline,
+        &name,
+        (&proxy, &["--redis-url", redis_url.as_str()]),
+        "redis",
+        (poison, "WRONGTYPE"),
+        stored,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_down_for_a_minute_dead_letters_nothing_and_every_row_arrives_once() {
     let stack = Stack::from_env();
     let s = StreamSettings::new(unique("pgout"));
     let name = s.name.clone();
-    let pipeline = Pipeline::create_with(&stack, retry_pipeline(s, 10, "1s"))
-        .await
-        .expect("pipeline");
+    let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
     let db = stack.database_url.trim_start_matches("postgres://");
     let (user, rest) = db.split_once('@').expect("user");
     let (hostport, database) = rest.split_once('/').expect("db");
     let proxy = Proxy::start(hostport).await.expect("proxy");
     let url = format!("postgres://{user}@127.0.0.1:{}/{database}", proxy.port());
     let table = format!("t_{}", uuid::Uuid::now_v7().simple());
-    let extra = [
-        "--sink",
-        "postgres",
-        "--database-url",
-        url.as_str(),
-        "--table",
-        table.as_str(),
-        "--write-attempts",
-        "2",
-    ];
-    let running = start(&pipeline, &stack, &unique("g"), &extra);
     let pool = sqlx::PgPool::connect(&stack.database_url)
         .await
         .expect("pg");
-    let rows = |pool: sqlx::PgPool, table: String| async move {
-        let n: i64 = sqlx::query(&format!("SELECT count(*) FROM {table}"))
-            .fetch_one(&pool)
-            .await?
-            .get(0);
-        anyhow::Ok(n)
+    // The poison: PostgreSQL cannot store a NUL character in jsonb.
+    let mut poison = Envelope::new(&name, None, json!({"text": "\u{0}"}));
+    poison.id = "poison".to_owned();
+    let stored = || async {
+        let rows = sqlx::query(&format!("SELECT id FROM {table}"))
+            .fetch_all(&pool)
+            .await;
+        // The table appears once the collector reached the database.
+        Ok(rows
+            .unwrap_or_default()
+            .iter()
+            .map(|r| r.get::<String, _>(0))
+            .collect())
     };
-    let first = events(&name, 40, "x");
-    produce(&stack, &name, &first).await.expect("produce");
-    wait_for("40 rows", LIMIT, || {
-        let r = rows(pool.clone(), table.clone());
-        async move { Ok((r.await.unwrap_or(0) >= 40).then_some(())) }
-    })
-    .await
-    .expect("rows");
-
-    proxy.cut();
-    let second = events(&name, 40, "y");
-    produce(&stack, &name, &second).await.expect("produce");
-    wait_for("events on the retry topic", LIMIT, || async {
-        Ok((topic_len(&stack, &format!("{name}.retry"))? > 0).then_some(()))
-    })
-    .await
-    .expect("retried");
-    proxy.restore();
-    wait_for("80 rows", LIMIT, || {
-        let r = rows(pool.clone(), table.clone());
-        async move { Ok((r.await.unwrap_or(0) >= 80).then_some(())) }
-    })
-    .await
-    .expect("rows");
-    let stored: Vec<String> = sqlx::query(&format!("SELECT id FROM {table}"))
-        .fetch_all(&pool)
-        .await
-        .expect("ids")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let mut all = ids(&first);
-    all.extend(ids(&second));
-    assert_eq!(stored.len(), 80);
-    assert_eq!(stored.into_iter().collect::<BTreeSet<_>>(), all);
-    assert_eq!(topic_len(&stack, &format!("{name}.dlq")).expect("dlq"), 0);
-    running.stop().await;
+    sink_outage_under_load(
+        &stack,
+        &pipeline,
+        &name,
+        (
+            &proxy,
+            &[
+                "--sink",
+                "postgres",
+                "--database-url",
+                url.as_str(),
+                "--table",
+                table.as_str(),
+            ],
+        ),
+        "postgres",
+        (poison, "unsupported Unicode escape"),
+        stored,
+    )
+    .await;
     sqlx::query(&format!("DROP TABLE {table}"))
         .execute(&pool)
         .await
@@ -530,5 +693,91 @@ async fn an_event_that_never_fits_ends_on_the_dead_letter_topic_after_its_last_a
         .expect("smembers");
     senders.sort();
     assert_eq!(senders, ["ann", "cyd"], "the events around it were written");
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn redrive_sends_dead_lettered_events_back_once_the_sink_takes_them() {
+    let stack = Stack::from_env();
+    let s = StreamSettings::new(unique("redrive"));
+    let name = s.name.clone();
+    let pipeline = Pipeline::create_with(&stack, retry_pipeline(s, 2, "200ms"))
+        .await
+        .expect("pipeline");
+    // Two events Redis refuses while their keys hold lists.
+    let mut redis = stack.redis().await.expect("redis");
+    let blocked = ["r-1", "r-2"];
+    for id in blocked {
+        let _: i64 = redis
+            .rpush(
+                sluice_core::store::record_key(&pipeline.key_prefix, &name, id),
+                "in the way",
+            )
+            .await
+            .expect("rpush");
+    }
+    let mut sent = events(&name, 5, "ok");
+    for id in blocked {
+        let mut e = Envelope::new(&name, None, json!({"n": id}));
+        e.id = id.to_owned();
+        sent.push(e);
+    }
+    produce(&stack, &name, &sent).await.expect("produce");
+    let group = unique("g");
+    let running = start(&pipeline, &stack, &group, &["--write-attempts", "1"]);
+    wait_for("both on the dead-letter topic", LIMIT, || async {
+        Ok((topic_len(&stack, &format!("{name}.dlq"))? >= 2).then_some(()))
+    })
+    .await
+    .expect("dlq");
+
+    // What was in the way is removed; the dead letters go back to the stream's topic.
+    for id in blocked {
+        let _: i64 = redis
+            .del(sluice_core::store::record_key(
+                &pipeline.key_prefix,
+                &name,
+                id,
+            ))
+            .await
+            .expect("del");
+    }
+    let settings = pipeline.settings_path.to_str().expect("path");
+    let redrive_group = unique("redrive");
+    let redrive = || {
+        let args = sluice_collector::redrive::RedriveArgs::parse_from([
+            "sluice-collector redrive",
+            "--settings",
+            settings,
+            "--kafka-brokers",
+            stack.kafka_brokers.as_str(),
+            "--stream",
+            name.as_str(),
+            "--group",
+            redrive_group.as_str(),
+        ]);
+        async move { sluice_collector::redrive::redrive(&args).await }
+    };
+    let done = redrive().await.expect("redrive");
+    assert_eq!(
+        (done.records, done.from.as_str(), done.to.as_str()),
+        (2, format!("{name}.dlq").as_str(), name.as_str())
+    );
+    let stored = await_redis(&stack, &pipeline.key_prefix, &name, 7).await;
+    assert_eq!(stored, ids(&sent), "every event in the sink");
+    let copies = read_topic(&stack, &name).await.expect("stream topic");
+    let redriven: Vec<_> = copies
+        .iter()
+        .filter(|m| header(m, "sluice-redriven-from").is_some())
+        .collect();
+    assert_eq!(redriven.len(), 2);
+    assert!(
+        redriven
+            .iter()
+            .all(|m| header(m, "sluice-attempt").is_none() && header(m, "sluice-error").is_none()),
+        "sent back as new events"
+    );
+    // A second redrive has nothing left to send.
+    assert_eq!(redrive().await.expect("redrive").records, 0);
     running.stop().await;
 }

@@ -83,9 +83,9 @@ impl ApiError {
         match self {
             Self::Publish(p) => match p {
                 PublishError::UnknownStream(..) => StatusCode::NOT_FOUND,
-                PublishError::Overloaded | PublishError::Kafka { .. } => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
+                PublishError::Overloaded { .. }
+                | PublishError::Kafka { .. }
+                | PublishError::Unacknowledged { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::BAD_REQUEST,
             },
             Self::NotFound { .. } | Self::NoRoute(_) => StatusCode::NOT_FOUND,
@@ -110,9 +110,11 @@ impl ApiError {
                 PublishError::NotAnObject { .. } => "not-an-object",
                 PublishError::InvalidId { .. } | PublishError::IdNotScalar { .. } => "invalid-id",
                 PublishError::Key { .. } => "missing-key",
-                PublishError::Schema { .. } => "schema-violation",
-                PublishError::Overloaded => "overloaded",
-                PublishError::Kafka { .. } => "kafka-unavailable",
+                PublishError::Schema(_) => "schema-violation",
+                PublishError::Overloaded { .. } => "overloaded",
+                PublishError::Kafka { .. } | PublishError::Unacknowledged { .. } => {
+                    "kafka-unavailable"
+                }
             },
             Self::MalformedJson(_) | Self::MalformedLine { .. } => "malformed-json",
             Self::Empty => "empty-request",
@@ -147,6 +149,10 @@ pub struct Problem {
     pub status: u16,
     /// What is wrong, in words.
     pub detail: String,
+    /// When a request was not published whole: each of its events in order, with its id
+    /// and whether it was published.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<crate::publish::EventOutcome>>,
 }
 
 impl ApiError {
@@ -158,6 +164,10 @@ impl ApiError {
             title: status.canonical_reason().unwrap_or("Error"),
             status: status.as_u16(),
             detail: self.to_string(),
+            events: match self {
+                Self::Publish(p) => p.events().map(<[_]>::to_vec),
+                _ => None,
+            },
         }
     }
 }

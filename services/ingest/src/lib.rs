@@ -121,6 +121,10 @@ pub struct Args {
     /// `/api` endpoints need one of them.
     #[arg(long, env = "SLUICE_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
+    /// Longest wait for Kafka's acknowledgement of a request's events; then the request
+    /// is answered 503 with `Retry-After` and each event's id and status.
+    #[arg(long, env = "SLUICE_ACK_TIMEOUT", default_value = "10s", value_parser = duration_arg)]
+    pub ack_timeout: Duration,
     /// How long ingest keeps serving after SIGTERM, with `/readyz` failing and every
     /// answer closing its connection, so that load balancers and clients move to other
     /// instances before it stops accepting. Ctrl-C (SIGINT) stops without this delay.
@@ -155,6 +159,7 @@ impl Args {
             worker_size: 4,
             max_line_bytes: 64 * 1024,
             api_keys_file: None,
+            ack_timeout: Duration::from_secs(10),
             drain_delay: Duration::from_secs(5),
             log_level: "info".to_owned(),
         }
@@ -286,7 +291,7 @@ impl App {
             None => Vec::new(),
         };
         let metrics = Arc::new(Metrics::new());
-        let publisher = Publisher::new(producer, metrics.clone());
+        let publisher = Publisher::new(producer, metrics.clone(), args.ack_timeout);
         let closing = CancellationToken::new();
         let tcp = settings.stream(&args.tcp_stream).map(|s| {
             tcp::Buffer::start(

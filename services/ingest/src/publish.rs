@@ -7,12 +7,20 @@
 //! queued on the idempotent producer at once and their acknowledgements awaited together.
 //!
 //! A full producer queue is [`PublishError::Overloaded`] (HTTP 503 with `Retry-After`);
-//! the queue is bounded, so ingest never buffers without limit.
+//! the queue is bounded, so ingest never buffers without limit. Acknowledgements are
+//! awaited at most `--ack-timeout`. Whenever a request is not published whole, the answer
+//! lists every event of it in order with its id (including the ids ingest made) and
+//! whether it was published, was not, or is unknown (no acknowledgement in time; it may
+//! still arrive): a retry of the events not known to be published, with the same ids, is
+//! stored once by every sink.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
+use futures::StreamExt;
 use futures::future::join_all;
+use futures::stream::FuturesUnordered;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
@@ -84,7 +92,65 @@ impl Streams {
     }
 }
 
-/// Why events were not published. Every variant but the last two means nothing was sent.
+/// Where and how an event breaks its stream's schema.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{at}the event does not match the schema of stream {stream:?}: at {path:?}: {message} (rule {rule})"
+)]
+pub struct SchemaViolation {
+    /// Where in the request.
+    pub at: String,
+    /// The stream.
+    pub stream: String,
+    /// JSON pointer into the event where validation failed (`""` is the whole event).
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+    /// JSON pointer to the failing keyword in the schema.
+    pub rule: String,
+}
+
+/// What became of one event of a request that was not published whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct EventOutcome {
+    /// The event id (the one the request gave, or the one ingest made).
+    pub id: String,
+    /// `published`: Kafka acknowledged it; `failed`: it was not published; `unknown`: no
+    /// acknowledgement within `--ack-timeout` (it may still be published).
+    pub status: OutcomeStatus,
+    /// Kafka partition, when published.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<i32>,
+    /// Offset in that partition, when published.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<i64>,
+}
+
+/// See [`EventOutcome::status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OutcomeStatus {
+    /// Kafka acknowledged it.
+    Published,
+    /// It was not published.
+    Failed,
+    /// No acknowledgement in time; it may still be published.
+    Unknown,
+}
+
+/// Why one event was not acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum Unsent {
+    /// Kafka refused it, or the producer queue was full.
+    #[error(transparent)]
+    Failed(KafkaError),
+    /// No acknowledgement within the deadline; it may still be published.
+    #[error("no acknowledgement within {0:?}")]
+    Pending(Duration),
+}
+
+/// Why events were not published. Every variant but the last three means nothing was sent;
+/// those three list what became of each event.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     /// No stream of that name.
@@ -123,27 +189,23 @@ pub enum PublishError {
         source: KeyError,
     },
     /// An event does not satisfy the stream's schema.
-    #[error(
-        "{at}the event does not match the schema of stream {stream:?}: at {path:?}: {message} (rule {rule})"
-    )]
-    Schema {
-        /// Where in the request.
-        at: String,
-        /// The stream.
-        stream: String,
-        /// JSON pointer into the event where validation failed (`""` is the whole event).
-        path: String,
-        /// What is wrong.
-        message: String,
-        /// JSON pointer to the failing keyword in the schema.
-        rule: String,
-    },
+    #[error("{0}")]
+    Schema(Box<SchemaViolation>),
     /// The producer queue is full.
-    #[error("the Kafka producer queue is full; retry later")]
-    Overloaded,
+    #[error(
+        "the Kafka producer queue is full; {published} of {total} events were published; retry the others later with the same ids"
+    )]
+    Overloaded {
+        /// Events published all the same.
+        published: usize,
+        /// Events in the request.
+        total: usize,
+        /// Each event, in request order.
+        events: Vec<EventOutcome>,
+    },
     /// Kafka did not acknowledge every event.
     #[error(
-        "Kafka did not acknowledge {failed} of {total} events: {source}; retry with the same ids (sinks are idempotent on event ids)"
+        "Kafka did not acknowledge {failed} of {total} events: {source}; retry them with the same ids (sinks store an id once)"
     )]
     Kafka {
         /// Events not acknowledged.
@@ -153,7 +215,36 @@ pub enum PublishError {
         /// The first error.
         #[source]
         source: KafkaError,
+        /// Each event, in request order.
+        events: Vec<EventOutcome>,
     },
+    /// Some acknowledgements did not come in time.
+    #[error(
+        "Kafka did not acknowledge {pending} of {total} events within {after:?}; they may still be published: retry them with the same ids (sinks store an id once)"
+    )]
+    Unacknowledged {
+        /// Events without an answer.
+        pending: usize,
+        /// Events in the request.
+        total: usize,
+        /// The deadline.
+        after: Duration,
+        /// Each event, in request order.
+        events: Vec<EventOutcome>,
+    },
+}
+
+impl PublishError {
+    /// What became of each event, when the request was published in part or not known
+    /// to be published.
+    pub fn events(&self) -> Option<&[EventOutcome]> {
+        match self {
+            Self::Overloaded { events, .. }
+            | Self::Kafka { events, .. }
+            | Self::Unacknowledged { events, .. } => Some(events),
+            _ => None,
+        }
+    }
 }
 
 /// What a request says about its events beyond their payloads.
@@ -195,12 +286,17 @@ pub struct Published {
 pub struct Publisher {
     producer: FutureProducer,
     metrics: Arc<Metrics>,
+    ack_timeout: Duration,
 }
 
 impl Publisher {
-    /// A publisher on `producer`.
-    pub fn new(producer: FutureProducer, metrics: Arc<Metrics>) -> Self {
-        Self { producer, metrics }
+    /// A publisher on `producer` that waits at most `ack_timeout` for acknowledgements.
+    pub fn new(producer: FutureProducer, metrics: Arc<Metrics>, ack_timeout: Duration) -> Self {
+        Self {
+            producer,
+            metrics,
+            ack_timeout,
+        }
     }
 
     /// The producer.
@@ -243,44 +339,80 @@ impl Publisher {
         })?;
         let total = envelopes.len();
         let results = self.send(stream.settings.topic(), envelopes, ack).await;
-        let mut published = Vec::with_capacity(total);
+        if results.iter().all(|(_, r)| r.is_ok()) {
+            return Ok(results.into_iter().filter_map(|(_, r)| r.ok()).collect());
+        }
+        let mut events = Vec::with_capacity(total);
+        let (mut published, mut pending, mut queue_full) = (0, 0, false);
         let mut first_error = None;
-        let mut failed = 0;
-        for result in results {
-            match result {
-                Ok(p) => published.push(p),
-                Err(e) => {
-                    failed += 1;
-                    first_error.get_or_insert(e);
+        for (id, result) in results {
+            let (status, partition, offset) = match result {
+                Ok(p) => {
+                    published += 1;
+                    (OutcomeStatus::Published, p.partition, p.offset)
                 }
-            }
+                Err(Unsent::Pending(_)) => {
+                    pending += 1;
+                    (OutcomeStatus::Unknown, None, None)
+                }
+                Err(Unsent::Failed(e)) => {
+                    queue_full |= matches!(
+                        e,
+                        KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)
+                    );
+                    first_error.get_or_insert(e);
+                    (OutcomeStatus::Failed, None, None)
+                }
+            };
+            events.push(EventOutcome {
+                id,
+                status,
+                partition,
+                offset,
+            });
+        }
+        if pending > 0 {
+            self.metrics.delivery_failed(name);
+            return Err(PublishError::Unacknowledged {
+                pending,
+                total,
+                after: self.ack_timeout,
+                events,
+            });
         }
         match first_error {
-            None => Ok(published),
-            Some(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
+            Some(_) if queue_full => {
                 self.metrics.rejected(name, "overloaded");
-                Err(PublishError::Overloaded)
+                Err(PublishError::Overloaded {
+                    published,
+                    total,
+                    events,
+                })
             }
             Some(source) => {
                 self.metrics.delivery_failed(name);
                 Err(PublishError::Kafka {
-                    failed,
+                    failed: total - published,
                     total,
                     source,
+                    events,
                 })
             }
+            // Every result was either published or pending, and none pending.
+            None => Ok(Vec::new()),
         }
     }
 
     /// Queues every envelope on the producer at once, then (with [`Ack::All`]) awaits
-    /// their acknowledgements together. One result per envelope, in order; an envelope
-    /// that found the producer queue full fails with `QueueFull` and was not sent.
+    /// their acknowledgements together, at most the publisher's `ack_timeout`. One result
+    /// per envelope, in order, with its id; an envelope that found the producer queue full
+    /// fails with `QueueFull` and was not sent.
     pub async fn send(
         &self,
         topic: &str,
         envelopes: Vec<Envelope>,
         ack: Ack,
-    ) -> Vec<Result<Published, KafkaError>> {
+    ) -> Vec<(String, Result<Published, Unsent>)> {
         let mut pending = Vec::with_capacity(envelopes.len());
         let mut sent = 0u64;
         let stream = envelopes
@@ -308,14 +440,18 @@ impl Publisher {
             let mut out = Vec::with_capacity(pending.len());
             let mut deliveries = Vec::new();
             for (id, result) in pending {
-                out.push(result.map(|d| {
-                    deliveries.push(d);
-                    Published {
-                        id,
-                        partition: None,
-                        offset: None,
+                let outcome = match result {
+                    Ok(d) => {
+                        deliveries.push(d);
+                        Ok(Published {
+                            id: id.clone(),
+                            partition: None,
+                            offset: None,
+                        })
                     }
-                }));
+                    Err(e) => Err(Unsent::Failed(e)),
+                };
+                out.push((id, outcome));
             }
             let metrics = self.metrics.clone();
             tokio::spawn(async move {
@@ -327,26 +463,38 @@ impl Publisher {
             });
             return out;
         }
-        let (ids, futures): (Vec<String>, Vec<_>) = pending.into_iter().unzip();
-        let outcomes = join_all(futures.into_iter().map(|f| async move {
-            match f {
-                Ok(delivery) => match delivery.await {
-                    Ok(Ok(d)) => Ok((d.partition, d.offset)),
-                    Ok(Err((e, _))) => Err(e),
-                    Err(_) => Err(KafkaError::Canceled),
-                },
-                Err(e) => Err(e),
+        let mut outcomes: Vec<Result<(i32, i64), Unsent>> = Vec::with_capacity(pending.len());
+        let mut ids = Vec::with_capacity(pending.len());
+        let mut waiting = FuturesUnordered::new();
+        for (i, (id, result)) in pending.into_iter().enumerate() {
+            ids.push(id);
+            match result {
+                Ok(delivery) => {
+                    outcomes.push(Err(Unsent::Pending(self.ack_timeout)));
+                    waiting.push(async move { (i, delivery.await) });
+                }
+                Err(e) => outcomes.push(Err(Unsent::Failed(e))),
             }
-        }))
-        .await;
+        }
+        // Acknowledgements that do not come in time stay `Pending`.
+        let deadline = tokio::time::Instant::now() + self.ack_timeout;
+        while let Ok(Some((i, delivered))) = tokio::time::timeout_at(deadline, waiting.next()).await
+        {
+            outcomes[i] = match delivered {
+                Ok(Ok(d)) => Ok((d.partition, d.offset)),
+                Ok(Err((e, _))) => Err(Unsent::Failed(e)),
+                Err(_) => Err(Unsent::Failed(KafkaError::Canceled)),
+            };
+        }
         ids.into_iter()
             .zip(outcomes)
             .map(|(id, outcome)| {
-                outcome.map(|(partition, offset)| Published {
-                    id,
+                let published = outcome.map(|(partition, offset)| Published {
+                    id: id.clone(),
                     partition: Some(partition),
                     offset: Some(offset),
-                })
+                });
+                (id, published)
             })
             .collect()
     }
@@ -358,9 +506,9 @@ fn reject_reason(e: &PublishError) -> &'static str {
         PublishError::NotAnObject { .. } => "not-an-object",
         PublishError::InvalidId { .. } | PublishError::IdNotScalar { .. } => "invalid-id",
         PublishError::Key { .. } => "missing-key",
-        PublishError::Schema { .. } => "schema",
-        PublishError::Overloaded => "overloaded",
-        PublishError::Kafka { .. } => "kafka",
+        PublishError::Schema(_) => "schema",
+        PublishError::Overloaded { .. } => "overloaded",
+        PublishError::Kafka { .. } | PublishError::Unacknowledged { .. } => "kafka",
     }
 }
 
@@ -410,13 +558,13 @@ pub fn prepare(
         if let Some(schema) = &stream.schema
             && let Some(error) = schema.iter_errors(&payload).next()
         {
-            return Err(PublishError::Schema {
+            return Err(PublishError::Schema(Box::new(SchemaViolation {
                 at,
                 stream: settings.name.clone(),
                 path: error.instance_path().to_string(),
                 message: error.to_string(),
                 rule: error.schema_path().to_string(),
-            });
+            })));
         }
         let mut envelope = Envelope::new(&settings.name, key, payload);
         if let Some(id) = id {
@@ -522,11 +670,11 @@ mod tests {
         );
         assert!(prepare(&s, vec![json!({"lat": 45.5})], &Hints::default(), false).is_ok());
         let err = prepare(&s, vec![json!({"lat": 91})], &Hints::default(), false).expect_err("bad");
-        let PublishError::Schema { path, rule, .. } = &err else {
+        let PublishError::Schema(violation) = &err else {
             panic!("not a schema error: {err}")
         };
-        assert_eq!(path, "/lat");
-        assert!(rule.ends_with("/maximum"), "{rule}");
+        assert_eq!(violation.path, "/lat");
+        assert!(violation.rule.ends_with("/maximum"), "{}", violation.rule);
         let err = prepare(&s, vec![json!({})], &Hints::default(), false).expect_err("bad");
         assert!(err.to_string().contains("required"), "{err}");
     }

@@ -30,6 +30,17 @@ impl Drop for Server {
 }
 
 async fn start(stack: &Stack, pipeline: &Pipeline, tweak: impl FnOnce(&mut Args)) -> Server {
+    start_with(stack, pipeline, tweak, true).await
+}
+
+/// [`start`], or with `watch_kafka` false, served without the Kafka watcher: Kafka then
+/// always counts as reachable, and requests go to the producer whatever the broker does.
+async fn start_with(
+    stack: &Stack,
+    pipeline: &Pipeline,
+    tweak: impl FnOnce(&mut Args),
+    watch_kafka: bool,
+) -> Server {
     let mut args = Args::new(
         pipeline.settings_path.clone(),
         stack.kafka(),
@@ -44,7 +55,13 @@ async fn start(stack: &Stack, pipeline: &Pipeline, tweak: impl FnOnce(&mut Args)
         .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let stop = CancellationToken::new();
-    tokio::spawn(run(listener, app.clone(), stop.clone()));
+    if watch_kafka {
+        tokio::spawn(run(listener, app.clone(), stop.clone()));
+    } else {
+        let serve = axum::serve(listener, sluice_ingest::router(app.clone()))
+            .with_graceful_shutdown(stop.clone().cancelled_owned());
+        tokio::spawn(async move { serve.await });
+    }
     Server {
         base,
         client: reqwest::Client::new(),
@@ -637,6 +654,18 @@ async fn api_keys_guard_the_api_but_not_health() {
     assert!(err.to_string().contains("too short"), "{err}");
 }
 
+/// A broker of this test's own, that it may stop and start, and the stack on it.
+async fn own_broker() -> (sluice_testkit::OwnBroker, Stack) {
+    let broker = sluice_testkit::OwnBroker::start()
+        .await
+        .expect("own broker");
+    let own = Stack {
+        kafka_brokers: broker.brokers(),
+        ..Stack::from_env()
+    };
+    (broker, own)
+}
+
 /// What `/readyz` says of Kafka (`reachable` or `unreachable`), with its status.
 async fn readiness(server: &Server) -> (StatusCode, String) {
     let (status, text) = server.get("/readyz").await;
@@ -690,14 +719,7 @@ async fn unreachable_kafka_answers_503_at_once_and_ingest_stays_ready() {
 
 #[tokio::test]
 async fn kafka_away_and_back_is_followed_without_a_restart() {
-    let stack = Stack::from_env();
-    let broker = sluice_testkit::OwnBroker::start()
-        .await
-        .expect("own broker");
-    let own = Stack {
-        kafka_brokers: broker.brokers(),
-        ..stack.clone()
-    };
+    let (broker, own) = own_broker().await;
     let s = stream("flaky");
     let name = s.name.clone();
     let pipeline = Pipeline::create(&own, vec![s]).await.expect("pipeline");
@@ -743,6 +765,150 @@ async fn kafka_away_and_back_is_followed_without_a_restart() {
         topic_len(&own, &name).expect("len"),
         2,
         "events 1 and 3, not 2"
+    );
+}
+
+/// The ids of the events on a topic, as the envelopes on it name them.
+async fn ids_on_topic(stack: &Stack, topic: &str) -> Vec<String> {
+    read_topic(stack, topic)
+        .await
+        .expect("topic")
+        .iter()
+        .map(|m| {
+            json_of(m).expect("json")["id"]
+                .as_str()
+                .expect("id")
+                .to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_batch_published_in_part_answers_which_events_were_published_with_their_ids() {
+    let stack = Stack::from_env();
+    let s = stream("part");
+    let name = s.name.clone();
+    let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
+    // A producer queue of two events: the rest of a batch of five finds it full.
+    let server = start(&stack, &pipeline, |a| {
+        a.kafka.options.extend([
+            ("queue.buffering.max.messages".to_owned(), "2".to_owned()),
+            ("linger.ms".to_owned(), "200".to_owned()),
+        ]);
+    })
+    .await;
+    let path = format!("/v1/streams/{name}/events");
+    let batch = json!([{"id": "p-0"}, {"n": 1}, {"id": "p-2"}, {"n": 3}, {"id": "p-4"}]);
+    let (status, problem) = server.post_json(&path, &batch).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
+    assert_eq!(problem["type"], "https://sluice.dev/problems/overloaded");
+    let events = problem["events"].as_array().expect("each event's outcome");
+    let statuses: Vec<&str> = events
+        .iter()
+        .map(|e| e["status"].as_str().expect("status"))
+        .collect();
+    assert_eq!(
+        statuses,
+        ["published", "published", "failed", "failed", "failed"],
+        "{problem}"
+    );
+    let ids: Vec<String> = events
+        .iter()
+        .map(|e| e["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(
+        (ids[0].as_str(), ids[2].as_str(), ids[4].as_str()),
+        ("p-0", "p-2", "p-4")
+    );
+    assert!(
+        !ids[1].is_empty() && !ids[3].is_empty(),
+        "made ids are returned: {ids:?}"
+    );
+    assert!(events[0]["offset"].is_i64() && events[1]["partition"].is_i64());
+
+    // The client retries what was not published, with the ids of the answer.
+    for retry in [
+        json!([{"id": ids[2]}, {"id": ids[3], "n": 3}]),
+        json!([{"id": ids[4]}]),
+    ] {
+        let (status, body) = server.post_json(&path, &retry).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    let mut on_topic = ids_on_topic(&stack, &name).await;
+    on_topic.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(on_topic, want, "each event once");
+}
+
+#[tokio::test]
+async fn acknowledgements_that_do_not_come_in_time_are_answered_503_with_the_ids() {
+    let (broker, own) = own_broker().await;
+    let s = stream("late");
+    let name = s.name.clone();
+    let pipeline = Pipeline::create(&own, vec![s]).await.expect("pipeline");
+    // Served without the Kafka watcher, so that the request below is in flight as if the
+    // broker died under it (the watcher would otherwise refuse new requests at once).
+    let server = start_with(
+        &own,
+        &pipeline,
+        |a| a.ack_timeout = Duration::from_secs(1),
+        false,
+    )
+    .await;
+    let client = &server.client;
+    let base = &server.base;
+    let path = format!("{base}/v1/streams/{name}/events");
+    // The new topic's first acknowledgement may take longer than the short deadline.
+    wait_for("a first event taken", Duration::from_secs(90), || async {
+        let r = client
+            .post(&path)
+            .json(&json!({"id": "before"}))
+            .send()
+            .await?;
+        Ok((r.status() == StatusCode::ACCEPTED).then_some(()))
+    })
+    .await
+    .expect("first event");
+
+    broker.down().await.expect("stop broker");
+    let answer = client
+        .post(&path)
+        .json(&json!([{"id": "late-1"}, {"n": 2}]))
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .expect("answered before the client's own timeout");
+    assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.headers()["retry-after"], "1");
+    let problem: Value = answer.json().await.expect("problem");
+    assert_eq!(
+        problem["type"],
+        "https://sluice.dev/problems/kafka-unavailable"
+    );
+    let events = problem["events"].as_array().expect("events");
+    assert_eq!(events.len(), 2);
+    assert!(events.iter().all(|e| e["status"] == "unknown"), "{problem}");
+    assert_eq!(events[0]["id"], "late-1");
+    let made = events[1]["id"].as_str().expect("made id").to_owned();
+
+    // The broker is back: the retry with the same ids is taken, and the topic holds
+    // those ids (the first attempt may have arrived too: the sinks store an id once).
+    broker.up().await.expect("restart broker");
+    let retry = json!([{"id": "late-1"}, {"id": made, "n": 2}]);
+    let taken = wait_for("the retry to be taken", Duration::from_secs(90), || async {
+        let r = client.post(&path).json(&retry).send().await?;
+        Ok((r.status() == StatusCode::ACCEPTED).then_some(()))
+    })
+    .await;
+    taken.expect("retry taken");
+    let on_topic: std::collections::BTreeSet<String> =
+        ids_on_topic(&own, &name).await.into_iter().collect();
+    assert_eq!(
+        on_topic,
+        ["before".to_owned(), "late-1".to_owned(), made]
+            .into_iter()
+            .collect()
     );
 }
 

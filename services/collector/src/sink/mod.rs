@@ -52,6 +52,43 @@ pub enum SinkError {
     },
 }
 
+impl SinkError {
+    /// Whether the failure is the sink's rather than the events': the sink is down,
+    /// unreachable, timing out, read-only, or out of memory or disk. Such a write is tried
+    /// again, unchanged, until the sink takes it; nothing is sent to the retry or
+    /// dead-letter topics for it. Only errors that name the events themselves (a value the
+    /// store refuses, such as a key of another type in Redis or text PostgreSQL cannot
+    /// store) are not retriable; an error of unknown cause counts as the sink's, so that an
+    /// outage never dead-letters anything.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            Self::Redis(e) => !redis_rejects_event(e),
+            Self::Database(e) => !database_rejects_event(e),
+            // The directory is the sink: a full, read-only or failing disk is its outage.
+            Self::File { .. } => true,
+            Self::Unfit { .. } => false,
+        }
+    }
+}
+
+/// Redis errors caused by the event: its key holds a value of another type.
+fn redis_rejects_event(e: &::redis::RedisError) -> bool {
+    e.code() == Some("WRONGTYPE")
+}
+
+/// PostgreSQL errors caused by the rows: data exceptions (class 22, such as text that
+/// cannot be stored or a malformed value), integrity violations (23) and program limits
+/// (54, such as a row too large); values that cannot be encoded.
+fn database_rejects_event(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("54")),
+        sqlx::Error::Encode(_) => true,
+        _ => false,
+    }
+}
+
 /// A destination for events.
 pub trait Sink: Send + Sync {
     /// A short name for logs and metrics, such as `redis`.

@@ -1,7 +1,9 @@
 //! The Redis sink: each event's JSON under `<prefix>:<stream>:<id>`, and per-minute
 //! aggregates per stream for the dashboard.
 //!
-//! A batch is one Lua script call, so Redis applies it atomically. For each event the script
+//! A batch is one Lua script call, so Redis applies it atomically; it first checks that no
+//! record key holds a value of another type (`WRONGTYPE`, which refuses the batch before
+//! anything is written, and then the event alone). For each event the script
 //! sets the record only if it is new (`SET NX`, with the optional TTL) and, only then,
 //! counts it for the hash `<prefix>:agg:<stream>:<minute>` (field `count`, and one field
 //! `<pointer>=<value>` per configured dimension); the counts of the batch are added with
@@ -20,6 +22,12 @@ use super::{Record, Sink, SinkError};
 const AGGREGATE_TTL_SECONDS: u64 = 7 * 24 * 3600;
 
 const SCRIPT: &str = r"
+for _, key in ipairs(KEYS) do
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= 'none' and t ~= 'string' then
+    return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. t .. ', not a record')
+  end
+end
 local ttl = tonumber(ARGV[1])
 local agg_ttl = tonumber(ARGV[2])
 local counts = {}
