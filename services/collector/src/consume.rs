@@ -299,6 +299,7 @@ impl Worker {
                             topic: m.topic().to_owned(),
                             partition: m.partition(),
                             offset: m.offset(),
+                            retried: self.config.mode == Mode::Retry,
                         },
                         attempts,
                         timestamp_ms: m.timestamp().to_millis(),

@@ -119,6 +119,10 @@ pub struct Args {
     /// The `file` sink starts a new segment after this long (`10m`, `1h`).
     #[arg(long, env = "SLUICE_FILE_MAX_AGE", default_value = "1h", value_parser = duration_arg)]
     pub file_max_age: Duration,
+    /// How many of the latest event ids per partition the `file` sink remembers, to store
+    /// an id once (a retry or redrive with the same id adds no line).
+    #[arg(long, env = "SLUICE_FILE_DEDUPE_IDS", default_value_t = 100_000)]
+    pub file_dedupe_ids: usize,
     /// When the `file` sink syncs to disk.
     #[arg(long, env = "SLUICE_FSYNC", value_enum, default_value = "batch")]
     pub fsync: sink::file::Fsync,
@@ -257,6 +261,7 @@ async fn build_sink(args: &Args, settings: &PipelineSettings) -> Result<AnySink,
                 max_bytes: args.file_max_bytes,
                 max_age: args.file_max_age,
                 fsync: args.fsync,
+                dedupe_ids: args.file_dedupe_ids,
             },
         )?),
         SinkKind::Postgres => AnySink::Postgres(

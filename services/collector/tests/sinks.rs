@@ -781,3 +781,127 @@ async fn redrive_sends_dead_lettered_events_back_once_the_sink_takes_them() {
     assert_eq!(redrive().await.expect("redrive").records, 0);
     running.stop().await;
 }
+
+#[tokio::test]
+async fn every_sink_keeps_the_first_event_stored_under_an_id() {
+    let stack = Stack::from_env();
+    let s = StreamSettings::new(unique("same"));
+    let name = s.name.clone();
+    let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
+    // Two events with one id (a client's retry with other content, say), in that order.
+    let mut first = Envelope::new(&name, Some("k".into()), json!({"v": 1}));
+    first.id = "same".to_owned();
+    let mut second = Envelope::new(&name, Some("k".into()), json!({"v": 2}));
+    second.id = "same".to_owned();
+    let mut other = Envelope::new(&name, Some("k".into()), json!({"v": 3}));
+    other.id = "other".to_owned();
+    produce(&stack, &name, &[first, second, other])
+        .await
+        .expect("produce");
+
+    let table = format!("t_{}", uuid::Uuid::now_v7().simple());
+    let dir = tempfile::tempdir().expect("dir");
+    let dir_arg = dir.path().to_str().expect("path").to_owned();
+    let collectors = [
+        start(&pipeline, &stack, &unique("g"), &[]),
+        start(
+            &pipeline,
+            &stack,
+            &unique("g"),
+            &["--sink", "postgres", "--table", table.as_str()],
+        ),
+        start(
+            &pipeline,
+            &stack,
+            &unique("g"),
+            &["--sink", "file", "--record-directory", dir_arg.as_str()],
+        ),
+    ];
+    let pool = sqlx::PgPool::connect(&stack.database_url)
+        .await
+        .expect("pg");
+    let stored = wait_for("both ids in every sink", LIMIT, || async {
+        let mut redis = stack.redis().await?;
+        let record: Option<String> = redis
+            .get(sluice_core::store::record_key(
+                &pipeline.key_prefix,
+                &name,
+                "same",
+            ))
+            .await?;
+        let others: Option<String> = redis
+            .get(sluice_core::store::record_key(
+                &pipeline.key_prefix,
+                &name,
+                "other",
+            ))
+            .await?;
+        let rows = sqlx::query(&format!("SELECT id, payload FROM {table} ORDER BY id"))
+            .fetch_all(&pool)
+            .await
+            .unwrap_or_default();
+        let lines = sluice_collector::sink::file::read_all(dir.path(), &name)?;
+        let done = others.is_some() && rows.len() == 2 && lines.iter().any(|l| l["id"] == "other");
+        Ok(done.then_some((record, rows, lines)))
+    })
+    .await
+    .expect("stored");
+    let (record, rows, lines) = stored;
+    let record: Value = serde_json::from_str(&record.expect("record")).expect("json");
+    assert_eq!(record["payload"]["v"], 1, "Redis keeps the first");
+    let payload: Value = rows[1].get(1);
+    assert_eq!(
+        (rows[1].get::<String, _>(0).as_str(), payload["v"].as_i64()),
+        ("same", Some(1)),
+        "PostgreSQL keeps the first"
+    );
+    let same: Vec<&Value> = lines.iter().filter(|l| l["id"] == "same").collect();
+    assert_eq!(same.len(), 1, "one line for the id: {lines:?}");
+    assert_eq!(same[0]["payload"]["v"], 1, "the file keeps the first");
+    for c in collectors {
+        c.stop().await;
+    }
+    sqlx::query(&format!("DROP TABLE {table}"))
+        .execute(&pool)
+        .await
+        .expect("drop");
+}
+
+#[tokio::test]
+async fn the_file_sink_writes_events_from_the_retry_topic_once() {
+    let stack = Stack::from_env();
+    let s = StreamSettings::new(unique("fretry"));
+    let name = s.name.clone();
+    let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
+    let dir = tempfile::tempdir().expect("dir");
+    let dir_arg = dir.path().to_str().expect("path").to_owned();
+    // Events on the stream's topic, and others on its retry topic (as a rejected write
+    // leaves them), whose offsets there are as low as those on the stream's topic.
+    let main = events(&name, 20, "m");
+    let retried = events(&name, 5, "r");
+    produce(&stack, &name, &main).await.expect("produce");
+    produce(&stack, &format!("{name}.retry"), &retried)
+        .await
+        .expect("produce retry");
+    let running = start(
+        &pipeline,
+        &stack,
+        &unique("g"),
+        &["--sink", "file", "--record-directory", dir_arg.as_str()],
+    );
+    let mut want = ids(&main);
+    want.extend(ids(&retried));
+    let lines = wait_for("every event on disk", LIMIT, || async {
+        let lines = sluice_collector::sink::file::read_all(dir.path(), &name)?;
+        Ok((lines.len() >= want.len()).then_some(lines))
+    })
+    .await
+    .expect("written");
+    running.stop().await;
+    let got: Vec<String> = lines
+        .iter()
+        .map(|l| l["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(got.len(), want.len(), "each event once: {got:?}");
+    assert_eq!(got.into_iter().collect::<BTreeSet<_>>(), want);
+}

@@ -7,11 +7,19 @@
 //! `--file-max-bytes` or `--file-max-age`.
 //!
 //! Crash safety: the first time a partition is written after start-up, its newest segment
-//! is cut back to its last complete line (a crash can leave half a line) and the offset of
-//! that line is remembered. Records at or below it are skipped, so the replay that follows
-//! a crash writes every event exactly once.
+//! is cut back to its last complete line (a crash can leave half a line), and the segments
+//! are read back, newest first, for the offset of the last record from the stream's topic
+//! and the ids of the last `--file-dedupe-ids` events. Records of the stream's topic at or
+//! below that offset are skipped, so the replay that follows a crash writes every event
+//! exactly once.
+//!
+//! Ids: the first event stored under an id wins. An event whose id is among the last
+//! `--file-dedupe-ids` of its partition (100,000 by default) is skipped, so a client's
+//! retry or a redrive with the same id adds no line; beyond that window a file sink keeps
+//! no index. Records read from the retry topic (marked `"retried": true` on their line)
+//! carry that topic's offsets: they are checked by id only.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -40,6 +48,8 @@ pub struct FilePolicy {
     pub max_age: Duration,
     /// When to sync.
     pub fsync: Fsync,
+    /// How many of the latest ids per partition are remembered to skip repeats.
+    pub dedupe_ids: usize,
 }
 
 struct Segment {
@@ -47,8 +57,64 @@ struct Segment {
     file: Option<(File, PathBuf)>,
     size: u64,
     opened: Instant,
-    /// Highest offset on disk, -1 when none.
+    /// Whether what is on disk was read.
+    loaded: bool,
+    /// Highest offset on disk of a record from the stream's own topic, -1 when none.
     last_offset: i64,
+    /// The number in the newest segment's name, -1 when none.
+    newest_name: i64,
+    /// The latest ids on disk.
+    recent: IdWindow,
+}
+
+/// The latest ids, at most `capacity`, oldest first.
+struct IdWindow {
+    capacity: usize,
+    order: VecDeque<String>,
+    set: HashSet<String>,
+}
+
+impl IdWindow {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            order: VecDeque::new(),
+            set: HashSet::new(),
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.set.contains(id)
+    }
+
+    fn push(&mut self, id: String) {
+        if self.capacity == 0 || !self.set.insert(id.clone()) {
+            return;
+        }
+        self.order.push_back(id);
+        if self.order.len() > self.capacity
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+    }
+}
+
+/// What a line says of its record, read back at start-up.
+#[derive(serde::Deserialize)]
+struct LineHead {
+    id: Option<String>,
+    offset: Option<i64>,
+    #[serde(default)]
+    retried: bool,
+}
+
+/// A record ready to be written.
+struct Line {
+    id: String,
+    offset: i64,
+    retried: bool,
+    bytes: Vec<u8>,
 }
 
 /// The open segment of each (stream, partition).
@@ -89,8 +155,10 @@ impl FileSink {
                     file: None,
                     size: 0,
                     opened: Instant::now(),
-                    // Unknown until recovered from disk.
-                    last_offset: i64::MIN,
+                    loaded: false,
+                    last_offset: -1,
+                    newest_name: -1,
+                    recent: IdWindow::new(self.policy.dedupe_ids),
                 }))
             })
             .clone()
@@ -108,8 +176,8 @@ fn segments(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Cuts `path` back to its last complete line; returns the offset of that line, if any.
-fn recover(path: &Path) -> std::io::Result<Option<i64>> {
+/// Cuts `path` back to its last complete line.
+fn cut_partial_line(path: &Path) -> std::io::Result<()> {
     let mut file = OpenOptions::new().read(true).write(true).open(path)?;
     let len = file.metadata()?.len();
     // Find the last newline, reading backwards in blocks.
@@ -132,37 +200,60 @@ fn recover(path: &Path) -> std::io::Result<Option<i64>> {
         file.set_len(complete)?;
         file.sync_all()?;
     }
-    if complete == 0 {
-        return Ok(None);
-    }
-    // The last complete line.
-    let start = complete.saturating_sub(block.len() as u64);
-    file.seek(SeekFrom::Start(start))?;
-    let mut tail = Vec::new();
-    BufReader::new(&mut file)
-        .take(complete - start)
-        .read_to_end(&mut tail)?;
-    let tail = &tail[..tail.len() - 1];
-    let line = tail.rsplit(|b| *b == b'\n').next().unwrap_or_default();
-    Ok(serde_json::from_slice::<Value>(line)
-        .ok()
-        .and_then(|v| v.get("offset").and_then(Value::as_i64)))
+    Ok(())
+}
+
+/// The number a segment is named after.
+fn name_number(path: &Path) -> i64 {
+    path.file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(-1)
 }
 
 impl Segment {
     /// Loads what is on disk the first time the partition is written.
     fn load(&mut self) -> std::io::Result<()> {
-        if self.last_offset != i64::MIN {
+        if self.loaded {
             return Ok(());
         }
         std::fs::create_dir_all(&self.dir)?;
-        self.last_offset = -1;
         let files = segments(&self.dir)?;
+        if let Some(newest) = files.last() {
+            cut_partial_line(newest)?;
+            self.newest_name = name_number(newest);
+        }
+        // Newest first, until the window is full and the last offset of the stream's
+        // topic is known.
+        let mut ids = Vec::new();
+        let mut offset_known = false;
         for path in files.iter().rev() {
-            if let Some(offset) = recover(path)? {
-                self.last_offset = offset;
+            if offset_known && ids.len() >= self.recent.capacity {
                 break;
             }
+            let mut heads = Vec::new();
+            for line in BufReader::new(File::open(path)?).lines() {
+                if let Ok(head) = serde_json::from_str::<LineHead>(&line?) {
+                    heads.push(head);
+                }
+            }
+            for head in heads.into_iter().rev() {
+                if !offset_known
+                    && !head.retried
+                    && let Some(offset) = head.offset
+                {
+                    self.last_offset = offset;
+                    offset_known = true;
+                }
+                if ids.len() < self.recent.capacity
+                    && let Some(id) = head.id
+                {
+                    ids.push(id);
+                }
+            }
+        }
+        for id in ids.into_iter().rev() {
+            self.recent.push(id);
         }
         if let Some(newest) = files.last() {
             let file = OpenOptions::new().append(true).open(newest)?;
@@ -170,6 +261,7 @@ impl Segment {
             self.opened = Instant::now();
             self.file = Some((file, newest.clone()));
         }
+        self.loaded = true;
         Ok(())
     }
 
@@ -180,13 +272,15 @@ impl Segment {
         Ok(())
     }
 
-    fn write(&mut self, lines: Vec<(i64, Vec<u8>)>, policy: FilePolicy) -> std::io::Result<usize> {
+    fn write(&mut self, lines: Vec<Line>, policy: FilePolicy) -> std::io::Result<usize> {
         self.load()?;
-        let fresh: Vec<(i64, Vec<u8>)> = lines
+        let mut in_batch = HashSet::new();
+        let fresh: Vec<Line> = lines
             .into_iter()
-            .filter(|(o, _)| *o > self.last_offset)
+            .filter(|l| l.retried || l.offset > self.last_offset)
+            .filter(|l| !self.recent.contains(&l.id) && in_batch.insert(l.id.clone()))
             .collect();
-        let Some(&(first, _)) = fresh.first() else {
+        let Some(first) = fresh.first() else {
             return Ok(0);
         };
         if self.file.is_some()
@@ -195,20 +289,25 @@ impl Segment {
             self.close()?;
         }
         if self.file.is_none() {
-            let path = self.dir.join(format!("{first:020}.jsonl"));
+            // Named after its first offset, always after the segments before it.
+            let number = if first.retried {
+                self.newest_name + 1
+            } else {
+                first.offset.max(self.newest_name + 1)
+            };
+            let path = self.dir.join(format!("{number:020}.jsonl"));
             let file = OpenOptions::new().create(true).append(true).open(&path)?;
             // The new file's directory entry must survive a crash too.
             File::open(&self.dir)?.sync_all()?;
             self.size = file.metadata()?.len();
             self.opened = Instant::now();
             self.file = Some((file, path));
+            self.newest_name = number;
         }
-        let mut buf = Vec::with_capacity(fresh.iter().map(|(_, l)| l.len() + 1).sum());
-        let mut last = self.last_offset;
-        for (offset, line) in &fresh {
-            buf.extend_from_slice(line);
+        let mut buf = Vec::with_capacity(fresh.iter().map(|l| l.bytes.len() + 1).sum());
+        for line in &fresh {
+            buf.extend_from_slice(&line.bytes);
             buf.push(b'\n');
-            last = *offset;
         }
         if let Some((file, _)) = &mut self.file {
             file.write_all(&buf)?;
@@ -217,17 +316,27 @@ impl Segment {
             }
         }
         self.size += buf.len() as u64;
-        self.last_offset = last;
-        Ok(fresh.len())
+        let written = fresh.len();
+        for line in fresh {
+            if !line.retried {
+                self.last_offset = self.last_offset.max(line.offset);
+            }
+            self.recent.push(line.id);
+        }
+        Ok(written)
     }
 }
 
-/// One line of the file: the event's JSON with its partition and offset.
+/// One line of the file: the event's JSON with its partition and offset (and
+/// `"retried": true` when read from the retry topic).
 fn line_of(r: &Record) -> Vec<u8> {
     let mut v = serde_json::to_value(&r.envelope).unwrap_or(Value::Null);
     if let Value::Object(map) = &mut v {
         map.insert("partition".to_owned(), r.partition.into());
         map.insert("offset".to_owned(), r.offset.into());
+        if r.retried {
+            map.insert("retried".to_owned(), true.into());
+        }
     }
     serde_json::to_vec(&v).unwrap_or_default()
 }
@@ -242,7 +351,15 @@ impl Sink for FileSink {
             return Ok(());
         };
         let segment = self.segment(&first.envelope.stream, first.partition);
-        let lines: Vec<(i64, Vec<u8>)> = batch.iter().map(|r| (r.offset, line_of(r))).collect();
+        let lines: Vec<Line> = batch
+            .iter()
+            .map(|r| Line {
+                id: r.envelope.id.clone(),
+                offset: r.offset,
+                retried: r.retried,
+                bytes: line_of(r),
+            })
+            .collect();
         let policy = self.policy;
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || {
@@ -300,6 +417,7 @@ mod tests {
             topic: "s".into(),
             partition: 0,
             offset,
+            retried: false,
         }
     }
 
@@ -308,7 +426,64 @@ mod tests {
             max_bytes,
             max_age: Duration::from_secs(3600),
             fsync: Fsync::Batch,
+            dedupe_ids: 100_000,
         }
+    }
+
+    fn ids(dir: &Path) -> Vec<String> {
+        read_all(dir, "s")
+            .expect("read")
+            .iter()
+            .map(|l| l["id"].as_str().expect("id").to_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn retried_records_are_written_whatever_their_offsets_and_ids_are_stored_once() {
+        let dir = tempfile::tempdir().expect("dir");
+        let sink = FileSink::new(dir.path(), policy(1 << 20)).expect("sink");
+        sink.write(&(0..5).map(record).collect::<Vec<_>>())
+            .await
+            .expect("write");
+        // From the retry topic, with that topic's (lower) offsets.
+        let retried: Vec<Record> = (0..2)
+            .map(|o| {
+                let mut r = record(o);
+                r.envelope.id = format!("retried-{o}");
+                r.topic = "s.retry".into();
+                r.retried = true;
+                r
+            })
+            .collect();
+        sink.write(&retried).await.expect("retried");
+        // A client's retry of id-3 arrives at a new offset; id-5 is new, twice in a batch.
+        let mut again = vec![record(5), record(6), record(7)];
+        again[1].envelope.id = "id-3".into();
+        again[2].envelope.id = "id-5".into();
+        sink.write(&again).await.expect("repeats");
+        let want = [
+            "id-0",
+            "id-1",
+            "id-2",
+            "id-3",
+            "id-4",
+            "retried-0",
+            "retried-1",
+            "id-5",
+        ];
+        assert_eq!(ids(dir.path()), want);
+
+        // After a restart the same holds, from what is on disk.
+        drop(sink);
+        let sink = FileSink::new(dir.path(), policy(1 << 20)).expect("sink");
+        sink.write(&retried).await.expect("retried again");
+        let mut replay = again.clone();
+        replay.push(record(8));
+        sink.write(&replay).await.expect("replay and more");
+        let mut want = want.to_vec();
+        want.extend(["id-8"]);
+        assert_eq!(ids(dir.path()), want);
+        assert!(read_all(dir.path(), "s").expect("read")[5]["retried"] == true);
     }
 
     #[tokio::test]

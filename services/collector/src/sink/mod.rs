@@ -1,8 +1,12 @@
 //! Sinks: where collectors write events. One module per sink behind one small trait.
 //!
 //! A sink receives the records of one partition at a time, in offset order, and writes
-//! them as a whole or fails as a whole. Writes are idempotent on the event id: after a
-//! crash the same records are delivered again and must not be stored twice.
+//! them as a whole or fails as a whole. One rule holds for every sink: **the first event
+//! stored under an id wins**; a later event with the same id in the same stream (a
+//! client's retry, a replay after a crash, a redrive) changes nothing. Redis sets a record
+//! only if absent, PostgreSQL inserts with `ON CONFLICT DO NOTHING`, and the file sink
+//! skips ids it holds among the last `--file-dedupe-ids` of a partition (and offsets
+//! already on disk).
 
 pub mod file;
 pub mod postgres;
@@ -22,6 +26,9 @@ pub struct Record {
     pub partition: i32,
     /// Its offset in that partition.
     pub offset: i64,
+    /// Read from the stream's retry topic rather than its own: its offset is the retry
+    /// topic's, not comparable with the offsets of the stream's topic.
+    pub retried: bool,
 }
 
 /// Why a sink write failed. Nothing of the batch counts as written.

@@ -1,11 +1,12 @@
-//! The PostgreSQL sink: one row per event, upserted on (stream, id).
+//! The PostgreSQL sink: one row per event, the first stored under its (stream, id).
 //!
 //! The table (`--table`, `sluice_events` by default) is created if absent:
 //! `(stream, id, key, event_time, ingest_time, payload jsonb)` with primary key
-//! `(stream, id)`. A batch is one `INSERT ... SELECT FROM UNNEST(...) ON CONFLICT DO UPDATE`,
-//! so a replay leaves one row per event. Connecting retries with backoff at start-up
-//! (`--db-connect-attempts`, `--db-connect-backoff`); during an outage, failed writes go
-//! through the collector's retry path and the pool reconnects by itself.
+//! `(stream, id)`. A batch is one `INSERT ... SELECT FROM UNNEST(...) ON CONFLICT DO
+//! NOTHING`, so a replay or a retry with the same id leaves the first row as it was.
+//! Connecting retries with backoff at start-up (`--db-connect-attempts`,
+//! `--db-connect-backoff`); during an outage the collector holds the records and tries
+//! again until the database is back, and the pool reconnects by itself.
 
 use std::time::Duration;
 
@@ -81,9 +82,7 @@ impl PostgresSink {
         let insert = format!(
             "INSERT INTO {table} (stream, id, key, event_time, ingest_time, payload)
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]::timestamptz[], $5::text[]::timestamptz[], $6::text[]::jsonb[])
-             ON CONFLICT (stream, id) DO UPDATE SET
-                key = EXCLUDED.key, event_time = EXCLUDED.event_time,
-                ingest_time = EXCLUDED.ingest_time, payload = EXCLUDED.payload"
+             ON CONFLICT (stream, id) DO NOTHING"
         );
         Ok(Self { pool, insert })
     }
@@ -95,11 +94,10 @@ impl Sink for PostgresSink {
     }
 
     async fn write(&self, batch: &[Record]) -> Result<(), SinkError> {
-        // One row per (stream, id): a later duplicate in the batch wins.
+        // One row per (stream, id): the first in the batch wins.
         let mut seen = std::collections::HashSet::new();
         let rows: Vec<&Record> = batch
             .iter()
-            .rev()
             .filter(|r| seen.insert((r.envelope.stream.as_str(), r.envelope.id.as_str())))
             .collect();
         if rows.is_empty() {
