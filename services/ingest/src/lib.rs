@@ -107,10 +107,13 @@ pub struct Args {
     /// Stream the TCP write port publishes to and the read port reads.
     #[arg(long, env = "SLUICE_TCP_STREAM", default_value = "records")]
     pub tcp_stream: String,
-    /// Lines the TCP write buffer holds before answering `error busy`; also how many
-    /// recent writes the read port serves from memory.
+    /// Lines the TCP write queue holds before answering `error busy`.
     #[arg(long, env = "SLUICE_QUEUE_SIZE", default_value_t = 10_000)]
     pub queue_size: usize,
+    /// Bytes of acknowledged TCP lines the read port serves from memory before a
+    /// collector stored them.
+    #[arg(long, env = "SLUICE_TCP_RECENT_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub tcp_recent_bytes: usize,
     /// Workers publishing the TCP write buffer to Kafka.
     #[arg(long, env = "SLUICE_WORKER_SIZE", default_value_t = 4)]
     pub worker_size: usize,
@@ -156,6 +159,7 @@ impl Args {
             tcp_read_listen: None,
             tcp_stream: "records".to_owned(),
             queue_size: 10_000,
+            tcp_recent_bytes: 16 * 1024 * 1024,
             worker_size: 4,
             max_line_bytes: 64 * 1024,
             api_keys_file: None,
@@ -300,6 +304,7 @@ impl App {
                 args.queue_size,
                 args.worker_size,
                 args.max_line_bytes,
+                args.tcp_recent_bytes,
                 closing.clone(),
             )
         });

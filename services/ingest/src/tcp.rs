@@ -2,16 +2,19 @@
 //!
 //! **Write port** (`--tcp-write-listen`, 2525 by convention): one JSON object per line,
 //! such as `{"id":"1","name":"John Doe","age":"25"}`. Each line is checked like an HTTP
-//! event of the stream `--tcp-stream`, remembered in the buffer of recent writes, and put
-//! on a bounded queue (`--queue-size`). `--worker-size` workers take what is queued, in
-//! batches, and publish it to Kafka. Every line is answered, in order, with `ok <id>` once
-//! Kafka acknowledged it, or `error <reason>`: a bad line, a line over `--max-line-bytes`,
-//! or `error busy ...` when the queue is full. An error never closes the connection.
+//! event of the stream `--tcp-stream` and put on a bounded queue (`--queue-size`).
+//! `--worker-size` workers take what is queued, in batches, and publish it to Kafka. Every
+//! line is answered, in order, with `ok <id>` once Kafka acknowledged it, or
+//! `error <reason>`: a bad line, a line over `--max-line-bytes`, or `error busy ...` when
+//! the queue is full. An error never closes the connection. Acknowledged lines are kept in
+//! a buffer of recent writes, bounded in bytes (`--tcp-recent-bytes`), so that they can be
+//! read back before a collector stored them; a refused line never is.
 //!
 //! **Read port** (`--tcp-read-listen`, 2526): a request line `get <id>` is answered with the
 //! record's line, or `error not found <id>`; `all` (or `get data`) dumps every record, one
 //! per line, then `end <count>`. Records come from the buffer of recent writes where
-//! present, else from the store (the records collectors wrote to Redis).
+//! present, else from the store (the records collectors wrote to Redis), which is read a
+//! page at a time and streamed, never held whole in memory.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -93,21 +96,34 @@ struct Job {
     reply: oneshot::Sender<Result<(), String>>,
 }
 
-/// Recent writes, newest last, at most `capacity` of them.
+/// Acknowledged writes, newest last, at most `capacity` bytes of ids and lines.
 struct Recent {
     capacity: usize,
+    bytes: usize,
     order: VecDeque<String>,
-    records: HashMap<String, Value>,
+    records: HashMap<String, String>,
 }
 
 impl Recent {
-    fn insert(&mut self, id: String, payload: Value) {
-        if self.records.insert(id.clone(), payload).is_none() {
-            self.order.push_back(id);
+    fn insert(&mut self, id: String, line: String) {
+        let size = id.len() + line.len();
+        if size > self.capacity {
+            return;
         }
-        while self.order.len() > self.capacity {
-            if let Some(old) = self.order.pop_front() {
-                self.records.remove(&old);
+        if let Some(old) = self.records.remove(&id) {
+            // A rewrite of an id counts as the newest.
+            self.bytes -= id.len() + old.len();
+            self.order.retain(|o| *o != id);
+        }
+        self.bytes += size;
+        self.records.insert(id.clone(), line);
+        self.order.push_back(id);
+        while self.bytes > self.capacity {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(line) = self.records.remove(&old) {
+                self.bytes -= old.len() + line.len();
             }
         }
     }
@@ -129,6 +145,7 @@ impl Buffer {
         queue_size: usize,
         workers: usize,
         max_line_bytes: usize,
+        recent_bytes: usize,
         closing: CancellationToken,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel::<Job>(queue_size.max(1));
@@ -171,7 +188,8 @@ impl Buffer {
         Arc::new(Self {
             queue: tx,
             recent: Mutex::new(Recent {
-                capacity: queue_size.max(1),
+                capacity: recent_bytes,
+                bytes: 0,
                 order: VecDeque::new(),
                 records: HashMap::new(),
             }),
@@ -179,20 +197,20 @@ impl Buffer {
         })
     }
 
-    fn remember(&self, id: &str, payload: &Value) {
+    fn remember(&self, id: String, line: String) {
         if let Ok(mut recent) = self.recent.lock() {
-            recent.insert(id.to_owned(), payload.clone());
+            recent.insert(id, line);
         }
     }
 
-    fn recent(&self, id: &str) -> Option<Value> {
+    fn recent(&self, id: &str) -> Option<String> {
         self.recent
             .lock()
             .ok()
             .and_then(|r| r.records.get(id).cloned())
     }
 
-    fn recent_all(&self) -> Vec<(String, Value)> {
+    fn recent_all(&self) -> Vec<(String, String)> {
         self.recent
             .lock()
             .map(|r| {
@@ -314,7 +332,7 @@ async fn write_line(app: &App, line: &str) -> String {
     }
     let envelope = envelopes.remove(0);
     let id = envelope.id.clone();
-    buffer.remember(&id, &envelope.payload);
+    let line = envelope.payload.to_string();
     let (reply, answer) = oneshot::channel();
     if buffer.queue.try_send(Job { envelope, reply }).is_err() {
         app.inner
@@ -323,7 +341,11 @@ async fn write_line(app: &App, line: &str) -> String {
         return "error busy: the queue is full; retry later".to_owned();
     }
     match answer.await {
-        Ok(Ok(())) => format!("ok {id}"),
+        Ok(Ok(())) => {
+            // Readable only once acknowledged.
+            buffer.remember(id.clone(), line);
+            format!("ok {id}")
+        }
         Ok(Err(e)) => format!("error {e}"),
         Err(_) => "error shutting down".to_owned(),
     }
@@ -356,7 +378,7 @@ async fn handle_read<T: AsyncRead + AsyncWrite + Unpin>(
             _ => match request.strip_prefix("get ").map(str::trim) {
                 Some(id) if !id.is_empty() => {
                     let answer = match lookup(&app, id).await {
-                        Ok(Some(record)) => record.to_string(),
+                        Ok(Some(record)) => record,
                         Ok(None) => format!("error not found {id}"),
                         Err(e) => format!("error store unavailable: {e}"),
                     };
@@ -379,59 +401,61 @@ fn payload_of(record: &str) -> Option<Value> {
     Some(v.get_mut("payload").map(Value::take).unwrap_or(v))
 }
 
-async fn lookup(app: &App, id: &str) -> Result<Option<Value>, redis::RedisError> {
-    if let Some(payload) = app.tcp_buffer().and_then(|b| b.recent(id)) {
-        return Ok(Some(payload));
+async fn lookup(app: &App, id: &str) -> Result<Option<String>, redis::RedisError> {
+    if let Some(line) = app.tcp_buffer().and_then(|b| b.recent(id)) {
+        return Ok(Some(line));
     }
     let key = store::record_key(&app.inner.key_prefix, &app.inner.tcp_stream, id);
     let mut conn = app.read_connection();
     let record: Option<String> = conn.get(&key).await?;
-    Ok(record.as_deref().and_then(payload_of))
+    Ok(record
+        .as_deref()
+        .and_then(payload_of)
+        .map(|v| v.to_string()))
 }
 
+/// Keys of the store read per page of a dump.
+const DUMP_PAGE: usize = 500;
+
+/// Streams every record: the recent writes, then the store a page of keys at a time
+/// (`SCAN`, then `MGET`), skipping what the recent writes already gave.
 async fn dump<T: AsyncRead + AsyncWrite + Unpin>(
     app: &App,
     framed: &mut Lines<T>,
 ) -> Result<(), ()> {
     let mut sent = HashSet::new();
     let mut count = 0u64;
-    for (id, payload) in app.tcp_buffer().map(|b| b.recent_all()).unwrap_or_default() {
-        framed.feed(payload.to_string()).await.map_err(|_| ())?;
+    for (id, line) in app.tcp_buffer().map(|b| b.recent_all()).unwrap_or_default() {
+        framed.feed(line).await.map_err(|_| ())?;
         sent.insert(id);
         count += 1;
     }
     let prefix = store::record_key(&app.inner.key_prefix, &app.inner.tcp_stream, "");
-    let mut scan_conn = app.read_connection();
-    let mut get_conn = app.read_connection();
-    let keys: Result<Vec<String>, redis::RedisError> = async {
-        let mut iter: redis::AsyncIter<'_, String> =
-            scan_conn.scan_match(format!("{prefix}*")).await?;
-        let mut keys = Vec::new();
-        while let Some(key) = iter.next_item().await {
-            keys.push(key?);
+    let pattern = format!("{prefix}*");
+    let mut conn = app.read_connection();
+    let mut cursor = 0u64;
+    loop {
+        let page: Result<Vec<Option<String>>, redis::RedisError> = async {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(DUMP_PAGE)
+                .query_async(&mut conn)
+                .await?;
+            cursor = next;
+            let keys: Vec<&String> = keys
+                .iter()
+                .filter(|k| !sent.contains(k.trim_start_matches(&prefix)))
+                .collect();
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            conn.mget(&keys).await
         }
-        Ok(keys)
-    }
-    .await;
-    let keys = match keys {
-        Ok(k) => k,
-        Err(e) => {
-            framed
-                .send(format!("error store unavailable: {e}"))
-                .await
-                .map_err(|_| ())?;
-            return Ok(());
-        }
-    };
-    for chunk in keys.chunks(500) {
-        let chunk: Vec<&String> = chunk
-            .iter()
-            .filter(|k| !sent.contains(k.trim_start_matches(&prefix)))
-            .collect();
-        if chunk.is_empty() {
-            continue;
-        }
-        let values: Vec<Option<String>> = match get_conn.mget(&chunk).await {
+        .await;
+        let values = match page {
             Ok(v) => v,
             Err(e) => {
                 framed
@@ -445,6 +469,38 @@ async fn dump<T: AsyncRead + AsyncWrite + Unpin>(
             framed.feed(payload.to_string()).await.map_err(|_| ())?;
             count += 1;
         }
+        // What is fed so far goes out before the next page is read.
+        framed.flush().await.map_err(|_| ())?;
+        if cursor == 0 {
+            break;
+        }
     }
     framed.send(format!("end {count}")).await.map_err(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_writes_are_bounded_in_bytes_oldest_out_first() {
+        let mut recent = Recent {
+            capacity: 30,
+            bytes: 0,
+            order: VecDeque::new(),
+            records: HashMap::new(),
+        };
+        recent.insert("a".into(), "x".repeat(9)); // 10 bytes
+        recent.insert("b".into(), "x".repeat(9));
+        recent.insert("c".into(), "x".repeat(9));
+        assert_eq!(recent.bytes, 30);
+        recent.insert("d".into(), "x".repeat(4)); // 5 more: a goes
+        assert!(!recent.records.contains_key("a"));
+        assert_eq!(recent.bytes, 25);
+        recent.insert("b".into(), "x".repeat(19)); // b rewritten, now 20 and newest: c goes
+        assert_eq!(recent.order, ["d", "b"].map(String::from));
+        assert!(recent.bytes <= 30, "{}", recent.bytes);
+        recent.insert("huge".into(), "x".repeat(100)); // larger than the whole buffer
+        assert!(!recent.records.contains_key("huge"));
+    }
 }

@@ -46,16 +46,14 @@ async fn write_lines(addr: String, conn: usize) -> anyhow::Result<Vec<String>> {
     Ok(ids)
 }
 
-#[tokio::test]
-async fn a_thousand_connections_write_and_the_read_port_returns_every_record() {
-    let stack = Stack::from_env();
-    let mut stream = StreamSettings::new(unique("records"));
-    stream.partitions = 3;
-    let name = stream.name.clone();
-    let pipeline = Pipeline::create(&stack, vec![stream])
-        .await
-        .expect("pipeline");
-
+/// Ingest's TCP write and read ports for `stream`: their addresses, and the token that
+/// stops them.
+async fn start_ports(
+    stack: &Stack,
+    pipeline: &Pipeline,
+    stream: &str,
+    tweak: impl FnOnce(&mut Args),
+) -> (String, String, CancellationToken) {
     let mut args = Args::new(
         pipeline.settings_path.clone(),
         stack.kafka(),
@@ -63,12 +61,8 @@ async fn a_thousand_connections_write_and_the_read_port_returns_every_record() {
     );
     args.key_prefix = pipeline.key_prefix.clone();
     args.redis_replica_url = Some(stack.redis_replica_url.clone());
-    args.tcp_stream = name.clone();
-    // A buffer smaller than what is sent: writers meet `error busy` and the read port must
-    // find older records in the store.
-    args.queue_size = 500;
-    args.worker_size = 4;
-    args.max_line_bytes = 1024;
+    args.tcp_stream = stream.to_owned();
+    tweak(&mut args);
     let app = App::connect(&args).await.expect("ingest");
     let stop = CancellationToken::new();
     let write_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -89,6 +83,101 @@ async fn a_thousand_connections_write_and_the_read_port_returns_every_record() {
         app.clone(),
         stop.clone(),
     ));
+    (write_addr, read_addr, stop)
+}
+
+/// Sends one line on a new connection; the answer.
+async fn write_one(addr: String, line: String) -> anyhow::Result<String> {
+    let stream = TcpStream::connect(&addr).await?;
+    let (read, mut write) = stream.into_split();
+    write.write_all(format!("{line}\n").as_bytes()).await?;
+    BufReader::new(read)
+        .lines()
+        .next_line()
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("connection closed"))
+}
+
+#[tokio::test]
+async fn a_line_refused_busy_is_never_readable() {
+    let stack = Stack::from_env();
+    let stream = StreamSettings::new(unique("busy"));
+    let name = stream.name.clone();
+    let pipeline = Pipeline::create(&stack, vec![stream])
+        .await
+        .expect("pipeline");
+    // One queue slot, one worker, acknowledgements that take a while: most of a burst is
+    // refused busy.
+    let (write_addr, read_addr, stop) = start_ports(&stack, &pipeline, &name, |args| {
+        args.queue_size = 1;
+        args.worker_size = 1;
+        args.kafka
+            .options
+            .push(("linger.ms".to_owned(), "300".to_owned()));
+    })
+    .await;
+    let mut writers = tokio::task::JoinSet::new();
+    for n in 0..20 {
+        let id = format!("burst-{n}");
+        let line = json!({"id": id, "n": n}).to_string();
+        let addr = write_addr.clone();
+        writers.spawn(async move { (id, write_one(addr, line).await) });
+    }
+    let (mut taken, mut refused) = (Vec::new(), Vec::new());
+    while let Some(answer) = writers.join_next().await {
+        let (id, answer) = answer.expect("task");
+        let answer = answer.expect("answered");
+        if answer.starts_with("ok ") {
+            taken.push(id);
+        } else {
+            assert!(answer.starts_with("error busy"), "{answer}");
+            refused.push(id);
+        }
+    }
+    assert!(
+        !taken.is_empty() && !refused.is_empty(),
+        "taken {taken:?}, refused {refused:?}"
+    );
+    let read = TcpStream::connect(&read_addr).await.expect("connect");
+    let (r, mut w) = read.into_split();
+    let mut lines = BufReader::new(r).lines();
+    for id in taken.iter().chain(&refused) {
+        w.write_all(format!("get {id}\n").as_bytes())
+            .await
+            .expect("write");
+        let answer = lines.next_line().await.expect("line").expect("answer");
+        if taken.contains(id) {
+            let record: Value = serde_json::from_str(&answer).expect("record");
+            assert_eq!(record["id"], id.as_str());
+        } else {
+            assert_eq!(
+                answer,
+                format!("error not found {id}"),
+                "refused, not readable"
+            );
+        }
+    }
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_thousand_connections_write_and_the_read_port_returns_every_record() {
+    let stack = Stack::from_env();
+    let mut stream = StreamSettings::new(unique("records"));
+    stream.partitions = 3;
+    let name = stream.name.clone();
+    let pipeline = Pipeline::create(&stack, vec![stream])
+        .await
+        .expect("pipeline");
+
+    // A buffer smaller than what is sent: writers meet `error busy` and the read port must
+    // find older records in the store.
+    let (write_addr, read_addr, stop) = start_ports(&stack, &pipeline, &name, |args| {
+        args.queue_size = 500;
+        args.worker_size = 4;
+        args.max_line_bytes = 1024;
+    })
+    .await;
 
     common::spawn_collector(&stack, &pipeline, &stop);
 
