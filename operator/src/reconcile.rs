@@ -4,7 +4,10 @@
 //! 1. the finalizer `sluice.dev/topics` is added, so deletion can apply the topic policy;
 //! 2. topics are observed through the Kafka admin API, then created or grown as the plan
 //!    says; a change Kafka cannot make becomes a `NotSupported` condition, not an error;
-//! 3. every child is written with server-side apply under one field manager;
+//! 3. every child is written with server-side apply under one field manager; a child the
+//!    apiserver refuses (quota, Pod Security, a webhook) does not stop the others: it
+//!    becomes the `ChildrenApplied` condition and a Warning Event; children the spec no
+//!    longer names are deleted;
 //! 4. the Deployments' ready replicas give `RedisReady`, `IngestReady`, `CollectorsReady`;
 //!    `Ready` is true when all conditions are;
 //! 5. the status is written, and the resource is looked at again soon while it is not
@@ -19,7 +22,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -482,6 +485,43 @@ where
     .await
 }
 
+/// Children the apiserver refused in one reconcile, as lines a user can act on.
+#[derive(Default)]
+struct Refusals(Vec<String>);
+
+impl Refusals {
+    /// Applies `object`; a refusal (quota, Pod Security, a webhook, a conflict) is kept
+    /// with the apiserver's message, so that the other children are still applied and the
+    /// status says what went wrong.
+    async fn apply<K>(&mut self, client: &Client, ns: &str, object: &K) -> Option<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::Serialize
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        match ssa(client, ns, object).await {
+            Ok(applied) => Some(applied),
+            Err(e) => {
+                let message = match &e {
+                    kube::Error::Api(status) if !status.message.is_empty() => {
+                        status.message.clone()
+                    }
+                    _ => e.to_string(),
+                };
+                self.0.push(format!(
+                    "{} {}: {message}",
+                    K::kind(&Default::default()),
+                    object.meta().name.clone().unwrap_or_default()
+                ));
+                None
+            }
+        }
+    }
+}
+
 /// Ready replicas of a Deployment that was just applied, and whether it has all it wants.
 fn readiness(d: &Deployment) -> (i32, bool) {
     let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
@@ -507,23 +547,39 @@ async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Err
             .await;
     }
     let children = plan::children(&pc, &ctx.images);
-    ssa::<ConfigMap>(client, &ns, &children.config_map).await?;
+    let mut refused = Refusals::default();
+    refused.apply(client, &ns, &children.config_map).await;
     let mut redis_ready = true;
     for (d, s) in &children.redis {
-        ssa::<Service>(client, &ns, s).await?;
-        let applied = ssa::<Deployment>(client, &ns, d).await?;
-        redis_ready &= readiness(&applied).1;
+        refused.apply(client, &ns, s).await;
+        let applied = refused.apply(client, &ns, d).await;
+        redis_ready &= applied.is_some_and(|a| readiness(&a).1);
     }
-    ssa::<Service>(client, &ns, &children.ingest_service).await?;
-    let ingest = ssa::<Deployment>(client, &ns, &children.ingest).await?;
-    ssa::<HorizontalPodAutoscaler>(client, &ns, &children.ingest_hpa).await?;
-    let (_, ingest_ready) = readiness(&ingest);
+    refused.apply(client, &ns, &children.ingest_service).await;
+    let ingest = refused.apply(client, &ns, &children.ingest).await;
+    refused.apply(client, &ns, &children.ingest_hpa).await;
+    let ingest_ready = ingest.is_some_and(|i| readiness(&i).1);
     let mut collectors = Vec::new();
     let mut collectors_ready = true;
     let mut scale_to_zero_pending = false;
     let old_status = pc.status.clone().unwrap_or_default();
     for (spec, d) in pc.spec.collectors.iter().zip(&children.collectors) {
-        let applied = ssa::<Deployment>(client, &ns, d).await?;
+        let Some(applied) = refused.apply(client, &ns, d).await else {
+            collectors_ready = false;
+            collectors.push((
+                spec.name.clone(),
+                0,
+                false,
+                CollectorStatus {
+                    name: spec.name.clone(),
+                    replicas: 0,
+                    desired_replicas: None,
+                    lag: None,
+                    idle_since: None,
+                },
+            ));
+            continue;
+        };
         let (replicas, ready) = readiness(&applied);
         let desired = applied.spec.as_ref().and_then(|s| s.replicas);
         let lag = match &kafka {
@@ -599,9 +655,24 @@ async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Err
         ));
     }
     for hpa in &children.collector_hpas {
-        ssa::<HorizontalPodAutoscaler>(client, &ns, hpa).await?;
+        refused.apply(client, &ns, hpa).await;
     }
-    prune(client, &ns, &pc, &children).await?;
+    if let Err(e) = prune(client, &ns, &pc, &children).await {
+        refused
+            .0
+            .push(format!("removing what the spec no longer names: {e}"));
+    }
+    let refusals = refused.0;
+    if !refusals.is_empty() {
+        tracing::warn!(name = %pc.name_any(), refusals = ?refusals, "the apiserver refused children");
+        ctx.event(
+            &pc,
+            true,
+            "ApplyFailed",
+            format!("the apiserver refused: {}", refusals.join("; ")),
+        )
+        .await;
+    }
 
     let generation = pc.metadata.generation;
     let old = pc.status.clone().unwrap_or_default().conditions;
@@ -631,6 +702,21 @@ async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Err
             topics.reason,
             topics.message.clone(),
         ),
+        if refusals.is_empty() {
+            condition(
+                "ChildrenApplied",
+                true,
+                "Applied",
+                "every child object is applied".to_owned(),
+            )
+        } else {
+            condition(
+                "ChildrenApplied",
+                false,
+                "ApplyFailed",
+                format!("the apiserver refused: {}", refusals.join("; ")),
+            )
+        },
         if redis_ready {
             condition(
                 "RedisReady",
@@ -710,7 +796,10 @@ async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Err
         })),
     )
     .await?;
-    Ok(Action::requeue(if !all {
+    Ok(Action::requeue(if !refusals.is_empty() {
+        // A refusal (quota, admission) rarely clears within a few seconds.
+        Duration::from_secs(10)
+    } else if !all {
         Duration::from_secs(3)
     } else if scale_to_zero_pending {
         // Lag is watched for scaling to and from zero.
@@ -741,7 +830,8 @@ pub fn scale_to_zero(
     }
 }
 
-/// Deletes the collector Deployments and autoscalers the resource no longer asks for.
+/// Deletes the Deployments, Services and autoscalers of the resource that it no longer
+/// asks for: removed collectors, and the managed Redis once it is `External`.
 async fn prune(
     client: &Client,
     ns: &str,
@@ -759,32 +849,47 @@ async fn prune(
             .flatten()
             .any(|o| Some(&o.uid) == pc.metadata.uid.as_ref())
     };
-    let is_collector = |meta: &kube::api::ObjectMeta| {
-        meta.labels
-            .as_ref()
-            .and_then(|l| l.get("app.kubernetes.io/component"))
-            .is_some_and(|c| c.starts_with("collector-"))
-    };
-    let wanted: Vec<String> = children.collectors.iter().map(|d| d.name_any()).collect();
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    for d in deployments.list(&lp).await? {
-        if owned(&d.metadata) && is_collector(&d.metadata) && !wanted.contains(&d.name_any()) {
-            tracing::info!(deployment = %d.name_any(), "deleting a collector the spec no longer has");
-            deployments
-                .delete(&d.name_any(), &Default::default())
-                .await?;
-        }
-    }
-    let wanted: Vec<String> = children
-        .collector_hpas
-        .iter()
+    let deployments: Vec<String> = std::iter::once(&children.ingest)
+        .chain(&children.collectors)
+        .chain(children.redis.iter().map(|(d, _)| d))
+        .map(|d| d.name_any())
+        .collect();
+    let services: Vec<String> = std::iter::once(&children.ingest_service)
+        .chain(children.redis.iter().map(|(_, s)| s))
+        .map(|s| s.name_any())
+        .collect();
+    let hpas: Vec<String> = std::iter::once(&children.ingest_hpa)
+        .chain(&children.collector_hpas)
         .map(|h| h.name_any())
         .collect();
-    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), ns);
-    for h in hpas.list(&lp).await? {
-        if owned(&h.metadata) && is_collector(&h.metadata) && !wanted.contains(&h.name_any()) {
-            tracing::info!(hpa = %h.name_any(), "deleting an autoscaler the spec no longer has");
-            hpas.delete(&h.name_any(), &Default::default()).await?;
+    prune_kind::<Deployment>(client, ns, &lp, &owned, &deployments).await?;
+    prune_kind::<Service>(client, ns, &lp, &owned, &services).await?;
+    prune_kind::<HorizontalPodAutoscaler>(client, ns, &lp, &owned, &hpas).await?;
+    Ok(())
+}
+
+/// Deletes the objects of kind `K` that `lp` selects, `owned` says are the resource's, and
+/// `wanted` does not name.
+async fn prune_kind<K>(
+    client: &Client,
+    ns: &str,
+    lp: &kube::api::ListParams,
+    owned: &impl Fn(&kube::api::ObjectMeta) -> bool,
+    wanted: &[String],
+) -> Result<(), kube::Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    for object in api.list(lp).await? {
+        let name = object.name_any();
+        if owned(object.meta()) && !wanted.contains(&name) {
+            tracing::info!(kind = K::kind(&Default::default()).as_ref(), %name, "deleting what the spec no longer names");
+            api.delete(&name, &Default::default()).await?;
         }
     }
     Ok(())

@@ -652,7 +652,7 @@ async fn the_installed_charts_identity_is_enough_to_take_an_example_to_ready() {
         &["delete", "pipelineconfigs.sluice.dev", "--all-namespaces"],
         &["list", "secrets", "--all-namespaces"],
         &["create", "clusterroles"],
-        &["delete", "services", "--all-namespaces"],
+        &["delete", "configmaps", "--all-namespaces"],
     ] {
         assert!(
             !can_i(denied),

@@ -500,3 +500,142 @@ async fn kafka_sasl_credentials_come_from_a_secret() {
         .await
         .expect("namespace deleted");
 }
+
+#[tokio::test]
+async fn a_refused_child_is_a_condition_and_an_event_and_what_the_spec_drops_is_removed() {
+    let stack = sluice_testkit::Stack::from_env();
+    let client = client().await;
+    install_crd(&client).await;
+    let ns = namespace(&client).await;
+    // A quota of two Deployments: the managed Redis takes both, and ingest and the
+    // collector are refused.
+    let quotas: Api<k8s_openapi::api::core::v1::ResourceQuota> =
+        Api::namespaced(client.clone(), &ns);
+    let quota = serde_json::from_value(json!({
+        "metadata": {"name": "two-deployments"},
+        "spec": {"hard": {"count/deployments.apps": "2"}}
+    }))
+    .expect("quota");
+    quotas
+        .create(&PostParams::default(), &quota)
+        .await
+        .expect("quota created");
+    let limit = Duration::from_secs(120);
+    sluice_testkit::wait_for("the quota to be in force", limit, || {
+        let quotas = quotas.clone();
+        async move {
+            let q = quotas.get("two-deployments").await?;
+            Ok(q.status.and_then(|s| s.hard).map(|_| ()))
+        }
+    })
+    .await
+    .expect("quota in force");
+
+    let api: Api<PipelineConfig> = Api::namespaced(client.clone(), &ns);
+    let stop = controller(&client, &ns);
+    let stream = sluice_testkit::unique("quota");
+    let pc: PipelineConfig = serde_json::from_value(json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "PipelineConfig",
+        "metadata": {"name": "tight"},
+        "spec": {
+            "kafka": {"bootstrapServers": stack.kafka_brokers},
+            "streams": [{"name": stream}],
+            "collectors": [{"name": "store", "streams": [stream], "sink": {"redis": {}}}],
+            "topicDeletionPolicy": "Delete"
+        }
+    }))
+    .expect("resource");
+    api.create(&PostParams::default(), &pc)
+        .await
+        .expect("created");
+    let refused = sluice_testkit::wait_for("ChildrenApplied=False", limit, || {
+        let api = api.clone();
+        async move {
+            Ok(condition(&api, "tight", "ChildrenApplied")
+                .await
+                .filter(|c| c.0 == "False"))
+        }
+    })
+    .await
+    .expect("refusal reported");
+    assert_eq!(refused.1, "ApplyFailed");
+    assert!(
+        refused.2.contains("Deployment tight-ingest") && refused.2.contains("exceeded quota"),
+        "{}",
+        refused.2
+    );
+    let ready = condition(&api, "tight", "Ready").await.expect("Ready");
+    assert_eq!(ready.0, "False");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let warned = sluice_testkit::wait_for("a Warning Event ApplyFailed", limit, || {
+        let events = events.clone();
+        async move {
+            let list = events.list(&Default::default()).await?;
+            Ok(list
+                .items
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some("ApplyFailed")))
+        }
+    })
+    .await
+    .expect("event");
+    assert_eq!(warned.type_.as_deref(), Some("Warning"));
+    assert!(
+        warned.note.unwrap_or_default().contains("exceeded quota"),
+        "the Event says why"
+    );
+
+    // Redis switched to External: the managed Redis is removed, which frees the quota for
+    // ingest and the collector.
+    api.patch(
+        "tight",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"redis": {"mode": "External", "url": stack.redis_url}}})),
+    )
+    .await
+    .expect("patched");
+    sluice_testkit::wait_for("ChildrenApplied=True", limit, || {
+        let api = api.clone();
+        async move {
+            Ok(condition(&api, "tight", "ChildrenApplied")
+                .await
+                .filter(|c| c.0 == "True"))
+        }
+    })
+    .await
+    .expect("applied once the quota allows");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    for name in ["tight-redis", "tight-redis-replica"] {
+        assert!(
+            deployments.get_opt(name).await.expect("get").is_none(),
+            "{name} Deployment removed"
+        );
+        assert!(
+            services.get_opt(name).await.expect("get").is_none(),
+            "{name} Service removed"
+        );
+    }
+    for name in ["tight-ingest", "tight-collector-store"] {
+        assert!(
+            deployments.get_opt(name).await.expect("get").is_some(),
+            "{name}"
+        );
+    }
+    api.delete("tight", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    sluice_testkit::wait_for("the PipelineConfig to be gone", limit, || {
+        let api = api.clone();
+        async move { Ok(api.get_opt("tight").await?.is_none().then_some(())) }
+    })
+    .await
+    .expect("gone");
+    stop.cancel();
+    let namespaces: Api<Namespace> = Api::all(client);
+    namespaces
+        .delete(&ns, &DeleteParams::default())
+        .await
+        .expect("namespace deleted");
+}
