@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 use rdkafka::Offset;
 use rdkafka::TopicPartitionList;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use sluice_core::kafka::KafkaArgs;
 
@@ -160,7 +160,16 @@ const MAX_CLIENTS: usize = 64;
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl LagReader {
-    /// The lag of `collector` in `pc`, with `kafka` built by [`client_args`].
+    /// The lag of `collector` in `pc`, with `kafka` built by [`client_args`]: what its
+    /// group has still to read on the streams' topics, plus what its retry group has still
+    /// to read on their retry topics (retries pending keep a collector from scaling to
+    /// zero).
+    ///
+    /// A collector that starts at `Latest` gets its starting point fixed here: the first
+    /// time its group has no committed offset on a partition, the partition's end is
+    /// committed for it. Events published from then on count as lag, wake a collector
+    /// scaled to zero, and are read when it starts, rather than skipped by a consumer that
+    /// would start at the end it finds then.
     pub async fn collector_lag(
         &self,
         pc: &PipelineConfig,
@@ -178,15 +187,30 @@ impl LagReader {
             .iter()
             .filter_map(|s| plan::stream_topic(pc, s))
             .collect();
+        let retry_topics: Vec<String> = spec.streams.iter().map(|s| format!("{s}.retry")).collect();
         let group = plan::names::collector_group(pc, collector);
         let start_at = spec.start_at;
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.group_lag(&kafka, &group, &topics, start_at))
-            .await
-            .map_err(|_| LagError::Kafka(KafkaError::Canceled))?
+        tokio::task::spawn_blocking(move || {
+            let main = this.group_lag(&kafka, &group, &topics, start_at)?;
+            let retry = this.group_lag(
+                &kafka,
+                &format!("{group}.retry"),
+                &retry_topics,
+                StartAt::Earliest,
+            )?;
+            Ok(GroupLag {
+                total: main.total + retry.total,
+                partitions: main.partitions,
+            })
+        })
+        .await
+        .map_err(|_| LagError::Kafka(KafkaError::Canceled))?
     }
 
-    /// The lag of `group` over `topics` (blocking: run it off the async threads).
+    /// The lag of `group` over `topics` (blocking: run it off the async threads). With
+    /// `Latest`, partitions where the group has no committed offset get their end
+    /// committed (see [`LagReader::collector_lag`]).
     pub fn group_lag(
         &self,
         kafka: &KafkaArgs,
@@ -209,6 +233,7 @@ impl LagReader {
         }
         let committed = consumer.committed_offsets(list.clone(), QUERY_TIMEOUT)?;
         let mut total = 0;
+        let mut start_here = TopicPartitionList::new();
         for element in committed.elements() {
             if let Some(e) = element.error().err() {
                 return Err(LagError::Kafka(e));
@@ -219,6 +244,15 @@ impl LagReader {
                 Offset::Offset(o) => Some(o),
                 _ => None,
             };
+            if committed.is_none() && start_at == StartAt::Latest {
+                start_here
+                    .add_partition_offset(
+                        element.topic(),
+                        element.partition(),
+                        Offset::Offset(log_end),
+                    )
+                    .map_err(LagError::Kafka)?;
+            }
             total += partition_lag(
                 PartitionOffsets {
                     log_start,
@@ -227,6 +261,15 @@ impl LagReader {
                 },
                 start_at,
             );
+        }
+        if start_here.count() > 0 {
+            // Refused while the group has members (they then hold their own position).
+            match consumer.commit(&start_here, CommitMode::Sync) {
+                Ok(()) => {
+                    tracing::info!(%group, partitions = start_here.count(), "fixed where a collector starting at Latest begins")
+                }
+                Err(e) => tracing::debug!(%group, error = %e, "starting point not committed"),
+            }
         }
         Ok(GroupLag {
             total,

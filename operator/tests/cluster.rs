@@ -639,3 +639,109 @@ async fn a_refused_child_is_a_condition_and_an_event_and_what_the_spec_drops_is_
         .await
         .expect("namespace deleted");
 }
+
+#[tokio::test]
+async fn collectors_at_zero_wake_on_new_events_from_latest_and_on_pending_retries() {
+    let stack = sluice_testkit::Stack::from_env();
+    let client = client().await;
+    install_crd(&client).await;
+    let ns = namespace(&client).await;
+    let api: Api<PipelineConfig> = Api::namespaced(client.clone(), &ns);
+    let stop = controller(&client, &ns);
+    let limit = Duration::from_secs(120);
+    let (fresh, retried) = (
+        sluice_testkit::unique("fresh"),
+        sluice_testkit::unique("retried"),
+    );
+    let to_zero =
+        json!({"minReplicas": 0, "maxReplicas": 2, "lagPerReplica": 100, "idleSeconds": 1});
+    let pc: PipelineConfig = serde_json::from_value(json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "PipelineConfig",
+        "metadata": {"name": "sleepy"},
+        "spec": {
+            "kafka": {"bootstrapServers": stack.kafka_brokers},
+            "redis": {"mode": "External", "url": stack.redis_url},
+            "streams": [{"name": fresh}, {"name": retried}],
+            "collectors": [
+                {"name": "latest", "streams": [fresh], "sink": {"redis": {}}, "startAt": "Latest",
+                 "autoscale": to_zero},
+                {"name": "retrier", "streams": [retried], "sink": {"redis": {}}, "autoscale": to_zero}
+            ],
+            "topicDeletionPolicy": "Delete"
+        }
+    }))
+    .expect("resource");
+    api.create(&PostParams::default(), &pc)
+        .await
+        .expect("created");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let scaled_to = |name: &'static str, want: i32| {
+        let deployments = deployments.clone();
+        async move {
+            sluice_testkit::wait_for(&format!("{name} at {want} replicas"), limit, || {
+                let deployments = deployments.clone();
+                async move {
+                    let d = deployments.get_opt(name).await?;
+                    let replicas = d.and_then(|d| d.spec).and_then(|s| s.replicas);
+                    Ok((replicas == Some(want)).then_some(()))
+                }
+            })
+            .await
+        }
+    };
+    scaled_to("sleepy-collector-latest", 0)
+        .await
+        .expect("idle at zero");
+    scaled_to("sleepy-collector-retrier", 0)
+        .await
+        .expect("idle at zero");
+
+    // Events after the collector was created wake the one that starts at Latest (its group
+    // starts where the topic ended when the operator first looked); events waiting on a
+    // retry topic wake the other.
+    let event = |stream: &str| {
+        let mut e = sluice_core::Envelope::new(stream, None, json!({"n": 1}));
+        e.id = "wake".to_owned();
+        e
+    };
+    sluice_testkit::produce(&stack, &fresh, &[event(&fresh)])
+        .await
+        .expect("produce");
+    sluice_testkit::produce(&stack, &format!("{retried}.retry"), &[event(&retried)])
+        .await
+        .expect("produce retry");
+    scaled_to("sleepy-collector-latest", 1)
+        .await
+        .expect("woken by a new event");
+    scaled_to("sleepy-collector-retrier", 1)
+        .await
+        .expect("woken by a pending retry");
+    // The status (written after the scaling, in the same pass) reports both lags.
+    sluice_testkit::wait_for("a lag of 1 for each in the status", limit, || {
+        let api = api.clone();
+        async move {
+            let status = api.get("sleepy").await?.status.unwrap_or_default();
+            let lags: Vec<Option<i64>> = status.collectors.iter().map(|c| c.lag).collect();
+            Ok((lags == [Some(1), Some(1)]).then_some(()))
+        }
+    })
+    .await
+    .expect("lags reported");
+
+    api.delete("sleepy", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    sluice_testkit::wait_for("the PipelineConfig to be gone", limit, || {
+        let api = api.clone();
+        async move { Ok(api.get_opt("sleepy").await?.is_none().then_some(())) }
+    })
+    .await
+    .expect("gone");
+    stop.cancel();
+    let namespaces: Api<Namespace> = Api::all(client);
+    namespaces
+        .delete(&ns, &DeleteParams::default())
+        .await
+        .expect("namespace deleted");
+}
