@@ -623,21 +623,7 @@ async fn a_refused_child_is_a_condition_and_an_event_and_what_the_spec_drops_is_
             "{name}"
         );
     }
-    api.delete("tight", &DeleteParams::default())
-        .await
-        .expect("deleted");
-    sluice_testkit::wait_for("the PipelineConfig to be gone", limit, || {
-        let api = api.clone();
-        async move { Ok(api.get_opt("tight").await?.is_none().then_some(())) }
-    })
-    .await
-    .expect("gone");
-    stop.cancel();
-    let namespaces: Api<Namespace> = Api::all(client);
-    namespaces
-        .delete(&ns, &DeleteParams::default())
-        .await
-        .expect("namespace deleted");
+    remove(client, &api, "tight", &ns, stop).await;
 }
 
 #[tokio::test]
@@ -729,19 +715,32 @@ async fn collectors_at_zero_wake_on_new_events_from_latest_and_on_pending_retrie
     .await
     .expect("lags reported");
 
-    api.delete("sleepy", &DeleteParams::default())
+    remove(client, &api, "sleepy", &ns, stop).await;
+}
+
+/// Deletes the PipelineConfig, waits until the controller let it go, stops the controller
+/// and deletes the namespace.
+async fn remove(
+    client: kube::Client,
+    api: &Api<PipelineConfig>,
+    name: &str,
+    ns: &str,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    api.delete(name, &DeleteParams::default())
         .await
         .expect("deleted");
-    sluice_testkit::wait_for("the PipelineConfig to be gone", limit, || {
-        let api = api.clone();
-        async move { Ok(api.get_opt("sleepy").await?.is_none().then_some(())) }
-    })
+    sluice_testkit::wait_for(
+        "the PipelineConfig to be gone",
+        Duration::from_secs(120),
+        || async { Ok(api.get_opt(name).await?.is_none().then_some(())) },
+    )
     .await
     .expect("gone");
     stop.cancel();
     let namespaces: Api<Namespace> = Api::all(client);
     namespaces
-        .delete(&ns, &DeleteParams::default())
+        .delete(ns, &DeleteParams::default())
         .await
         .expect("namespace deleted");
 }
