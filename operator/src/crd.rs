@@ -209,10 +209,12 @@ pub struct TopicSpec {
     #[serde(default = "default_partitions")]
     #[schemars(range(min = 1, max = 10000))]
     pub partitions: i32,
-    /// Replication factor; fixed once the topic exists.
-    #[serde(default = "default_replication")]
+    /// Replication factor; fixed once the topic exists. When unset: 3, or the number of
+    /// brokers when the cluster has fewer; with 3 or more, `min.insync.replicas` is 2
+    /// unless `config` says otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 32))]
-    pub replication_factor: i32,
+    pub replication_factor: Option<i32>,
     /// Topic configuration, such as `retention.ms: "604800000"`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub config: BTreeMap<String, String>,
@@ -222,16 +224,12 @@ fn default_partitions() -> i32 {
     1
 }
 
-fn default_replication() -> i32 {
-    1
-}
-
 impl Default for TopicSpec {
     fn default() -> Self {
         Self {
             name: None,
             partitions: default_partitions(),
-            replication_factor: default_replication(),
+            replication_factor: None,
             config: BTreeMap::new(),
         }
     }

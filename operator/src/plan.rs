@@ -712,21 +712,57 @@ pub fn stream_topic(pc: &PipelineConfig, stream: &str) -> Option<String> {
         .map(|s| s.topic.name.clone().unwrap_or_else(|| s.name.clone()))
 }
 
+/// The replication factor of a stream's topics: the spec's, else 3, or the number of
+/// brokers when the cluster has fewer.
+pub fn replication_factor(spec: &crate::crd::TopicSpec, brokers: i32) -> i32 {
+    spec.replication_factor
+        .unwrap_or_else(|| brokers.clamp(1, 3))
+}
+
+/// `config` with `min.insync.replicas: 2` added for 3 or more replicas, unless it is set.
+fn in_sync(
+    mut config: BTreeMap<String, String>,
+    replication_factor: i32,
+) -> BTreeMap<String, String> {
+    if replication_factor >= 3 && !config.contains_key("min.insync.replicas") {
+        config.insert("min.insync.replicas".to_owned(), "2".to_owned());
+    }
+    config
+}
+
 /// What to do with every topic of the resource: the streams' topics and their retry,
-/// dead-letter and read topics. `observed` maps topic names to what exists.
-pub fn topics(pc: &PipelineConfig, observed: &BTreeMap<String, ObservedTopic>) -> Vec<TopicAction> {
+/// dead-letter and read topics. `observed` maps topic names to what exists; `brokers` is
+/// the size of the cluster. Topics made with 3 or more replicas get
+/// `min.insync.replicas: 2` unless the spec's config sets it.
+pub fn topics(
+    pc: &PipelineConfig,
+    observed: &BTreeMap<String, ObservedTopic>,
+    brokers: i32,
+) -> Vec<TopicAction> {
     let mut out = Vec::new();
     for s in &pc.spec.streams {
         let topic = s.topic.name.clone().unwrap_or_else(|| s.name.clone());
+        let replication_factor = replication_factor(&s.topic, brokers);
         let wanted = [
-            (topic.clone(), s.topic.config.clone()),
-            (format!("{}.retry", s.name), BTreeMap::new()),
-            (format!("{}.dlq", s.name), BTreeMap::new()),
-            (format!("{topic}.reads"), BTreeMap::new()),
+            (
+                topic.clone(),
+                in_sync(s.topic.config.clone(), replication_factor),
+            ),
+            (
+                format!("{}.retry", s.name),
+                in_sync(BTreeMap::new(), replication_factor),
+            ),
+            (
+                format!("{}.dlq", s.name),
+                in_sync(BTreeMap::new(), replication_factor),
+            ),
+            (
+                format!("{topic}.reads"),
+                in_sync(BTreeMap::new(), replication_factor),
+            ),
         ];
         for (name, config) in wanted {
             let partitions = s.topic.partitions;
-            let replication_factor = s.topic.replication_factor;
             out.push(match observed.get(&name) {
                 None => TopicAction::Create {
                     name,
@@ -741,13 +777,18 @@ pub fn topics(pc: &PipelineConfig, observed: &BTreeMap<String, ObservedTopic>) -
                     ),
                     name,
                 },
-                Some(o) if o.replication_factor != replication_factor => TopicAction::NotSupported {
+                Some(o)
+                    if s.topic.replication_factor.is_some()
+                        && o.replication_factor != replication_factor =>
+                {
+                    TopicAction::NotSupported {
                     reason: format!(
                         "topic {name} has replication factor {} and the spec asks for {replication_factor}; the operator does not change it",
                         o.replication_factor
                     ),
                     name,
-                },
+                }
+                }
                 Some(o) if o.partitions < partitions => TopicAction::Grow {
                     name,
                     from: o.partitions,
@@ -1023,7 +1064,7 @@ spec:
     fn topics_are_created_grown_kept_or_refused() {
         let resource = pc(BASIC);
         let none = BTreeMap::new();
-        let plan = topics(&resource, &none);
+        let plan = topics(&resource, &none, 1);
         assert_eq!(
             plan.len(),
             8,
@@ -1038,6 +1079,18 @@ spec:
                 config: BTreeMap::from([("retention.ms".to_owned(), "1000".to_owned())]),
             }
         );
+        // Unset, the replication is 3 where the cluster has the brokers, with two in sync.
+        let planned = topics(&resource, &none, 5);
+        let TopicAction::Create {
+            replication_factor,
+            config,
+            ..
+        } = &planned[1]
+        else {
+            panic!("a topic to create: {:?}", planned[1])
+        };
+        assert_eq!(*replication_factor, 3);
+        assert_eq!(config["min.insync.replicas"], "2");
         let seen = |p: i32, rf: i32| ObservedTopic {
             partitions: p,
             replication_factor: rf,
@@ -1048,7 +1101,9 @@ spec:
             ("visit.dlq".to_owned(), seen(8, 1)),
             ("visit.reads".to_owned(), seen(6, 3)),
         ]);
-        let plan = topics(&resource, &observed);
+        let mut explicit = pc(BASIC);
+        explicit.spec.streams[0].topic.replication_factor = Some(1);
+        let plan = topics(&explicit, &observed, 1);
         assert_eq!(
             plan[0],
             TopicAction::Grow {

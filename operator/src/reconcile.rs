@@ -225,7 +225,10 @@ async fn reconcile_inner(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<A
 }
 
 /// Topics as they are in Kafka.
-async fn observe_topics(kafka: &KafkaArgs) -> Result<BTreeMap<String, ObservedTopic>, KafkaError> {
+/// The topics that exist, and how many brokers the cluster has.
+async fn observe_topics(
+    kafka: &KafkaArgs,
+) -> Result<(BTreeMap<String, ObservedTopic>, i32), KafkaError> {
     // Metadata requests block; keep them off the async threads.
     let kafka = kafka.clone();
     tokio::task::spawn_blocking(move || {
@@ -233,7 +236,7 @@ async fn observe_topics(kafka: &KafkaArgs) -> Result<BTreeMap<String, ObservedTo
         let metadata = admin
             .inner()
             .fetch_metadata(None, Duration::from_secs(10))?;
-        Ok(metadata
+        let topics = metadata
             .topics()
             .iter()
             .filter(|t| t.error().is_none())
@@ -250,7 +253,8 @@ async fn observe_topics(kafka: &KafkaArgs) -> Result<BTreeMap<String, ObservedTo
                     },
                 )
             })
-            .collect())
+            .collect();
+        Ok((topics, metadata.brokers().len() as i32))
     })
     .await
     .map_err(|_| KafkaError::Canceled)?
@@ -264,6 +268,8 @@ struct TopicsOutcome {
     topics: Vec<TopicStatus>,
     /// What was changed, as (Event reason, note).
     done: Vec<(&'static str, String)>,
+    /// Topics with a single replica (losing its broker's disk loses them).
+    single_copy: Vec<String>,
 }
 
 async fn apply_topics(
@@ -279,6 +285,7 @@ async fn apply_topics(
                 message: format!("cannot connect to Kafka: {e}"),
                 topics: Vec::new(),
                 done: Vec::new(),
+                single_copy: Vec::new(),
             };
         }
     };
@@ -291,16 +298,34 @@ async fn apply_topics(
         ),
         topics: Vec::new(),
         done: Vec::new(),
+        single_copy: Vec::new(),
     };
     let admin = match kafka.admin() {
         Ok(a) => a,
         Err(e) => return unreachable(e),
     };
-    let observed = match observe_topics(kafka).await {
+    let (observed, brokers) = match observe_topics(kafka).await {
         Ok(o) => o,
         Err(e) => return unreachable(e),
     };
-    let actions = plan::topics(pc, &observed);
+    let actions = plan::topics(pc, &observed, brokers);
+    let single_copy: Vec<String> = actions
+        .iter()
+        .filter_map(|a| match a {
+            TopicAction::Create {
+                name,
+                replication_factor: 1,
+                ..
+            } => Some(name.clone()),
+            TopicAction::Create { .. } => None,
+            TopicAction::Grow { name, .. }
+            | TopicAction::Keep { name, .. }
+            | TopicAction::NotSupported { name, .. } => observed
+                .get(name)
+                .filter(|o| o.replication_factor == 1)
+                .map(|_| name.clone()),
+        })
+        .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let mut problems = Vec::new();
     let mut not_supported = Vec::new();
@@ -404,6 +429,7 @@ async fn apply_topics(
             message: not_supported.join("; "),
             topics,
             done,
+            single_copy,
         }
     } else if !problems.is_empty() {
         TopicsOutcome {
@@ -412,6 +438,7 @@ async fn apply_topics(
             message: problems.join("; "),
             topics,
             done,
+            single_copy,
         }
     } else {
         TopicsOutcome {
@@ -423,6 +450,7 @@ async fn apply_topics(
             ),
             topics,
             done,
+            single_copy,
         }
     }
 }
@@ -765,6 +793,37 @@ async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Err
     ];
     let all = conditions.iter().all(|c| c.status == "True");
     let first_problem = conditions.iter().find(|c| c.status != "True").cloned();
+    // How safe the topics are: reported, not part of Ready (a one-broker dev cluster is a
+    // working pipeline).
+    if !topics.topics.is_empty() {
+        let replicated = if topics.single_copy.is_empty() {
+            condition(
+                "Replicated",
+                true,
+                "Replicated",
+                "every topic has more than one replica".to_owned(),
+            )
+        } else {
+            condition(
+                "Replicated",
+                false,
+                "SingleCopy",
+                format!(
+                    "{} topics have a single replica ({}): losing that broker's disk loses acknowledged events; set topic.replicationFactor to 3 (min.insync.replicas 2) on a cluster of 3 or more brokers",
+                    topics.single_copy.len(),
+                    topics.single_copy.join(", ")
+                ),
+            )
+        };
+        let was_false = old
+            .iter()
+            .any(|c| c.type_ == "Replicated" && c.status == "False");
+        if replicated.status == "False" && !was_false {
+            ctx.event(&pc, true, "SingleCopy", replicated.message.clone())
+                .await;
+        }
+        conditions.push(replicated);
+    }
     conditions.insert(
         0,
         match first_problem {
@@ -902,7 +961,7 @@ async fn cleanup(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, E
         let admin = kafka::client_args(&ctx.client, &ns, &pc.spec.kafka)
             .await?
             .admin()?;
-        let names: Vec<String> = plan::topics(&pc, &BTreeMap::new())
+        let names: Vec<String> = plan::topics(&pc, &BTreeMap::new(), 1)
             .into_iter()
             .filter_map(|a| match a {
                 TopicAction::Create { name, .. } => Some(name),

@@ -39,7 +39,10 @@ async fn the_crd_installs_defaults_and_rejects_nonsense_with_readable_messages()
         .expect("a valid spec is accepted");
     assert_eq!(created.spec.retry.max_attempts, 5, "defaults filled in");
     assert_eq!(created.spec.collectors[0].concurrency, 4);
-    assert_eq!(created.spec.streams[0].topic.replication_factor, 1);
+    assert_eq!(
+        created.spec.streams[0].topic.replication_factor, None,
+        "chosen from the cluster's size"
+    );
 
     // Everything the plan renders for it is accepted by the apiserver (server-side dry run).
     let children =
@@ -174,6 +177,16 @@ async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
         }
     };
     ready("True").await.expect("the pipeline becomes ready");
+    // On the one-broker test Kafka the topics have a single replica: said, not blocking.
+    let replicated = condition(&api, "shop", "Replicated")
+        .await
+        .expect("Replicated condition");
+    assert_eq!(
+        (replicated.0.as_str(), replicated.1.as_str()),
+        ("False", "SingleCopy"),
+        "{}",
+        replicated.2
+    );
     for topic in [
         stream.clone(),
         format!("{stream}.retry"),
@@ -217,6 +230,7 @@ async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
         .filter_map(|e| e.reason)
         .collect();
     assert!(reasons.iter().any(|r| r == "TopicCreated"), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r == "SingleCopy"), "{reasons:?}");
     let status = api.get("shop").await.expect("get").status.expect("status");
     assert_eq!(status.observed_generation, Some(1));
     assert_eq!(status.topics.len(), 4);
