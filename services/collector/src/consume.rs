@@ -26,8 +26,9 @@
 //!   raised, or, after the last attempt, to `<stream>.dlq`.
 //!
 //! Rebalances happen inside `recv`, between batches, so work in flight always finishes
-//! before its partitions are given up. When shutdown interrupts a batch, its offsets are not
-//! stored and its records are delivered again to whoever takes the partitions next.
+//! before its partitions are given up. When shutdown interrupts a batch, only the offsets of
+//! what is done are stored; the rest is delivered again to whoever takes the partitions
+//! next.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
