@@ -187,7 +187,7 @@ impl LagReader {
             .iter()
             .filter_map(|s| plan::stream_topic(pc, s))
             .collect();
-        let retry_topics: Vec<String> = spec.streams.iter().map(|s| format!("{s}.retry")).collect();
+        let retry_topics: Vec<String> = spec.streams.iter().map(|s| plan::retry_topic(s)).collect();
         let group = plan::names::collector_group(pc, collector);
         let start_at = spec.start_at;
         let this = self.clone();

@@ -712,6 +712,11 @@ pub fn stream_topic(pc: &PipelineConfig, stream: &str) -> Option<String> {
         .map(|s| s.topic.name.clone().unwrap_or_else(|| s.name.clone()))
 }
 
+/// The retry topic of the stream named `stream` (the collector's name for it).
+pub fn retry_topic(stream: &str) -> String {
+    format!("{stream}.retry")
+}
+
 /// The replication factor of a stream's topics: the spec's, else 3, or the number of
 /// brokers when the cluster has fewer.
 pub fn replication_factor(spec: &crate::crd::TopicSpec, brokers: i32) -> i32 {
@@ -749,7 +754,7 @@ pub fn topics(
                 in_sync(s.topic.config.clone(), replication_factor),
             ),
             (
-                format!("{}.retry", s.name),
+                retry_topic(&s.name),
                 in_sync(BTreeMap::new(), replication_factor),
             ),
             (

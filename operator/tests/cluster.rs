@@ -12,7 +12,7 @@ use sluice_operator::crd::PipelineConfig;
 
 mod common;
 
-use common::{client, condition, controller, install_crd, namespace};
+use common::{await_condition, client, condition, controller, install_crd, namespace};
 
 #[tokio::test]
 async fn the_crd_installs_defaults_and_rejects_nonsense_with_readable_messages() {
@@ -162,20 +162,7 @@ async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
         .await
         .expect("created");
 
-    let ready = |want: &'static str| {
-        let api = api.clone();
-        async move {
-            sluice_testkit::wait_for(&format!("Ready={want}"), limit, || {
-                let api = api.clone();
-                async move {
-                    Ok(condition(&api, "shop", "Ready")
-                        .await
-                        .filter(|c| c.0 == want))
-                }
-            })
-            .await
-        }
-    };
+    let ready = |want: &'static str| await_condition(&api, "shop", "Ready", want, limit);
     ready("True").await.expect("the pipeline becomes ready");
     // On the one-broker test Kafka the topics have a single replica: said, not blocking.
     let replicated = condition(&api, "shop", "Replicated")
@@ -427,16 +414,9 @@ async fn kafka_sasl_credentials_come_from_a_secret() {
         .expect("created");
 
     // No Secret yet: the condition says which one is missing; nothing is created.
-    let (_, reason, message) = sluice_testkit::wait_for("TopicsReady=False", limit, || {
-        let api = api.clone();
-        async move {
-            Ok(condition(&api, "secured", "TopicsReady")
-                .await
-                .filter(|c| c.0 == "False"))
-        }
-    })
-    .await
-    .expect("condition");
+    let (_, reason, message) = await_condition(&api, "secured", "TopicsReady", "False", limit)
+        .await
+        .expect("condition");
     assert_eq!(reason, "KafkaSecretInvalid");
     assert!(message.contains("kafka-user"), "{message}");
     assert_eq!(
@@ -455,16 +435,9 @@ async fn kafka_sasl_credentials_come_from_a_secret() {
         .create(&PostParams::default(), &secret)
         .await
         .expect("secret created");
-    sluice_testkit::wait_for("TopicsReady=True", limit, || {
-        let api = api.clone();
-        async move {
-            Ok(condition(&api, "secured", "TopicsReady")
-                .await
-                .filter(|c| c.0 == "True"))
-        }
-    })
-    .await
-    .expect("topics ready through SASL");
+    await_condition(&api, "secured", "TopicsReady", "True", limit)
+        .await
+        .expect("topics ready through SASL");
     assert_eq!(
         sluice_testkit::partitions(&stack, &stream).expect("metadata"),
         Some(2)
@@ -563,16 +536,9 @@ async fn a_refused_child_is_a_condition_and_an_event_and_what_the_spec_drops_is_
     api.create(&PostParams::default(), &pc)
         .await
         .expect("created");
-    let refused = sluice_testkit::wait_for("ChildrenApplied=False", limit, || {
-        let api = api.clone();
-        async move {
-            Ok(condition(&api, "tight", "ChildrenApplied")
-                .await
-                .filter(|c| c.0 == "False"))
-        }
-    })
-    .await
-    .expect("refusal reported");
+    let refused = await_condition(&api, "tight", "ChildrenApplied", "False", limit)
+        .await
+        .expect("refusal reported");
     assert_eq!(refused.1, "ApplyFailed");
     assert!(
         refused.2.contains("Deployment tight-ingest") && refused.2.contains("exceeded quota"),
@@ -609,16 +575,9 @@ async fn a_refused_child_is_a_condition_and_an_event_and_what_the_spec_drops_is_
     )
     .await
     .expect("patched");
-    sluice_testkit::wait_for("ChildrenApplied=True", limit, || {
-        let api = api.clone();
-        async move {
-            Ok(condition(&api, "tight", "ChildrenApplied")
-                .await
-                .filter(|c| c.0 == "True"))
-        }
-    })
-    .await
-    .expect("applied once the quota allows");
+    await_condition(&api, "tight", "ChildrenApplied", "True", limit)
+        .await
+        .expect("applied once the quota allows");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     for name in ["tight-redis", "tight-redis-replica"] {

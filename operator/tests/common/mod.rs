@@ -77,6 +77,21 @@ pub async fn condition(
         .map(|c| (c.status, c.reason, c.message))
 }
 
+/// Waits up to `limit` until the resource's condition `kind` has `status`; the condition as
+/// (status, reason, message).
+pub async fn await_condition(
+    api: &Api<PipelineConfig>,
+    name: &str,
+    kind: &str,
+    status: &str,
+    limit: std::time::Duration,
+) -> anyhow::Result<(String, String, String)> {
+    sluice_testkit::wait_for(&format!("{kind}={status}"), limit, || async {
+        Ok(condition(api, name, kind).await.filter(|c| c.0 == status))
+    })
+    .await
+}
+
 /// Runs the controller in this process for `namespace` until the token is cancelled.
 pub fn controller(client: &Client, namespace: &str) -> tokio_util::sync::CancellationToken {
     let stop = tokio_util::sync::CancellationToken::new();
