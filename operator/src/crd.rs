@@ -138,6 +138,62 @@ pub struct RedisSpec {
     /// URL of an external Redis replica for reads; the primary when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica_url: Option<String>,
+    /// The volume claim of the managed primary, which keeps its append-only file: a
+    /// restarted primary loads it and its replicas resync to what it holds.
+    #[serde(default)]
+    pub storage: StorageSpec,
+    /// When the managed primary syncs its append-only file to disk. `Always` (the default):
+    /// before a write is answered, so a record whose offset a collector committed survives
+    /// the loss of the node; `EverySec`: once a second, faster, and a node crash may lose
+    /// the last second of writes (a Redis crash alone loses nothing).
+    #[serde(default)]
+    pub appendfsync: AppendFsync,
+}
+
+/// When Redis syncs its append-only file to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum AppendFsync {
+    /// Before a write is answered.
+    #[default]
+    Always,
+    /// Once a second.
+    EverySec,
+}
+
+impl AppendFsync {
+    /// The value of Redis's `appendfsync`.
+    pub fn as_redis(self) -> &'static str {
+        match self {
+            Self::Always => "always",
+            Self::EverySec => "everysec",
+        }
+    }
+}
+
+/// A PersistentVolumeClaim per pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Size of each claim, such as `1Gi`. A claim cannot be resized through the spec.
+    #[serde(default = "default_storage_size")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"))]
+    pub size: String,
+    /// StorageClass of the claims; the cluster's default class when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+fn default_storage_size() -> String {
+    "1Gi".to_owned()
+}
+
+impl Default for StorageSpec {
+    fn default() -> Self {
+        Self {
+            size: default_storage_size(),
+            storage_class_name: None,
+        }
+    }
 }
 
 fn default_redis_replicas() -> i32 {
@@ -151,6 +207,8 @@ impl Default for RedisSpec {
             replicas: default_redis_replicas(),
             url: None,
             replica_url: None,
+            storage: StorageSpec::default(),
+            appendfsync: AppendFsync::default(),
         }
     }
 }
@@ -424,9 +482,14 @@ pub struct RedisSinkSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FileSinkSpec {
-    /// PersistentVolumeClaim the files are written to; an emptyDir when absent.
+    /// An existing PersistentVolumeClaim that every replica writes to (ReadWriteMany when
+    /// there is more than one replica). When absent, each replica gets a claim of its own
+    /// from `storage`, kept when the collector scales down and reattached when it scales up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim_name: Option<String>,
+    /// The claim of each replica when `claimName` is absent.
+    #[serde(default)]
+    pub storage: StorageSpec,
     /// Start a new segment at this size, in bytes.
     #[serde(default = "default_file_bytes")]
     #[schemars(range(min = 1024))]

@@ -4,9 +4,10 @@
 //! - [`settings`]: the pipeline settings every service reads (rendered into a ConfigMap,
 //!   the same file format as `scripts/local-pipeline.yaml`);
 //! - [`children`]: the ConfigMap, the ingest Deployment, Service and CPU autoscaler, one
-//!   Deployment per collector, and, when Redis is managed, a primary and replicas with
-//!   their Services — each with an owner reference to the PipelineConfig, so deleting it
-//!   deletes them;
+//!   Deployment per collector (a StatefulSet with a volume claim per replica for a file
+//!   collector), and, when Redis is managed, a primary (a StatefulSet whose claim keeps its
+//!   append-only file) and replicas with their Services — each with an owner reference to
+//!   the PipelineConfig, so deleting it deletes them (volume claims are kept);
 //! - [`topics`]: what to do with each topic: create it, leave it, grow its partitions, or
 //!   report that a change is not supported (partitions never shrink; the replication
 //!   factor is fixed once the topic exists).
@@ -15,7 +16,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::Resource;
@@ -23,7 +24,10 @@ use kube::api::ObjectMeta;
 use serde_json::{Value, json};
 use sluice_core::settings::{PipelineSettings, RetrySettings, StreamSettings};
 
-use crate::crd::{CollectorSpec, KafkaSpec, PipelineConfig, RedisMode, SaslMechanism, StartAt};
+use crate::crd::{
+    CollectorSpec, KafkaSpec, PipelineConfig, RedisMode, RedisSpec, SaslMechanism, StartAt,
+    StorageSpec,
+};
 
 /// Images and other runtime choices that are not part of the resource.
 #[derive(Debug, Clone)]
@@ -154,6 +158,89 @@ pub mod names {
     }
 }
 
+/// The pods of one component: a Deployment, or a StatefulSet where each pod keeps a
+/// volume claim of its own across restarts and scaling.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(untagged)]
+pub enum Workload {
+    /// Interchangeable pods.
+    Deployment(Deployment),
+    /// Pods with a claim each.
+    StatefulSet(StatefulSet),
+}
+
+impl Workload {
+    /// Its metadata.
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Self::Deployment(d) => &d.metadata,
+            Self::StatefulSet(s) => &s.metadata,
+        }
+    }
+
+    /// Its name.
+    pub fn name(&self) -> String {
+        self.metadata().name.clone().unwrap_or_default()
+    }
+
+    /// `Deployment` or `StatefulSet`, as in a `scaleTargetRef`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Deployment(_) => "Deployment",
+            Self::StatefulSet(_) => "StatefulSet",
+        }
+    }
+
+    /// The replicas it asks for; none when an autoscaler owns them.
+    pub fn replicas(&self) -> Option<i32> {
+        match self {
+            Self::Deployment(d) => d.spec.as_ref().and_then(|s| s.replicas),
+            Self::StatefulSet(s) => s.spec.as_ref().and_then(|s| s.replicas),
+        }
+    }
+}
+
+/// A claim template named `name` of `storage`'s size and class.
+fn claim_template(name: &str, storage: &StorageSpec) -> Value {
+    let mut spec = json!({
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": storage.size}},
+    });
+    if let Some(class) = &storage.storage_class_name {
+        spec["storageClassName"] = json!(class);
+    }
+    json!({"metadata": {"name": name}, "spec": spec})
+}
+
+/// A StatefulSet whose pods each get a claim from `claims`. Claims are kept when it
+/// scales down or is deleted, so the data outlives the pods.
+fn stateful_set(
+    pc: &PipelineConfig,
+    name: String,
+    component: &str,
+    replicas: Option<i32>,
+    template: Value,
+    claims: Vec<Value>,
+) -> StatefulSet {
+    let mut spec = json!({
+        "serviceName": name,
+        "podManagementPolicy": "Parallel",
+        "selector": {"matchLabels": {
+            "app.kubernetes.io/instance": name_of(pc),
+            "app.kubernetes.io/component": component,
+        }},
+        "template": template,
+        "volumeClaimTemplates": claims,
+        "persistentVolumeClaimRetentionPolicy": {"whenScaled": "Retain", "whenDeleted": "Retain"},
+    });
+    if let Some(r) = replicas {
+        spec["replicas"] = json!(r);
+    }
+    let mut s: StatefulSet = serde_json::from_value(json!({"spec": spec})).unwrap_or_default();
+    s.metadata = meta(pc, name, component);
+    s
+}
+
 /// Everything the resource asks for, as Kubernetes objects.
 #[derive(Debug, Clone)]
 pub struct Children {
@@ -165,12 +252,13 @@ pub struct Children {
     pub ingest_service: Service,
     /// Ingest's CPU autoscaler.
     pub ingest_hpa: HorizontalPodAutoscaler,
-    /// One per collector.
-    pub collectors: Vec<Deployment>,
+    /// One per collector: a StatefulSet for a file collector without `claimName`.
+    pub collectors: Vec<Workload>,
     /// One per collector with `autoscale`, on its consumer lag.
     pub collector_hpas: Vec<HorizontalPodAutoscaler>,
-    /// The managed Redis primary and replicas with their Services; empty for External.
-    pub redis: Vec<(Deployment, Service)>,
+    /// The managed Redis primary (a StatefulSet) and replicas (a Deployment) with their
+    /// Services; empty for External.
+    pub redis: Vec<(Workload, Service)>,
 }
 
 fn restricted_container() -> Value {
@@ -446,12 +534,7 @@ fn sink_env(c: &CollectorSpec) -> Vec<Value> {
     env
 }
 
-fn collector(
-    pc: &PipelineConfig,
-    c: &CollectorSpec,
-    images: &Images,
-    checksum: &str,
-) -> Deployment {
+fn collector(pc: &PipelineConfig, c: &CollectorSpec, images: &Images, checksum: &str) -> Workload {
     let start = match c.start_at {
         StartAt::Earliest => Vec::new(),
         StartAt::Latest => vec![("auto.offset.reset".to_owned(), "latest".to_owned())],
@@ -468,14 +551,14 @@ fn collector(
     env.extend(sink_env(c));
     let mut volumes = Vec::new();
     let mut mounts = service_mounts(pc, &mut volumes);
+    let mut claims = None;
     if let Some(file) = &c.sink.file {
         mounts.push(json!({"name": "records", "mountPath": "/var/lib/sluice/records"}));
-        volumes.push(match &file.claim_name {
-            Some(claim) => {
-                json!({"name": "records", "persistentVolumeClaim": {"claimName": claim}})
-            }
-            None => json!({"name": "records", "emptyDir": {}}),
-        });
+        match &file.claim_name {
+            Some(claim) => volumes
+                .push(json!({"name": "records", "persistentVolumeClaim": {"claimName": claim}})),
+            None => claims = Some(vec![claim_template("records", &file.storage)]),
+        }
     }
     let mut container = json!({
         "name": "collector",
@@ -496,13 +579,21 @@ fn collector(
     let template = pod_template(pc, &component, checksum, container, volumes);
     // With autoscaling the HPA owns the replica count.
     let replicas = c.autoscale.is_none().then_some(c.replicas);
-    deployment(
-        pc,
-        names::collector(pc, &c.name),
-        &component,
-        replicas,
-        template,
-    )
+    let name = names::collector(pc, &c.name);
+    match claims {
+        Some(claims) => Workload::StatefulSet(stateful_set(
+            pc, name, &component, replicas, template, claims,
+        )),
+        None => Workload::Deployment(deployment(pc, name, &component, replicas, template)),
+    }
+}
+
+/// Whether a collector runs as a StatefulSet (a file collector with a claim per replica).
+fn collector_kind(c: &CollectorSpec) -> &'static str {
+    match &c.sink.file {
+        Some(file) if file.claim_name.is_none() => "StatefulSet",
+        _ => "Deployment",
+    }
 }
 
 /// The most replicas that can each own a partition: the collectors' group uses the range
@@ -530,7 +621,7 @@ fn collector_hpa(pc: &PipelineConfig, c: &CollectorSpec) -> Option<HorizontalPod
     let min = a.min_replicas.clamp(1, max);
     let name = names::collector(pc, &c.name);
     let mut hpa: HorizontalPodAutoscaler = serde_json::from_value(json!({"spec": {
-        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": collector_kind(c), "name": name},
         "minReplicas": min,
         "maxReplicas": max,
         "metrics": [{"type": "External", "external": {
@@ -565,58 +656,108 @@ fn collector_hpa(pc: &PipelineConfig, c: &CollectorSpec) -> Option<HorizontalPod
     Some(hpa)
 }
 
-fn redis(pc: &PipelineConfig, images: &Images) -> Vec<(Deployment, Service)> {
-    if pc.spec.redis.mode != RedisMode::Managed {
+/// Where the managed Redis keeps its data in its pod.
+const REDIS_DATA: &str = "/data";
+
+/// The persistence arguments of a managed Redis primary: an append-only file in `dir`,
+/// synced as `spec.appendfsync` says, and no RDB snapshots (the append-only file is what a
+/// restart loads).
+pub fn redis_primary_args(spec: &RedisSpec, dir: &str) -> Vec<String> {
+    [
+        "--dir",
+        dir,
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        spec.appendfsync.as_redis(),
+        "--save",
+        "",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+fn redis(pc: &PipelineConfig, images: &Images) -> Vec<(Workload, Service)> {
+    let spec = &pc.spec.redis;
+    if spec.mode != RedisMode::Managed {
         return Vec::new();
     }
-    let mut out = Vec::new();
-    let mut make = |name: String, component: &str, replicas: i32, args: Vec<String>| {
-        let container = json!({
+    let container = |args: Vec<String>| {
+        json!({
             "name": "redis",
             "image": images.redis,
             "args": args,
             "ports": [{"name": "redis", "containerPort": 6379}],
             "readinessProbe": {"exec": {"command": ["redis-cli", "ping"]}, "periodSeconds": 5},
-            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+            "volumeMounts": [{"name": "data", "mountPath": REDIS_DATA}],
             "securityContext": restricted_container(),
-        });
-        let template = json!({
+        })
+    };
+    let template = |component: &str, container: Value, volumes: Value| {
+        json!({
             "metadata": {"labels": labels(pc, component)},
             "spec": {
                 "securityContext": restricted_pod(),
                 "containers": [container],
-                "volumes": [{"name": "data", "emptyDir": {}}],
+                "volumes": volumes,
             },
-        });
-        let d = deployment(pc, name.clone(), component, Some(replicas), template);
+        })
+    };
+    let service = |name: String, component: &str| {
         let mut s: Service = serde_json::from_value(json!({"spec": {
             "selector": {"app.kubernetes.io/instance": name_of(pc), "app.kubernetes.io/component": component},
             "ports": [{"name": "redis", "port": 6379, "targetPort": "redis"}],
         }}))
         .unwrap_or_default();
         s.metadata = meta(pc, name, component);
-        out.push((d, s));
+        s
     };
-    let base = vec![
-        "--save".to_owned(),
-        String::new(),
-        "--appendonly".to_owned(),
-        "no".to_owned(),
-    ];
-    make(names::redis(pc), "redis", 1, base.clone());
-    if pc.spec.redis.replicas > 0 {
-        let mut args = base;
-        args.extend([
-            "--replicaof".to_owned(),
-            names::redis(pc),
-            "6379".to_owned(),
-        ]);
-        make(
+    // The primary keeps its append-only file on a claim: a restarted primary loads every
+    // write it answered, so its replicas resync to that and never to an empty store.
+    let primary = stateful_set(
+        pc,
+        names::redis(pc),
+        "redis",
+        Some(1),
+        template(
+            "redis",
+            container(redis_primary_args(spec, REDIS_DATA)),
+            json!([]),
+        ),
+        vec![claim_template("data", &spec.storage)],
+    );
+    let mut out = vec![(
+        Workload::StatefulSet(primary),
+        service(names::redis(pc), "redis"),
+    )];
+    if spec.replicas > 0 {
+        // Read replicas hold a copy of the primary and load it from there when they start.
+        let args = [
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--replicaof",
+            &names::redis(pc),
+            "6379",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let replicas = deployment(
+            pc,
             names::redis_replica(pc),
             "redis-replica",
-            pc.spec.redis.replicas,
-            args,
+            Some(spec.replicas),
+            template(
+                "redis-replica",
+                container(args),
+                json!([{"name": "data", "emptyDir": {}}]),
+            ),
         );
+        out.push((
+            Workload::Deployment(replicas),
+            service(names::redis_replica(pc), "redis-replica"),
+        ));
     }
     out
 }
@@ -837,7 +978,7 @@ spec:
   retry: {maxAttempts: 3, backoff: 2s}
 ";
 
-    fn env_of(d: &Deployment) -> BTreeMap<String, Value> {
+    fn env_of(d: &impl serde::Serialize) -> BTreeMap<String, Value> {
         let v = serde_json::to_value(d).expect("json");
         v["spec"]["template"]["spec"]["containers"][0]["env"]
             .as_array()
@@ -863,12 +1004,16 @@ spec:
             ..Images::default()
         };
         let traced = children(&pc(BASIC), &images);
-        for d in std::iter::once(&traced.ingest).chain(&traced.collectors) {
+        assert_eq!(
+            env_of(&traced.ingest)["OTEL_EXPORTER_OTLP_ENDPOINT"],
+            "http://otel.observability:4317"
+        );
+        for w in &traced.collectors {
             assert_eq!(
-                env_of(d)["OTEL_EXPORTER_OTLP_ENDPOINT"],
+                env_of(w)["OTEL_EXPORTER_OTLP_ENDPOINT"],
                 "http://otel.observability:4317",
-                "{:?}",
-                d.metadata.name
+                "{}",
+                w.name()
             );
         }
     }
@@ -895,8 +1040,12 @@ spec:
             &c.ingest_hpa.metadata,
         ]
         .into_iter()
-        .chain(c.collectors.iter().map(|d| &d.metadata))
-        .chain(c.redis.iter().flat_map(|(d, s)| [&d.metadata, &s.metadata]))
+        .chain(c.collectors.iter().map(Workload::metadata))
+        .chain(
+            c.redis
+                .iter()
+                .flat_map(|(w, s)| [w.metadata(), &s.metadata]),
+        )
         .collect();
         assert_eq!(metas.len(), 4 + 4 + 4);
         for m in metas {
@@ -922,19 +1071,16 @@ spec:
             settings(&resource)
         );
         let sum = checksum(text);
-        for d in std::iter::once(&c.ingest).chain(&c.collectors) {
-            let annotations = d
-                .spec
-                .as_ref()
-                .expect("spec")
-                .template
-                .metadata
-                .as_ref()
-                .expect("meta")
-                .annotations
-                .as_ref()
-                .expect("annotations");
-            assert_eq!(annotations[CHECKSUM_ANNOTATION], sum);
+        let pods = std::iter::once(serde_json::to_value(&c.ingest).expect("json")).chain(
+            c.collectors
+                .iter()
+                .map(|w| serde_json::to_value(w).expect("json")),
+        );
+        for v in pods {
+            assert_eq!(
+                v["spec"]["template"]["metadata"]["annotations"][CHECKSUM_ANNOTATION],
+                sum.as_str()
+            );
         }
         // A settings change changes the checksum, so the pods roll.
         let mut changed = resource.clone();
@@ -992,11 +1138,7 @@ spec:
     #[test]
     fn each_collector_gets_its_sink_group_and_replicas() {
         let c = children(&pc(BASIC), &Images::default());
-        let names: Vec<&str> = c
-            .collectors
-            .iter()
-            .map(|d| d.metadata.name.as_deref().expect("name"))
-            .collect();
+        let names: Vec<String> = c.collectors.iter().map(Workload::name).collect();
         assert_eq!(
             names,
             [
@@ -1018,11 +1160,7 @@ spec:
             env[3]["SLUICE_DATABASE_URL"],
             json!({"secretKeyRef": {"name": "pg", "key": "url"}})
         );
-        let replicas: Vec<Option<i32>> = c
-            .collectors
-            .iter()
-            .map(|d| d.spec.as_ref().expect("spec").replicas)
-            .collect();
+        let replicas: Vec<Option<i32>> = c.collectors.iter().map(Workload::replicas).collect();
         assert_eq!(
             replicas,
             [None, Some(2), Some(1), Some(1)],
@@ -1042,9 +1180,93 @@ spec:
     }
 
     #[test]
+    fn a_file_collector_without_a_claim_gets_one_per_replica_that_outlives_its_pods() {
+        let resource = pc(&BASIC.replace(
+            "sink: {file: {claimName: records}}}",
+            "sink: {file: {storage: {size: 5Gi, storageClassName: fast}}}, autoscale: {maxReplicas: 6, lagPerReplica: 1000}}",
+        ));
+        let c = children(&resource, &Images::default());
+        let archive = &c.collectors[2];
+        assert_eq!(archive.kind(), "StatefulSet");
+        let v = serde_json::to_value(archive).expect("json");
+        let claim = &v["spec"]["volumeClaimTemplates"][0];
+        assert_eq!(claim["metadata"], json!({"name": "records"}));
+        assert_eq!(
+            claim["spec"],
+            json!({
+                "accessModes": ["ReadWriteOnce"],
+                "resources": {"requests": {"storage": "5Gi"}},
+                "storageClassName": "fast",
+            })
+        );
+        assert_eq!(
+            v["spec"]["persistentVolumeClaimRetentionPolicy"],
+            json!({"whenScaled": "Retain", "whenDeleted": "Retain"}),
+            "files stay when the collector scales down or is deleted"
+        );
+        assert_eq!(v["spec"]["podManagementPolicy"], "Parallel");
+        let pod = &v["spec"]["template"]["spec"];
+        assert!(
+            !pod["volumes"]
+                .as_array()
+                .expect("volumes")
+                .iter()
+                .any(|v| v["name"] == "records"),
+            "the claim template is the volume: {pod}"
+        );
+        assert_eq!(
+            pod["containers"][0]["volumeMounts"][1],
+            json!({"name": "records", "mountPath": "/var/lib/sluice/records"})
+        );
+        assert!(v["spec"].get("replicas").is_none(), "the HPA owns replicas");
+        let hpa = c
+            .collector_hpas
+            .iter()
+            .find(|h| h.metadata.name.as_deref() == Some("shop-collector-archive"))
+            .expect("an autoscaler");
+        assert_eq!(hpa.spec.scale_target_ref.kind, "StatefulSet");
+        assert_eq!(hpa.spec.scale_target_ref.name, "shop-collector-archive");
+    }
+
+    #[test]
     fn managed_redis_has_a_primary_and_replicas_and_external_has_none() {
         let c = children(&pc(BASIC), &Images::default());
         assert_eq!(c.redis.len(), 2);
+        // The primary keeps an append-only file, synced before each answer, on a claim.
+        let primary = &c.redis[0].0;
+        assert_eq!(primary.kind(), "StatefulSet");
+        let v = serde_json::to_value(primary).expect("json");
+        assert_eq!(v["spec"]["replicas"], 1);
+        assert_eq!(
+            v["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
+            "1Gi"
+        );
+        let container = &v["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(
+            container["args"],
+            json!([
+                "--dir",
+                "/data",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                ""
+            ])
+        );
+        assert_eq!(
+            container["volumeMounts"],
+            json!([{"name": "data", "mountPath": "/data"}])
+        );
+        let relaxed = pc(&BASIC.replace(
+            "  kafka: {bootstrapServers: 'kafka:9092'}",
+            "  kafka: {bootstrapServers: 'kafka:9092'}\n  redis: {appendfsync: EverySec}",
+        ));
+        let args = serde_json::to_value(&children(&relaxed, &Images::default()).redis[0].0)
+            .expect("json")["spec"]["template"]["spec"]["containers"][0]["args"]
+            .clone();
+        assert_eq!(args[5], "everysec");
         let replica = serde_json::to_value(&c.redis[1].0).expect("json");
         let args = &replica["spec"]["template"]["spec"]["containers"][0]["args"];
         assert!(
@@ -1146,8 +1368,13 @@ spec:
             "kafka: {bootstrapServers: 'kafka:9093', tls: {secretName: kafka-ca, clientAuth: true}, sasl: {mechanism: SCRAM-SHA-512, secretName: kafka-user}}",
         ));
         let c = children(&secure, &Images::default());
-        for d in std::iter::once(&c.ingest).chain(&c.collectors) {
-            let env = env_of(d);
+        let pods = std::iter::once(serde_json::to_value(&c.ingest).expect("json")).chain(
+            c.collectors
+                .iter()
+                .map(|w| serde_json::to_value(w).expect("json")),
+        );
+        for d in pods {
+            let env = env_of(&d);
             assert_eq!(
                 env["SLUICE_KAFKA_OPTIONS"],
                 format!(
@@ -1166,7 +1393,7 @@ spec:
                 env["SLUICE_KAFKA_SASL_USERNAME"]["secretKeyRef"]["key"],
                 "username"
             );
-            let pod = &serde_json::to_value(d).expect("json")["spec"]["template"]["spec"];
+            let pod = &d["spec"]["template"]["spec"];
             let volumes = pod["volumes"].as_array().expect("volumes");
             assert!(
                 volumes

@@ -8,7 +8,8 @@
 //!    apiserver refuses (quota, Pod Security, a webhook) does not stop the others: it
 //!    becomes the `ChildrenApplied` condition and a Warning Event; children the spec no
 //!    longer names are deleted;
-//! 4. the Deployments' ready replicas give `RedisReady`, `IngestReady`, `CollectorsReady`;
+//! 4. the Deployments' and StatefulSets' ready replicas give `RedisReady`, `IngestReady`,
+//!    `CollectorsReady`;
 //!    `Ready` is true when all conditions are;
 //! 5. the status is written, and the resource is looked at again soon while it is not
 //!    ready, and every minute when it is.
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -154,11 +155,16 @@ pub async fn run(api: Api<PipelineConfig>, ctx: Arc<Context>, shutdown: Cancella
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
+    let stateful_sets: Api<StatefulSet> = match scoped(()) {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
     // Only the operator's own children: a cluster may have many Deployments.
     let children =
         watcher::Config::default().labels("app.kubernetes.io/managed-by=sluice-operator");
     Controller::new(api, watcher::Config::default())
-        .owns(deployments, children)
+        .owns(deployments, children.clone())
+        .owns(stateful_sets, children)
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -562,6 +568,68 @@ fn readiness(d: &Deployment) -> (i32, bool) {
     )
 }
 
+/// A workload as applied: its ready replicas, whether it has all it wants, and the
+/// replicas it asks for.
+struct Applied {
+    name: String,
+    ready_replicas: i32,
+    ready: bool,
+    replicas: Option<i32>,
+}
+
+impl Refusals {
+    /// Applies a Deployment or StatefulSet, as [`Refusals::apply`] does.
+    async fn apply_workload(
+        &mut self,
+        client: &Client,
+        ns: &str,
+        w: &plan::Workload,
+    ) -> Option<Applied> {
+        match w {
+            plan::Workload::Deployment(d) => {
+                let a = self.apply(client, ns, d).await?;
+                let (ready_replicas, ready) = readiness(&a);
+                Some(Applied {
+                    name: a.name_any(),
+                    ready_replicas,
+                    ready,
+                    replicas: a.spec.as_ref().and_then(|s| s.replicas),
+                })
+            }
+            plan::Workload::StatefulSet(s) => {
+                let a = self.apply(client, ns, s).await?;
+                let replicas = a.spec.as_ref().and_then(|s| s.replicas);
+                let wanted = replicas.unwrap_or(1);
+                let status = a.status.clone().unwrap_or_default();
+                let ready_replicas = status.ready_replicas.unwrap_or(0);
+                let generation_seen = status.observed_generation >= a.metadata.generation;
+                let updated = status.updated_replicas.unwrap_or(0) >= wanted
+                    || status.update_revision == status.current_revision;
+                Some(Applied {
+                    name: a.name_any(),
+                    ready_replicas,
+                    ready: generation_seen && ready_replicas >= wanted && updated,
+                    replicas,
+                })
+            }
+        }
+    }
+}
+
+/// Sets the replicas of a workload through its scale subresource.
+async fn scale(client: &Client, ns: &str, kind: &str, name: &str, n: i32) -> kube::Result<()> {
+    let patch = Patch::Merge(json!({"spec": {"replicas": n}}));
+    let params = PatchParams::default();
+    if kind == "StatefulSet" {
+        let api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+        api.patch_scale(name, &params, &patch).await?;
+    } else {
+        let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+        api.patch_scale(name, &params, &patch).await?;
+    }
+    Ok(())
+}
+
 async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = pc.namespace().unwrap_or_default();
     let client = &ctx.client;
@@ -578,10 +646,10 @@ async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Err
     let mut refused = Refusals::default();
     refused.apply(client, &ns, &children.config_map).await;
     let mut redis_ready = true;
-    for (d, s) in &children.redis {
+    for (w, s) in &children.redis {
         refused.apply(client, &ns, s).await;
-        let applied = refused.apply(client, &ns, d).await;
-        redis_ready &= applied.is_some_and(|a| readiness(&a).1);
+        let applied = refused.apply_workload(client, &ns, w).await;
+        redis_ready &= applied.is_some_and(|a| a.ready);
     }
     refused.apply(client, &ns, &children.ingest_service).await;
     let ingest = refused.apply(client, &ns, &children.ingest).await;
@@ -591,8 +659,8 @@ async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Err
     let mut collectors_ready = true;
     let mut scale_to_zero_pending = false;
     let old_status = pc.status.clone().unwrap_or_default();
-    for (spec, d) in pc.spec.collectors.iter().zip(&children.collectors) {
-        let Some(applied) = refused.apply(client, &ns, d).await else {
+    for (spec, w) in pc.spec.collectors.iter().zip(&children.collectors) {
+        let Some(applied) = refused.apply_workload(client, &ns, w).await else {
             collectors_ready = false;
             collectors.push((
                 spec.name.clone(),
@@ -608,8 +676,7 @@ async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Err
             ));
             continue;
         };
-        let (replicas, ready) = readiness(&applied);
-        let desired = applied.spec.as_ref().and_then(|s| s.replicas);
+        let (replicas, ready, desired) = (applied.ready_replicas, applied.ready, applied.replicas);
         let lag = match &kafka {
             Ok(args) => match ctx.lag.collector_lag(&pc, &spec.name, args.clone()).await {
                 Ok(l) => Some(l.total),
@@ -634,15 +701,7 @@ async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Err
             scale_to_zero_pending = true;
             let target = scale_to_zero(lag, idle_since.as_deref(), a.idle_seconds, desired);
             if let Some(n) = target {
-                let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-                let name = applied.name_any();
-                deployments
-                    .patch_scale(
-                        &name,
-                        &PatchParams::default(),
-                        &Patch::Merge(json!({"spec": {"replicas": n}})),
-                    )
-                    .await?;
+                scale(client, &ns, w.kind(), &applied.name, n).await?;
                 desired_now = Some(n);
                 let (reason, note) = if n == 0 {
                     (
@@ -889,8 +948,9 @@ pub fn scale_to_zero(
     }
 }
 
-/// Deletes the Deployments, Services and autoscalers of the resource that it no longer
-/// asks for: removed collectors, and the managed Redis once it is `External`.
+/// Deletes the Deployments, StatefulSets, Services and autoscalers of the resource that it
+/// no longer asks for: removed collectors, and the managed Redis once it is `External`.
+/// The volume claims of a deleted StatefulSet are kept.
 async fn prune(
     client: &Client,
     ns: &str,
@@ -908,11 +968,21 @@ async fn prune(
             .flatten()
             .any(|o| Some(&o.uid) == pc.metadata.uid.as_ref())
     };
-    let deployments: Vec<String> = std::iter::once(&children.ingest)
-        .chain(&children.collectors)
-        .chain(children.redis.iter().map(|(d, _)| d))
-        .map(|d| d.name_any())
+    let workloads: Vec<&plan::Workload> = children
+        .collectors
+        .iter()
+        .chain(children.redis.iter().map(|(w, _)| w))
         .collect();
+    let named = |kind: &str| -> Vec<String> {
+        workloads
+            .iter()
+            .filter(|w| w.kind() == kind)
+            .map(|w| w.name())
+            .collect()
+    };
+    let mut deployments = named("Deployment");
+    deployments.push(children.ingest.name_any());
+    let stateful_sets = named("StatefulSet");
     let services: Vec<String> = std::iter::once(&children.ingest_service)
         .chain(children.redis.iter().map(|(_, s)| s))
         .map(|s| s.name_any())
@@ -922,6 +992,7 @@ async fn prune(
         .map(|h| h.name_any())
         .collect();
     prune_kind::<Deployment>(client, ns, &lp, &owned, &deployments).await?;
+    prune_kind::<StatefulSet>(client, ns, &lp, &owned, &stateful_sets).await?;
     prune_kind::<Service>(client, ns, &lp, &owned, &services).await?;
     prune_kind::<HorizontalPodAutoscaler>(client, ns, &lp, &owned, &hpas).await?;
     Ok(())

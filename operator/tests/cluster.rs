@@ -3,12 +3,13 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use sluice_operator::crd::PipelineConfig;
+use sluice_operator::plan::Workload;
 
 mod common;
 
@@ -57,15 +58,22 @@ async fn the_crd_installs_defaults_and_rejects_nonsense_with_readable_messages()
         .await
         .expect("ConfigMap accepted");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let stateful_sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
-    for d in std::iter::once(&children.ingest)
-        .chain(&children.collectors)
-        .chain(children.redis.iter().map(|(d, _)| d))
+    deployments
+        .create(&dry, &children.ingest)
+        .await
+        .expect("ingest accepted");
+    for w in children
+        .collectors
+        .iter()
+        .chain(children.redis.iter().map(|(w, _)| w))
     {
-        deployments
-            .create(&dry, d)
-            .await
-            .unwrap_or_else(|e| panic!("{:?} rejected: {e}", d.metadata.name));
+        let created = match w {
+            Workload::Deployment(d) => deployments.create(&dry, d).await.map(|_| ()),
+            Workload::StatefulSet(s) => stateful_sets.create(&dry, s).await.map(|_| ()),
+        };
+        created.unwrap_or_else(|e| panic!("{} rejected: {e}", w.name()));
     }
     for s in std::iter::once(&children.ingest_service).chain(children.redis.iter().map(|(_, s)| s))
     {
@@ -187,14 +195,20 @@ async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
         );
     }
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    for name in [
-        "shop-ingest",
-        "shop-collector-store",
-        "shop-redis",
-        "shop-redis-replica",
-    ] {
-        let d = deployments.get(name).await.expect(name);
-        let owner = &d.metadata.owner_references.expect("owner")[0];
+    let stateful_sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let mut metas = Vec::new();
+    for name in ["shop-ingest", "shop-collector-store", "shop-redis-replica"] {
+        metas.push(deployments.get(name).await.expect(name).metadata);
+    }
+    metas.push(
+        stateful_sets
+            .get("shop-redis")
+            .await
+            .expect("primary")
+            .metadata,
+    );
+    for m in metas {
+        let owner = &m.owner_references.expect("owner")[0];
         assert_eq!(
             (owner.kind.as_str(), owner.name.as_str()),
             ("PipelineConfig", "shop")
@@ -494,8 +508,8 @@ async fn a_refused_child_is_a_condition_and_an_event_and_what_the_spec_drops_is_
     let client = client().await;
     install_crd(&client).await;
     let ns = namespace(&client).await;
-    // A quota of two Deployments: the managed Redis takes both, and ingest and the
-    // collector are refused.
+    // A quota of two Deployments: the managed Redis replica and ingest take both, and the
+    // collector is refused.
     let quotas: Api<k8s_openapi::api::core::v1::ResourceQuota> =
         Api::namespaced(client.clone(), &ns);
     let quota = serde_json::from_value(json!({
@@ -541,7 +555,8 @@ async fn a_refused_child_is_a_condition_and_an_event_and_what_the_spec_drops_is_
         .expect("refusal reported");
     assert_eq!(refused.1, "ApplyFailed");
     assert!(
-        refused.2.contains("Deployment tight-ingest") && refused.2.contains("exceeded quota"),
+        refused.2.contains("Deployment tight-collector-store")
+            && refused.2.contains("exceeded quota"),
         "{}",
         refused.2
     );
@@ -567,7 +582,7 @@ async fn a_refused_child_is_a_condition_and_an_event_and_what_the_spec_drops_is_
     );
 
     // Redis switched to External: the managed Redis is removed, which frees the quota for
-    // ingest and the collector.
+    // the collector.
     api.patch(
         "tight",
         &PatchParams::default(),
@@ -579,12 +594,25 @@ async fn a_refused_child_is_a_condition_and_an_event_and_what_the_spec_drops_is_
         .await
         .expect("applied once the quota allows");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let stateful_sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        stateful_sets
+            .get_opt("tight-redis")
+            .await
+            .expect("get")
+            .is_none(),
+        "the primary's StatefulSet removed"
+    );
+    assert!(
+        deployments
+            .get_opt("tight-redis-replica")
+            .await
+            .expect("get")
+            .is_none(),
+        "the replicas' Deployment removed"
+    );
     for name in ["tight-redis", "tight-redis-replica"] {
-        assert!(
-            deployments.get_opt(name).await.expect("get").is_none(),
-            "{name} Deployment removed"
-        );
         assert!(
             services.get_opt(name).await.expect("get").is_none(),
             "{name} Service removed"

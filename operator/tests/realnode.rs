@@ -6,7 +6,9 @@
 //! NodePort and serve them back; and the HorizontalPodAutoscaler scales the real
 //! collectors on the lag they drain themselves, one of them deleted mid-drain, with every
 //! event in the sink afterwards; under a steady load, an ingest pod deleted and a settings
-//! change that rolls ingest fail no request. Every namespace enforces the Pod Security
+//! change that rolls ingest fail no request; the managed Redis primary deleted and then
+//! SIGKILLed, and a file collector scaled from three replicas to one and back, lose and
+//! duplicate no acknowledged event (claims from the node's pool of volumes). Every namespace enforces the Pod Security
 //! `restricted` profile, so the admission controller checks the pods' security contexts.
 //!
 //! Needs the real node and its images (`eval "$(scripts/realnode up)"`, then
@@ -21,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
@@ -51,6 +53,8 @@ struct RealNode {
     pod_brokers: String,
     /// The address NodePorts answer on.
     host: String,
+    /// The node's containerd socket.
+    containerd: String,
 }
 
 fn var(name: &str) -> String {
@@ -67,6 +71,7 @@ fn real_node() -> RealNode {
         kubeconfig: var("SLUICE_REALNODE_KUBECONFIG"),
         pod_brokers: var("SLUICE_STACK_KAFKA_POD_BROKERS"),
         host: var("SLUICE_REALNODE_NODEPORT_HOST"),
+        containerd: var("SLUICE_REALNODE_CONTAINERD"),
     }
 }
 
@@ -228,7 +233,7 @@ async fn create(client: &Client, namespace: &str, pc: &PipelineConfig) -> Api<Pi
 }
 
 /// A NodePort Service for the pipeline's ingest HTTP port, as `manifests/kind-nodeports.yaml`
-/// gives kind; the base URL it answers on.
+/// gives kind; the base URL it answers on, once ingest answers there.
 async fn ingest_nodeport(
     client: &Client,
     node: &RealNode,
@@ -255,7 +260,19 @@ async fn ingest_nodeport(
         .and_then(|p| p.into_iter().next())
         .and_then(|p| p.node_port)
         .expect("a node port");
-    format!("http://{}:{port}", node.host)
+    let base = format!("http://{}:{port}", node.host);
+    // kube-proxy opens the port a moment after the Service is created.
+    wait_for(
+        "ingest to answer /readyz through the NodePort",
+        Duration::from_secs(120),
+        || async {
+            let r = reqwest::get(format!("{base}/readyz")).await?;
+            Ok((r.status() == 200).then_some(()))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    base
 }
 
 async fn pipeline_ready(api: &Api<PipelineConfig>, name: &str, limit: Duration) {
@@ -330,6 +347,48 @@ async fn missing_in_redis(
     missing
 }
 
+/// An example pipeline on the real node, in a restricted namespace of its own, Ready, with
+/// a NodePort to its ingest.
+struct Deployed {
+    node: RealNode,
+    client: Client,
+    ns: String,
+    api: Api<PipelineConfig>,
+    name: String,
+    /// The example's stream names, to the names they were given.
+    streams: BTreeMap<String, String>,
+    base: String,
+}
+
+impl Deployed {
+    /// Deploys `file` from `manifests/examples` as `edit` changes it.
+    async fn example(file: &str, limit: Duration, edit: impl FnOnce(&mut PipelineConfig)) -> Self {
+        let node = real_node();
+        chart_installed(&node);
+        let client = client(&node).await;
+        let ns = restricted_namespace(&client).await;
+        let (mut pc, streams) = example(file, &node);
+        edit(&mut pc);
+        let name = pc.name_any();
+        let api = create(&client, &ns, &pc).await;
+        pipeline_ready(&api, &name, limit).await;
+        let base = ingest_nodeport(&client, &node, &ns, &name).await;
+        Self {
+            node,
+            client,
+            ns,
+            api,
+            name,
+            streams,
+            base,
+        }
+    }
+
+    async fn remove(self, limit: Duration) {
+        remove(&self.client, &self.api, &self.name, &self.ns, limit).await;
+    }
+}
+
 /// Clients that each POST one event after another through their own keep-alive
 /// connection, as a steady load, until stopped.
 struct SteadyLoad {
@@ -382,7 +441,7 @@ impl SteadyLoad {
                         let id = format!("{prefix}-{n}");
                         match http
                             .post(&url)
-                            .json(&json!({"id": id, "n": n}))
+                            .json(&json!({"id": id, "n": n, "userId": format!("user-{c}-{}", n % 16)}))
                             .send()
                             .await
                         {
@@ -578,20 +637,21 @@ async fn the_chart_runs_the_operator_in_real_pods_behind_the_apiservice() {
 
 #[tokio::test]
 async fn an_example_pipeline_runs_in_real_pods_and_serves_its_events() {
-    let node = real_node();
-    chart_installed(&node);
-    let client = client(&node).await;
-    let ns = restricted_namespace(&client).await;
     let limit = Duration::from_secs(240);
-
-    let (pc, streams) = example("kv-store.yaml", &node);
-    let name = pc.name_any();
-    let stream = streams["items"].clone();
-    let api = create(&client, &ns, &pc).await;
-    pipeline_ready(&api, &name, limit).await;
+    let deployed = Deployed::example("kv-store.yaml", limit, |_| {}).await;
+    let Deployed {
+        node,
+        client,
+        ns,
+        api,
+        name,
+        base,
+        ..
+    } = &deployed;
+    let stream = deployed.streams["items"].clone();
 
     // Every pod of the pipeline runs on the real node and is Ready.
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let list = pods.list(&ListParams::default()).await.expect("pods");
     let components: BTreeSet<String> = list
         .items
@@ -608,7 +668,6 @@ async fn an_example_pipeline_runs_in_real_pods_and_serves_its_events() {
     }
 
     // Events in through the NodePort, back out of the pipeline's Redis through GET.
-    let base = ingest_nodeport(&client, &node, &ns, &name).await;
     let http = reqwest::Client::new();
     let mut ids = Vec::new();
     for i in 0..3 {
@@ -647,14 +706,14 @@ async fn an_example_pipeline_runs_in_real_pods_and_serves_its_events() {
     // What a user sees: kubectl shows the pipeline Ready, and the lag through the
     // apiserver drops to zero once the collector wrote the events.
     let table =
-        run(&node, "kubectl", &["get", "pcfg", "-n", &ns, &name]).unwrap_or_else(|e| panic!("{e}"));
+        run(node, "kubectl", &["get", "pcfg", "-n", ns, name]).unwrap_or_else(|e| panic!("{e}"));
     let row = table.lines().nth(1).unwrap_or_default();
     assert!(
         row.split_whitespace().nth(1) == Some("True"),
         "kubectl get pcfg shows READY True: {table}"
     );
     wait_for("the collector's lag to reach 0", limit, || async {
-        Ok(lag(&node, &ns, &name, "to-redis").ok().filter(|l| *l == 0))
+        Ok(lag(node, ns, name, "to-redis").ok().filter(|l| *l == 0))
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"));
@@ -663,30 +722,30 @@ async fn an_example_pipeline_runs_in_real_pods_and_serves_its_events() {
     // that rolls every ingest pod. Draining instances (readiness failing, each answer
     // closing its connection, then the stop) fail no request.
     api.patch(
-        &name,
+        name,
         &PatchParams::default(),
         &Patch::Merge(json!({"spec": {"ingest": {"replicas": {"min": 2, "max": 4}}}})),
     )
     .await
     .expect("two ingest replicas");
-    let before = settled_ingest_pods(&pods, &name, 2, limit).await;
-    let load = SteadyLoad::start(&base, &stream, 8);
+    let before = settled_ingest_pods(&pods, name, 2, limit).await;
+    let load = SteadyLoad::start(base, &stream, 8);
     load.progress(200, limit).await;
 
     let deleted = before.keys().next().expect("an ingest pod").clone();
     pods.delete(&deleted, &DeleteParams::default())
         .await
         .expect("ingest pod deleted");
-    let after_delete = settled_ingest_pods(&pods, &name, 2, limit).await;
+    let after_delete = settled_ingest_pods(&pods, name, 2, limit).await;
     assert!(!after_delete.contains_key(&deleted), "{after_delete:?}");
     load.progress(200, limit).await;
 
-    let mut streams_now = api.get(&name).await.expect("pipeline").spec.streams;
+    let mut streams_now = api.get(name).await.expect("pipeline").spec.streams;
     let mut added = streams_now[0].clone();
     added.name = format!("{stream}-more");
     streams_now.push(added);
     api.patch(
-        &name,
+        name,
         &PatchParams::default(),
         &Patch::Merge(json!({"spec": {"streams": streams_now}})),
     )
@@ -697,7 +756,7 @@ async fn an_example_pipeline_runs_in_real_pods_and_serves_its_events() {
         "every ingest pod to roll to the new settings",
         limit,
         || async {
-            let now = settled_ingest_pods(&pods, &name, 2, limit).await;
+            let now = settled_ingest_pods(&pods, name, 2, limit).await;
             Ok(now.values().all(|sum| *sum != old_sum).then_some(now))
         },
     )
@@ -723,18 +782,18 @@ async fn an_example_pipeline_runs_in_real_pods_and_serves_its_events() {
         &outcome.failed[..outcome.failed.len().min(10)]
     );
     wait_for("the collector's lag to reach 0", limit, || async {
-        Ok(lag(&node, &ns, &name, "to-redis").ok().filter(|l| *l == 0))
+        Ok(lag(node, ns, name, "to-redis").ok().filter(|l| *l == 0))
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    let mut redis = pipeline_redis(&client, &ns, &name).await;
+    let mut redis = pipeline_redis(client, ns, name).await;
     assert_eq!(
         missing_in_redis(&mut redis, &stream, &outcome.acknowledged).await,
         0,
         "every acknowledged event is in the sink"
     );
 
-    remove(&client, &api, &name, &ns, limit).await;
+    deployed.remove(limit).await;
 }
 
 /// Replicas of a Deployment: (spec, ready).
@@ -878,4 +937,236 @@ async fn the_hpa_scales_real_collectors_on_the_lag_they_drain() {
     );
 
     remove(&client, &api, &name, &ns, limit).await;
+}
+
+/// The pod `name` once it is Ready and `changed` says it differs from what it was: its uid,
+/// its first container's id in containerd and that container's restarts.
+async fn ready_pod_after(
+    pods: &Api<Pod>,
+    name: &str,
+    limit: Duration,
+    changed: impl Fn(&str, i32) -> bool,
+) -> (String, String, i32) {
+    wait_for(&format!("pod {name} Ready again"), limit, || async {
+        let Some(pod) = pods.get_opt(name).await? else {
+            return Ok(None);
+        };
+        if !ready_pod(&pod) || pod.metadata.deletion_timestamp.is_some() {
+            return Ok(None);
+        }
+        let uid = pod.uid().unwrap_or_default();
+        let status = pod
+            .status
+            .and_then(|s| s.container_statuses)
+            .and_then(|c| c.into_iter().next());
+        let Some(c) = status else { return Ok(None) };
+        let id = c
+            .container_id
+            .unwrap_or_default()
+            .trim_start_matches("containerd://")
+            .to_owned();
+        Ok(changed(&uid, c.restart_count).then_some((uid, id, c.restart_count)))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test]
+async fn the_managed_redis_keeps_every_acknowledged_event_when_its_primary_dies_mid_drain() {
+    let limit = Duration::from_secs(240);
+    // The kv-store example with the operator's defaults for Redis (a primary whose
+    // append-only file is synced before each answer, on a volume claim).
+    let deployed = Deployed::example("kv-store.yaml", limit, |pc| {
+        pc.spec.collectors[0].autoscale = None;
+    })
+    .await;
+    let Deployed {
+        node,
+        client,
+        ns,
+        name,
+        base,
+        ..
+    } = &deployed;
+    let stream = deployed.streams["items"].clone();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let primary = format!("{name}-redis-0");
+    let (uid, _, _) = ready_pod_after(&pods, &primary, limit, |_, _| true).await;
+
+    let load = SteadyLoad::start(base, &stream, 8);
+    load.progress(300, limit).await;
+    // The primary's pod deleted: the StatefulSet makes a new one on the same claim.
+    pods.delete(&primary, &DeleteParams::default())
+        .await
+        .expect("primary pod deleted");
+    let (_, container, restarts) =
+        ready_pod_after(&pods, &primary, limit, |now, _| now != uid).await;
+    load.progress(300, limit).await;
+    // Its container SIGKILLed: kubelet starts it again in the same pod.
+    let killed = std::process::Command::new("ctr")
+        .args(["-a", &node.containerd, "-n", "k8s.io", "tasks", "kill"])
+        .args(["-s", "SIGKILL", &container])
+        .output()
+        .expect("ctr");
+    assert!(
+        killed.status.success(),
+        "ctr tasks kill: {}",
+        String::from_utf8_lossy(&killed.stderr)
+    );
+    ready_pod_after(&pods, &primary, limit, |_, r| r > restarts).await;
+    load.progress(300, limit).await;
+    let outcome = load.finish().await;
+    assert!(
+        outcome.failed.is_empty(),
+        "ingest does not need Redis to take events: {:?}",
+        &outcome.failed[..outcome.failed.len().min(10)]
+    );
+
+    wait_for("the collector's lag to reach 0", limit, || async {
+        Ok(lag(node, ns, name, "to-redis").ok().filter(|l| *l == 0))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut redis = pipeline_redis(client, ns, name).await;
+    let missing = missing_in_redis(&mut redis, &stream, &outcome.acknowledged).await;
+    eprintln!(
+        "Redis primary deleted, then SIGKILLed, under load: {} events acknowledged, {missing} missing",
+        outcome.acknowledged.len()
+    );
+    assert_eq!(missing, 0, "every acknowledged event is in the sink");
+
+    deployed.remove(limit).await;
+}
+
+/// The ids in every JSON-lines file under `dir`, with how often each appears.
+fn ids_in_files(dir: &std::path::Path, counts: &mut BTreeMap<String, usize>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            ids_in_files(&path, counts);
+        } else if path.extension().is_some_and(|e| e == "jsonl") {
+            let text = std::fs::read_to_string(&path).expect("segment");
+            for line in text.lines().filter(|l| !l.is_empty()) {
+                let record: Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("{}: {e}: {line}", path.display()));
+                let id = record["id"].as_str().expect("id").to_owned();
+                *counts.entry(id).or_default() += 1;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_file_collector_scaled_from_three_to_one_and_back_keeps_every_event_once() {
+    let limit = Duration::from_secs(240);
+    // The clickstream example's file collector, three replicas and the default storage: a
+    // volume claim per replica.
+    let deployed = Deployed::example("clickstream.yaml", limit, |pc| {
+        pc.spec.collectors[0].autoscale = None;
+        pc.spec.collectors[0].replicas = 3;
+    })
+    .await;
+    let Deployed {
+        node,
+        client,
+        ns,
+        api,
+        name,
+        base,
+        ..
+    } = &deployed;
+    let stream = deployed.streams["visit"].clone();
+    let collector = api.get(name).await.expect("pipeline").spec.collectors[0]
+        .name
+        .clone();
+    let stateful_sets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let sts = format!("{name}-collector-{collector}");
+    let ready_replicas = |want: i32| {
+        let (stateful_sets, sts) = (stateful_sets.clone(), sts.clone());
+        async move {
+            wait_for(&format!("{want} ready file collectors"), limit, || async {
+                let s = stateful_sets.get(&sts).await?;
+                let status = s.status.unwrap_or_default();
+                Ok((status.replicas == want && status.ready_replicas == Some(want)).then_some(()))
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+    };
+    ready_replicas(3).await;
+
+    let load = SteadyLoad::start(base, &stream, 8);
+    load.progress(300, limit).await;
+    for replicas in [1, 3] {
+        let mut collectors = api.get(name).await.expect("pipeline").spec.collectors;
+        collectors[0].replicas = replicas;
+        api.patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"collectors": collectors}})),
+        )
+        .await
+        .expect("scaled");
+        ready_replicas(replicas).await;
+        load.progress(300, limit).await;
+    }
+    let outcome = load.finish().await;
+    assert!(
+        outcome.failed.is_empty(),
+        "{:?}",
+        &outcome.failed[..outcome.failed.len().min(10)]
+    );
+    wait_for("the collector's lag to reach 0", limit, || async {
+        Ok(lag(node, ns, name, &collector).ok().filter(|l| *l == 0))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    // The files on the three claims, read where the volumes keep them.
+    let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        Api::namespaced(client.clone(), ns);
+    let volumes: Api<k8s_openapi::api::core::v1::PersistentVolume> = Api::all(client.clone());
+    let mut counts = BTreeMap::new();
+    for i in 0..3 {
+        let claim = claims
+            .get(&format!("records-{sts}-{i}"))
+            .await
+            .expect("a claim per replica");
+        let volume = claim
+            .spec
+            .and_then(|s| s.volume_name)
+            .expect("the claim is bound");
+        let path = volumes
+            .get(&volume)
+            .await
+            .expect("volume")
+            .spec
+            .and_then(|s| s.host_path)
+            .expect("a hostPath volume of the test cluster")
+            .path;
+        ids_in_files(std::path::Path::new(&path), &mut counts);
+    }
+    let missing = outcome
+        .acknowledged
+        .iter()
+        .filter(|id| !counts.contains_key(*id))
+        .count();
+    let twice: Vec<(&String, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    eprintln!(
+        "file collector 3 -> 1 -> 3 under load: {} events acknowledged, {missing} missing, {} written more than once",
+        outcome.acknowledged.len(),
+        twice.len()
+    );
+    assert_eq!(missing, 0, "every acknowledged event is in the files");
+    assert!(
+        twice.is_empty(),
+        "each event once: {:?}",
+        &twice[..twice.len().min(10)]
+    );
+    assert_eq!(counts.len(), outcome.acknowledged.len(), "nothing else");
+
+    deployed.remove(limit).await;
 }

@@ -905,3 +905,130 @@ async fn the_file_sink_writes_events_from_the_retry_topic_once() {
     assert_eq!(got.len(), want.len(), "each event once: {got:?}");
     assert_eq!(got.into_iter().collect::<BTreeSet<_>>(), want);
 }
+
+/// A Redis of the test's own on 127.0.0.1, started with the arguments the operator gives
+/// the managed primary's pod (`redis_primary_args` of the default spec), its data in
+/// `dir`.
+struct ManagedRedis {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl ManagedRedis {
+    fn start(dir: &std::path::Path, port: u16) -> Self {
+        let spec = sluice_operator::crd::RedisSpec::default();
+        let dir_text = dir.to_str().expect("path");
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(sluice_operator::plan::redis_primary_args(&spec, dir_text))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/setup installs it)");
+        Self {
+            child,
+            port,
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// SIGKILL, then the same process again on the same port and folder.
+    fn kill_and_restart(&mut self) -> Self {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+        Self::start(&self.dir, self.port)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for ManagedRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_redis_killed_mid_write_with_the_operators_arguments_keeps_every_committed_event() {
+    let stack = Stack::from_env();
+    let s = StreamSettings::new(unique("killed"));
+    let name = s.name.clone();
+    let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
+    let dir = tempfile::tempdir().expect("dir");
+    let port = sluice_testkit::free_port().expect("port");
+    let mut server = ManagedRedis::start(dir.path(), port);
+    let own = Stack {
+        redis_url: server.url(),
+        ..stack.clone()
+    };
+    wait_for("the test's Redis to answer", LIMIT, || async {
+        let mut c = own.redis().await?;
+        let pong: String = redis::cmd("PING").query_async(&mut c).await?;
+        Ok((pong == "PONG").then_some(()))
+    })
+    .await
+    .expect("redis");
+    let group = unique("g");
+    let running = start(&pipeline, &own, &group, &[]);
+
+    // A stream of events that keeps the collector writing while Redis is killed.
+    let stop = CancellationToken::new();
+    let producer = {
+        let (stack, name, stop) = (stack.clone(), name.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut sent = BTreeSet::new();
+            let mut round = 0;
+            while !stop.is_cancelled() {
+                let mut batch = events(&name, 200, "k");
+                for e in &mut batch {
+                    e.id = format!("{}-{round}", e.id);
+                }
+                produce(&stack, &name, &batch).await.expect("produce");
+                sent.extend(ids(&batch));
+                round += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            sent
+        })
+    };
+    for kill in 1..=2 {
+        wait_for("the collector to write", LIMIT, || async {
+            let got = redis_ids(&own, &pipeline.key_prefix, &name).await?;
+            Ok((got.len() >= 1_000 * kill).then_some(()))
+        })
+        .await
+        .expect("writing");
+        server = server.kill_and_restart();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    let sent = producer.await.expect("producer");
+
+    wait_for(
+        &format!("{group} committed to the end of {name}"),
+        LIMIT,
+        || async { Ok(committed_to_end(&stack, &group, &name)?.then_some(())) },
+    )
+    .await
+    .expect("lag 0");
+    let stored = redis_ids(&own, &pipeline.key_prefix, &name)
+        .await
+        .expect("ids");
+    let missing: Vec<&String> = sent.difference(&stored).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} events committed by the collector are not in Redis after two SIGKILLs, first: {:?}",
+        missing.len(),
+        sent.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert_eq!(
+        topic_len(&stack, &format!("{name}.dlq")).expect("dlq"),
+        0,
+        "nothing dead-lettered"
+    );
+    running.stop().await;
+}

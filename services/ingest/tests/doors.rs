@@ -837,12 +837,17 @@ async fn a_batch_published_in_part_answers_which_events_were_published_with_thei
         let mut pending = retry;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let (status, body) = server.post_json(&path, &Value::Array(pending.clone())).await;
+            let (status, body) = server
+                .post_json(&path, &Value::Array(pending.clone()))
+                .await;
             if status == StatusCode::ACCEPTED {
                 break;
             }
             assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-            assert!(tokio::time::Instant::now() < deadline, "still refused: {body}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still refused: {body}"
+            );
             let failed: Vec<&str> = body["events"]
                 .as_array()
                 .expect("each event's outcome")
