@@ -641,6 +641,11 @@ pub struct PipelineConfigStatus {
     /// Each topic and its partitions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub topics: Vec<TopicStatus>,
+    /// The topics the operator created for this pipeline: the only ones it uses without
+    /// their being named in the spec, and the only ones `topicDeletionPolicy: Delete`
+    /// deletes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub created_topics: Vec<String>,
     /// Each collector's replicas and lag.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub collectors: Vec<CollectorStatus>,

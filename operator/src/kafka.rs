@@ -182,12 +182,13 @@ impl LagReader {
             .iter()
             .find(|c| c.name == collector)
             .ok_or_else(|| LagError::NoCollector(collector.to_owned()))?;
-        let topics: Vec<String> = spec
+        let streams: Vec<_> = spec
             .streams
             .iter()
-            .filter_map(|s| plan::stream_topic(pc, s))
+            .filter_map(|s| plan::stream_settings(pc, s))
             .collect();
-        let retry_topics: Vec<String> = spec.streams.iter().map(|s| plan::retry_topic(s)).collect();
+        let topics: Vec<String> = streams.iter().map(|s| s.topic().to_owned()).collect();
+        let retry_topics: Vec<String> = streams.iter().map(|s| s.retry_topic()).collect();
         let group = plan::names::collector_group(pc, collector);
         let start_at = spec.start_at;
         let this = self.clone();

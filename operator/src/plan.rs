@@ -67,7 +67,7 @@ pub fn settings(pc: &PipelineConfig) -> PipelineSettings {
             .iter()
             .map(|s| {
                 let mut out = StreamSettings::new(&s.name);
-                out.topic = s.topic.name.clone();
+                out.topic = Some(names::topic(pc, s));
                 out.partitions = s.topic.partitions;
                 out.key = s.key.clone();
                 out.schema = s.schema.clone();
@@ -124,9 +124,29 @@ fn meta(pc: &PipelineConfig, name: String, component: &str) -> ObjectMeta {
     }
 }
 
-/// Names of the children.
+/// Names of the children, topics and consumer groups.
 pub mod names {
     use super::{PipelineConfig, name_of};
+    use crate::crd::StreamSpec;
+
+    /// `<namespace>.<pipeline>`: what generated topic and group names start with. A
+    /// namespace has no dot, so no two namespaces share a scope.
+    fn scope(pc: &PipelineConfig) -> String {
+        format!(
+            "{}.{}",
+            pc.metadata.namespace.as_deref().unwrap_or("default"),
+            name_of(pc)
+        )
+    }
+    /// A stream's Kafka topic: the spec's `topic.name`, else `<namespace>.<pipeline>.<stream>`.
+    /// Its retry, dead-letter and read topics add `.retry`, `.dlq` and `.reads`.
+    pub fn topic(pc: &PipelineConfig, stream: &StreamSpec) -> String {
+        stream
+            .topic
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{}.{}", scope(pc), stream.name))
+    }
 
     /// The settings ConfigMap.
     pub fn config(pc: &PipelineConfig) -> String {
@@ -140,9 +160,10 @@ pub mod names {
     pub fn collector(pc: &PipelineConfig, collector: &str) -> String {
         format!("{}-collector-{collector}", name_of(pc))
     }
-    /// A collector's consumer group (its retry consumer uses `<group>.retry`).
+    /// A collector's consumer group, `<namespace>.<pipeline>.<collector>` (its retry
+    /// consumer uses `<group>.retry`).
     pub fn collector_group(pc: &PipelineConfig, collector: &str) -> String {
-        format!("{}.{collector}", name_of(pc))
+        format!("{}.{collector}", scope(pc))
     }
     /// A collector's HorizontalPodAutoscaler.
     pub fn collector_hpa(pc: &PipelineConfig, name: &str) -> String {
@@ -826,6 +847,14 @@ pub enum TopicAction {
         /// Partitions.
         partitions: i32,
     },
+    /// It exists, was not created by the operator for this resource and is not named in
+    /// the spec: left alone.
+    NotOurs {
+        /// Topic.
+        name: String,
+        /// Why, in words, and what to do.
+        reason: String,
+    },
     /// The change asked for cannot be made.
     NotSupported {
         /// Topic.
@@ -844,18 +873,10 @@ pub struct ObservedTopic {
     pub replication_factor: i32,
 }
 
-/// The topic of the stream named `stream`, if the resource has that stream.
-pub fn stream_topic(pc: &PipelineConfig, stream: &str) -> Option<String> {
-    pc.spec
-        .streams
-        .iter()
-        .find(|s| s.name == stream)
-        .map(|s| s.topic.name.clone().unwrap_or_else(|| s.name.clone()))
-}
-
-/// The retry topic of the stream named `stream` (the collector's name for it).
-pub fn retry_topic(stream: &str) -> String {
-    format!("{stream}.retry")
+/// The settings of the stream named `stream` (with its topic names), if the resource has
+/// that stream.
+pub fn stream_settings(pc: &PipelineConfig, stream: &str) -> Option<StreamSettings> {
+    settings(pc).streams.into_iter().find(|s| s.name == stream)
 }
 
 /// The replication factor of a stream's topics: the spec's, else 3, or the number of
@@ -878,38 +899,48 @@ fn in_sync(
 
 /// What to do with every topic of the resource: the streams' topics and their retry,
 /// dead-letter and read topics. `observed` maps topic names to what exists; `brokers` is
-/// the size of the cluster. Topics made with 3 or more replicas get
-/// `min.insync.replicas: 2` unless the spec's config sets it.
+/// the size of the cluster; `created` lists the topics the operator created for this
+/// resource. Topics made with 3 or more replicas get `min.insync.replicas: 2` unless the
+/// spec's config sets it. An existing topic the operator did not create is used only when
+/// the stream names it in `topic.name`; otherwise it is left alone and reported.
 pub fn topics(
     pc: &PipelineConfig,
     observed: &BTreeMap<String, ObservedTopic>,
     brokers: i32,
+    created: &std::collections::BTreeSet<String>,
 ) -> Vec<TopicAction> {
     let mut out = Vec::new();
-    for s in &pc.spec.streams {
-        let topic = s.topic.name.clone().unwrap_or_else(|| s.name.clone());
+    for (s, names) in pc.spec.streams.iter().zip(settings(pc).streams) {
         let replication_factor = replication_factor(&s.topic, brokers);
         let wanted = [
             (
-                topic.clone(),
+                names.topic().to_owned(),
                 in_sync(s.topic.config.clone(), replication_factor),
             ),
             (
-                retry_topic(&s.name),
+                names.retry_topic(),
                 in_sync(BTreeMap::new(), replication_factor),
             ),
             (
-                format!("{}.dlq", s.name),
+                names.dead_letter_topic(),
                 in_sync(BTreeMap::new(), replication_factor),
             ),
             (
-                format!("{topic}.reads"),
+                names.read_topic(),
                 in_sync(BTreeMap::new(), replication_factor),
             ),
         ];
+        let adopt = s.topic.name.is_some();
         for (name, config) in wanted {
             let partitions = s.topic.partitions;
             out.push(match observed.get(&name) {
+                Some(_) if !adopt && !created.contains(&name) => TopicAction::NotOurs {
+                    reason: format!(
+                        "topic {name} exists and was not created for this pipeline; to use it, name it in streams[{}].topic.name, else rename the pipeline or delete the topic",
+                        s.name
+                    ),
+                    name,
+                },
                 None => TopicAction::Create {
                     name,
                     partitions,
@@ -953,6 +984,7 @@ pub fn topics(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     fn pc(yaml: &str) -> PipelineConfig {
         let mut pc: PipelineConfig = serde_yaml_ng::from_str(yaml).expect("resource");
@@ -1151,7 +1183,7 @@ spec:
         let env: Vec<BTreeMap<String, Value>> = c.collectors.iter().map(env_of).collect();
         assert_eq!(env[0]["SLUICE_SINK"], "redis");
         assert_eq!(env[0]["SLUICE_RECORD_TTL"], "24h");
-        assert_eq!(env[0]["SLUICE_COLLECTOR_GROUP"], "shop.to-redis");
+        assert_eq!(env[0]["SLUICE_COLLECTOR_GROUP"], "prod.shop.to-redis");
         assert_eq!(env[0]["SLUICE_COLLECTOR_STREAMS"], "visit");
         assert_eq!(env[1]["SLUICE_SINK"], "redis-index");
         assert_eq!(env[2]["SLUICE_SINK"], "file");
@@ -1291,7 +1323,8 @@ spec:
     fn topics_are_created_grown_kept_or_refused() {
         let resource = pc(BASIC);
         let none = BTreeMap::new();
-        let plan = topics(&resource, &none, 1);
+        let mine = BTreeSet::new();
+        let plan = topics(&resource, &none, 1, &mine);
         assert_eq!(
             plan.len(),
             8,
@@ -1300,14 +1333,29 @@ spec:
         assert_eq!(
             plan[0],
             TopicAction::Create {
-                name: "visit".into(),
+                name: "prod.shop.visit".into(),
                 partitions: 6,
                 replication_factor: 1,
                 config: BTreeMap::from([("retention.ms".to_owned(), "1000".to_owned())]),
             }
         );
+        let names: Vec<&str> = plan
+            .iter()
+            .map(|a| match a {
+                TopicAction::Create { name, .. } => name.as_str(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            names[1..4],
+            [
+                "prod.shop.visit.retry",
+                "prod.shop.visit.dlq",
+                "prod.shop.visit.reads"
+            ]
+        );
         // Unset, the replication is 3 where the cluster has the brokers, with two in sync.
-        let planned = topics(&resource, &none, 5);
+        let planned = topics(&resource, &none, 5, &mine);
         let TopicAction::Create {
             replication_factor,
             config,
@@ -1323,18 +1371,19 @@ spec:
             replication_factor: rf,
         };
         let observed = BTreeMap::from([
-            ("visit".to_owned(), seen(3, 1)),
-            ("visit.retry".to_owned(), seen(6, 1)),
-            ("visit.dlq".to_owned(), seen(8, 1)),
-            ("visit.reads".to_owned(), seen(6, 3)),
+            ("prod.shop.visit".to_owned(), seen(3, 1)),
+            ("prod.shop.visit.retry".to_owned(), seen(6, 1)),
+            ("prod.shop.visit.dlq".to_owned(), seen(8, 1)),
+            ("prod.shop.visit.reads".to_owned(), seen(6, 3)),
         ]);
+        let created: BTreeSet<String> = observed.keys().cloned().collect();
         let mut explicit = pc(BASIC);
         explicit.spec.streams[0].topic.replication_factor = Some(1);
-        let plan = topics(&explicit, &observed, 1);
+        let plan = topics(&explicit, &observed, 1, &created);
         assert_eq!(
             plan[0],
             TopicAction::Grow {
-                name: "visit".into(),
+                name: "prod.shop.visit".into(),
                 from: 3,
                 to: 6
             }
@@ -1342,7 +1391,7 @@ spec:
         assert_eq!(
             plan[1],
             TopicAction::Keep {
-                name: "visit.retry".into(),
+                name: "prod.shop.visit.retry".into(),
                 partitions: 6
             }
         );
@@ -1354,6 +1403,52 @@ spec:
             panic!("{:?}", plan[3])
         };
         assert!(reason.contains("replication factor 3"), "{reason}");
+    }
+
+    #[test]
+    fn names_are_scoped_by_namespace_and_pipeline_and_others_topics_are_left_alone() {
+        let here = pc(BASIC);
+        let there = pc(&BASIC.replace("namespace: prod", "namespace: staging"));
+        let groups = |p: &PipelineConfig| names::collector_group(p, "to-redis");
+        assert_eq!(groups(&here), "prod.shop.to-redis");
+        assert_ne!(groups(&here), groups(&there), "one name in two namespaces");
+        let settings_here = settings(&here);
+        assert_eq!(settings_here.streams[0].topic(), "prod.shop.visit");
+        assert_eq!(
+            settings_here.streams[0].dead_letter_topic(),
+            "prod.shop.visit.dlq"
+        );
+        assert_ne!(
+            settings_here.streams[0].topic(),
+            settings(&there).streams[0].topic()
+        );
+
+        // A topic of that name that the operator did not create is not used...
+        let observed = BTreeMap::from([(
+            "prod.shop.visit".to_owned(),
+            ObservedTopic {
+                partitions: 6,
+                replication_factor: 1,
+            },
+        )]);
+        let plan = topics(&here, &observed, 1, &BTreeSet::new());
+        let TopicAction::NotOurs { name, reason } = &plan[0] else {
+            panic!("{:?}", plan[0])
+        };
+        assert_eq!(name, "prod.shop.visit");
+        assert!(reason.contains("streams[visit].topic.name"), "{reason}");
+        assert!(matches!(plan[1], TopicAction::Create { .. }));
+        // ...unless the spec names it.
+        let mut named = here.clone();
+        named.spec.streams[0].topic.name = Some("prod.shop.visit".to_owned());
+        let plan = topics(&named, &observed, 1, &BTreeSet::new());
+        assert_eq!(
+            plan[0],
+            TopicAction::Keep {
+                name: "prod.shop.visit".into(),
+                partitions: 6
+            }
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //!
 //! Errors (the apiserver refusing a write) are retried with backoff by the controller.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -276,35 +276,46 @@ struct TopicsOutcome {
     done: Vec<(&'static str, String)>,
     /// Topics with a single replica (losing its broker's disk loses them).
     single_copy: Vec<String>,
+    /// Every topic the operator created for the resource, these included.
+    created: Vec<String>,
 }
 
 async fn apply_topics(
     pc: &PipelineConfig,
+    api: &Api<PipelineConfig>,
     kafka: Result<&KafkaArgs, &SecretError>,
 ) -> TopicsOutcome {
-    let kafka = match kafka {
-        Ok(k) => k,
-        Err(e) => {
-            return TopicsOutcome {
-                ready: false,
-                reason: "KafkaSecretInvalid",
-                message: format!("cannot connect to Kafka: {e}"),
-                topics: Vec::new(),
-                done: Vec::new(),
-                single_copy: Vec::new(),
-            };
-        }
-    };
-    let unreachable = |e: KafkaError| TopicsOutcome {
+    let mut created: BTreeSet<String> = pc
+        .status
+        .as_ref()
+        .map(|s| s.created_topics.iter().cloned().collect())
+        .unwrap_or_default();
+    let failed = |reason: &'static str, message: String| TopicsOutcome {
         ready: false,
-        reason: "KafkaUnreachable",
-        message: format!(
-            "cannot reach Kafka at {}: {e}",
-            pc.spec.kafka.bootstrap_servers
-        ),
+        reason,
+        message,
         topics: Vec::new(),
         done: Vec::new(),
         single_copy: Vec::new(),
+        created: created.iter().cloned().collect(),
+    };
+    let kafka = match kafka {
+        Ok(k) => k,
+        Err(e) => {
+            return failed(
+                "KafkaSecretInvalid",
+                format!("cannot connect to Kafka: {e}"),
+            );
+        }
+    };
+    let unreachable = |e: KafkaError| {
+        failed(
+            "KafkaUnreachable",
+            format!(
+                "cannot reach Kafka at {}: {e}",
+                pc.spec.kafka.bootstrap_servers
+            ),
+        )
     };
     let admin = match kafka.admin() {
         Ok(a) => a,
@@ -314,7 +325,31 @@ async fn apply_topics(
         Ok(o) => o,
         Err(e) => return unreachable(e),
     };
-    let actions = plan::topics(pc, &observed, brokers);
+    let actions = plan::topics(pc, &observed, brokers, &created);
+    // The topics about to be created are recorded first, so that a topic made by this
+    // reconcile is known as the pipeline's even if the status write at its end fails.
+    let mut recorded = created.clone();
+    recorded.extend(actions.iter().filter_map(|a| match a {
+        TopicAction::Create { name, .. } => Some(name.clone()),
+        _ => None,
+    }));
+    if recorded != created {
+        let patch = json!({"status": {"createdTopics": recorded}});
+        if let Err(e) = api
+            .patch_status(
+                &pc.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            return failed(
+                "TopicError",
+                format!("cannot record the topics to create in the status: {e}"),
+            );
+        }
+        created = recorded;
+    }
     let single_copy: Vec<String> = actions
         .iter()
         .filter_map(|a| match a {
@@ -323,7 +358,7 @@ async fn apply_topics(
                 replication_factor: 1,
                 ..
             } => Some(name.clone()),
-            TopicAction::Create { .. } => None,
+            TopicAction::Create { .. } | TopicAction::NotOurs { .. } => None,
             TopicAction::Grow { name, .. }
             | TopicAction::Keep { name, .. }
             | TopicAction::NotSupported { name, .. } => observed
@@ -335,6 +370,7 @@ async fn apply_topics(
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let mut problems = Vec::new();
     let mut not_supported = Vec::new();
+    let mut not_ours = Vec::new();
     let mut topics = Vec::new();
     let mut done = Vec::new();
     for action in &actions {
@@ -398,6 +434,7 @@ async fn apply_topics(
                 name: name.clone(),
                 partitions: *partitions,
             }),
+            TopicAction::NotOurs { reason, .. } => not_ours.push(reason.clone()),
             TopicAction::NotSupported { name, reason } => {
                 not_supported.push(reason.clone());
                 if let Some(o) = observed.get(name) {
@@ -409,14 +446,11 @@ async fn apply_topics(
             }
         }
     }
-    // Existing topics get the configuration the spec names.
+    // Existing topics of the pipeline get the configuration the spec names.
     for stream in &pc.spec.streams {
-        let name = stream
-            .topic
-            .name
-            .clone()
-            .unwrap_or_else(|| stream.name.clone());
-        if stream.topic.config.is_empty() || !observed.contains_key(&name) {
+        let name = plan::names::topic(pc, stream);
+        let ours = stream.topic.name.is_some() || created.contains(&name);
+        if stream.topic.config.is_empty() || !observed.contains_key(&name) || !ours {
             continue;
         }
         match align_config(&admin, &name, &stream.topic.config, &options).await {
@@ -428,36 +462,30 @@ async fn apply_topics(
             Err(e) => problems.push(format!("configuring {name}: {e}")),
         }
     }
-    if !not_supported.is_empty() {
-        TopicsOutcome {
-            ready: false,
-            reason: "NotSupported",
-            message: not_supported.join("; "),
-            topics,
-            done,
-            single_copy,
-        }
+    let (ready, reason, message) = if !not_ours.is_empty() {
+        (false, "TopicNotOurs", not_ours.join("; "))
+    } else if !not_supported.is_empty() {
+        (false, "NotSupported", not_supported.join("; "))
     } else if !problems.is_empty() {
-        TopicsOutcome {
-            ready: false,
-            reason: "TopicError",
-            message: problems.join("; "),
-            topics,
-            done,
-            single_copy,
-        }
+        (false, "TopicError", problems.join("; "))
     } else {
-        TopicsOutcome {
-            ready: true,
-            reason: "TopicsReady",
-            message: format!(
+        (
+            true,
+            "TopicsReady",
+            format!(
                 "{} topics exist with the partitions the spec asks for",
                 topics.len()
             ),
-            topics,
-            done,
-            single_copy,
-        }
+        )
+    };
+    TopicsOutcome {
+        ready,
+        reason,
+        message,
+        topics,
+        done,
+        single_copy,
+        created: created.into_iter().collect(),
     }
 }
 
@@ -634,7 +662,8 @@ async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Err
     let ns = pc.namespace().unwrap_or_default();
     let client = &ctx.client;
     let kafka = kafka::client_args(client, &ns, &pc.spec.kafka).await;
-    let topics = apply_topics(&pc, kafka.as_ref()).await;
+    let api: Api<PipelineConfig> = Api::namespaced(client.clone(), &ns);
+    let topics = apply_topics(&pc, &api, kafka.as_ref()).await;
     for (reason, note) in &topics.done {
         ctx.event(&pc, false, reason, note.clone()).await;
     }
@@ -901,9 +930,9 @@ async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Err
         streams: Some(pc.spec.streams.len() as i32),
         ready_collectors: Some(collectors.iter().filter(|c| c.2).count() as i32),
         topics: topics.topics,
+        created_topics: topics.created,
         collectors: collectors.into_iter().map(|c| c.3).collect(),
     };
-    let api: Api<PipelineConfig> = Api::namespaced(client.clone(), &ns);
     api.patch_status(
         &pc.name_any(),
         &PatchParams::apply(MANAGER).force(),
@@ -1032,13 +1061,16 @@ async fn cleanup(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, E
         let admin = kafka::client_args(&ctx.client, &ns, &pc.spec.kafka)
             .await?
             .admin()?;
-        let names: Vec<String> = plan::topics(&pc, &BTreeMap::new(), 1)
-            .into_iter()
-            .filter_map(|a| match a {
-                TopicAction::Create { name, .. } => Some(name),
-                _ => None,
-            })
-            .collect();
+        // Only what the operator created: a topic it adopted because the spec named it
+        // was there before the pipeline and stays after it.
+        let names: Vec<String> = pc
+            .status
+            .as_ref()
+            .map(|s| s.created_topics.clone())
+            .unwrap_or_default();
+        if names.is_empty() {
+            return Ok(Action::await_change());
+        }
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
         for r in admin.delete_topics(&refs, &options).await? {

@@ -200,7 +200,8 @@ async fn the_hpa_scales_a_collector_on_lag_up_to_its_partitions_and_back() {
     let events: Vec<Envelope> = (0..1200)
         .map(|i| Envelope::new(stream.clone(), Some(format!("k{i}")), json!({"n": i})))
         .collect();
-    sluice_testkit::produce(&stack, &stream, &events)
+    let topic = format!("{ns}.lagged.{stream}");
+    sluice_testkit::produce(&stack, &topic, &events)
         .await
         .expect("backlog");
     let produced = Instant::now();
@@ -234,7 +235,8 @@ async fn the_hpa_scales_a_collector_on_lag_up_to_its_partitions_and_back() {
     .expect("status lag");
 
     // The backlog is drained (the group commits to the end): back to one replica.
-    sluice_testkit::commit_to_end(&stack, "lagged.drain", &stream).expect("committed");
+    let group = format!("{ns}.lagged.drain");
+    sluice_testkit::commit_to_end(&stack, &group, &topic).expect("committed");
     assert_eq!(reported_lag(&client, &ns).await.expect("lag"), "0");
     scaled_to(1).await.expect("scaled down");
     assert_eq!(
@@ -254,7 +256,7 @@ async fn the_hpa_scales_a_collector_on_lag_up_to_its_partitions_and_back() {
     .await
     .expect("patched");
     scaled_to(0).await.expect("scaled to zero");
-    sluice_testkit::produce(&stack, &stream, &events[..50])
+    sluice_testkit::produce(&stack, &topic, &events[..50])
         .await
         .expect("more");
     scaled_to(1).await.expect("back from zero");

@@ -13,7 +13,9 @@ use sluice_operator::plan::Workload;
 
 mod common;
 
-use common::{await_condition, client, condition, controller, install_crd, namespace};
+use common::{
+    await_condition, client, condition, controlled_namespace, controller, install_crd, namespace,
+};
 
 #[tokio::test]
 async fn the_crd_installs_defaults_and_rejects_nonsense_with_readable_messages() {
@@ -29,8 +31,12 @@ async fn the_crd_installs_defaults_and_rejects_nonsense_with_readable_messages()
         "spec": {
             "kafka": {"bootstrapServers": "kafka.kafka:9092"},
             "streams": [{"name": "visit", "topic": {"partitions": 6}, "key": "/userId"}],
-            "collectors": [{"name": "to-redis", "streams": ["visit"], "sink": {"redis": {}},
-                            "autoscale": {"minReplicas": 1, "maxReplicas": 6, "lagPerReplica": 1000}}]
+            "collectors": [
+                {"name": "to-redis", "streams": ["visit"], "sink": {"redis": {}},
+                 "autoscale": {"minReplicas": 1, "maxReplicas": 6, "lagPerReplica": 1000}},
+                {"name": "files", "streams": ["visit"], "sink": {"file": {"storage": {"size": "2Gi"}}},
+                 "autoscale": {"minReplicas": 1, "maxReplicas": 3, "lagPerReplica": 1000}}
+            ]
         }
     }))
     .expect("resource");
@@ -86,6 +92,16 @@ async fn the_crd_installs_defaults_and_rejects_nonsense_with_readable_messages()
     hpas.create(&dry, &children.ingest_hpa)
         .await
         .expect("HPA accepted");
+    for hpa in &children.collector_hpas {
+        hpas.create(&dry, hpa)
+            .await
+            .unwrap_or_else(|e| panic!("{:?} rejected: {e}", hpa.metadata.name));
+    }
+    assert_eq!(
+        children.collectors[1].kind(),
+        "StatefulSet",
+        "a file collector keeps a claim per replica"
+    );
 
     let bad: PipelineConfig = serde_json::from_value(json!({
         "apiVersion": "sluice.dev/v1alpha1",
@@ -147,13 +163,11 @@ async fn the_crd_installs_defaults_and_rejects_nonsense_with_readable_messages()
 async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
     let _telemetry = sluice_core::telemetry::init("sluice-operator-test", "info");
     let stack = sluice_testkit::Stack::from_env();
-    let client = client().await;
-    install_crd(&client).await;
-    let ns = namespace(&client).await;
-    let api: Api<PipelineConfig> = Api::namespaced(client.clone(), &ns);
-    let stop = controller(&client, &ns);
+    let (client, ns, api, stop) = controlled_namespace().await;
     let limit = Duration::from_secs(120);
     let stream = sluice_testkit::unique("pc");
+    // Generated topic names are scoped by namespace and pipeline.
+    let topic = format!("{ns}.shop.{stream}");
     let pc: PipelineConfig = serde_json::from_value(json!({
         "apiVersion": "sluice.dev/v1alpha1",
         "kind": "PipelineConfig",
@@ -183,10 +197,10 @@ async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
         replicated.2
     );
     for topic in [
-        stream.clone(),
-        format!("{stream}.retry"),
-        format!("{stream}.dlq"),
-        format!("{stream}.reads"),
+        topic.clone(),
+        format!("{topic}.retry"),
+        format!("{topic}.dlq"),
+        format!("{topic}.reads"),
     ] {
         assert_eq!(
             sluice_testkit::partitions(&stack, &topic).expect("metadata"),
@@ -215,7 +229,7 @@ async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
         );
     }
     assert_eq!(
-        sluice_testkit::topic_config(&stack, &stream, "retention.ms")
+        sluice_testkit::topic_config(&stack, &topic, "retention.ms")
             .await
             .expect("config")
             .as_deref(),
@@ -252,19 +266,22 @@ async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
         "the topic's retention to follow the spec",
         limit,
         || async {
-            let v = sluice_testkit::topic_config(&stack, &stream, "retention.ms").await?;
+            let v = sluice_testkit::topic_config(&stack, &topic, "retention.ms").await?;
             Ok((v.as_deref() == Some("7200000")).then_some(()))
         },
     )
     .await
     .expect("aligned");
     sluice_testkit::wait_for("the added stream's topic", limit, || async {
-        Ok((sluice_testkit::partitions(&stack, &added)? == Some(2)).then_some(()))
+        Ok(
+            (sluice_testkit::partitions(&stack, &format!("{ns}.shop.{added}"))? == Some(2))
+                .then_some(()),
+        )
     })
     .await
     .expect("added");
     sluice_testkit::wait_for("the topic to grow to 6 partitions", limit, || async {
-        Ok((sluice_testkit::partitions(&stack, &stream)? == Some(6)).then_some(()))
+        Ok((sluice_testkit::partitions(&stack, &topic)? == Some(6)).then_some(()))
     })
     .await
     .expect("grown");
@@ -318,7 +335,7 @@ async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
         "False"
     );
     assert_eq!(
-        sluice_testkit::partitions(&stack, &stream).expect("metadata"),
+        sluice_testkit::partitions(&stack, &topic).expect("metadata"),
         Some(6)
     );
     assert!(deployments.get("shop-ingest").await.is_ok());
@@ -334,7 +351,7 @@ async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
     .await
     .expect("gone");
     sluice_testkit::wait_for("the topics to be deleted", limit, || async {
-        Ok(sluice_testkit::partitions(&stack, &stream)?
+        Ok(sluice_testkit::partitions(&stack, &topic)?
             .is_none()
             .then_some(()))
     })
@@ -356,6 +373,7 @@ async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
 
     // With the default Retain policy the topics outlive the resource.
     let kept = sluice_testkit::unique("keep");
+    let kept_topic = format!("{ns}.kept.{kept}");
     let retained: PipelineConfig = serde_json::from_value(json!({
         "apiVersion": "sluice.dev/v1alpha1",
         "kind": "PipelineConfig",
@@ -367,7 +385,7 @@ async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
         .await
         .expect("created");
     sluice_testkit::wait_for("the retained pipeline's topic", limit, || async {
-        Ok((sluice_testkit::partitions(&stack, &kept)? == Some(1)).then_some(()))
+        Ok((sluice_testkit::partitions(&stack, &kept_topic)? == Some(1)).then_some(()))
     })
     .await
     .expect("topic");
@@ -381,7 +399,7 @@ async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
     .await
     .expect("gone");
     assert_eq!(
-        sluice_testkit::partitions(&stack, &kept).expect("metadata"),
+        sluice_testkit::partitions(&stack, &kept_topic).expect("metadata"),
         Some(1),
         "Retain keeps the topic"
     );
@@ -405,11 +423,7 @@ async fn kafka_sasl_credentials_come_from_a_secret() {
         var("SLUICE_STACK_KAFKA_SASL_USER"),
         var("SLUICE_STACK_KAFKA_SASL_PASSWORD"),
     );
-    let client = client().await;
-    install_crd(&client).await;
-    let ns = namespace(&client).await;
-    let api: Api<PipelineConfig> = Api::namespaced(client.clone(), &ns);
-    let stop = controller(&client, &ns);
+    let (client, ns, api, stop) = controlled_namespace().await;
     let limit = Duration::from_secs(90);
     let stream = sluice_testkit::unique("sasl");
     let pc: PipelineConfig = serde_json::from_value(json!({
@@ -434,7 +448,7 @@ async fn kafka_sasl_credentials_come_from_a_secret() {
     assert_eq!(reason, "KafkaSecretInvalid");
     assert!(message.contains("kafka-user"), "{message}");
     assert_eq!(
-        sluice_testkit::partitions(&stack, &stream).expect("metadata"),
+        sluice_testkit::partitions(&stack, &format!("{ns}.secured.{stream}")).expect("metadata"),
         None
     );
 
@@ -453,7 +467,7 @@ async fn kafka_sasl_credentials_come_from_a_secret() {
         .await
         .expect("topics ready through SASL");
     assert_eq!(
-        sluice_testkit::partitions(&stack, &stream).expect("metadata"),
+        sluice_testkit::partitions(&stack, &format!("{ns}.secured.{stream}")).expect("metadata"),
         Some(2)
     );
     // The lag in the status is read through SASL too.
@@ -630,11 +644,7 @@ async fn a_refused_child_is_a_condition_and_an_event_and_what_the_spec_drops_is_
 #[tokio::test]
 async fn collectors_at_zero_wake_on_new_events_from_latest_and_on_pending_retries() {
     let stack = sluice_testkit::Stack::from_env();
-    let client = client().await;
-    install_crd(&client).await;
-    let ns = namespace(&client).await;
-    let api: Api<PipelineConfig> = Api::namespaced(client.clone(), &ns);
-    let stop = controller(&client, &ns);
+    let (client, ns, api, stop) = controlled_namespace().await;
     let limit = Duration::from_secs(120);
     let (fresh, retried) = (
         sluice_testkit::unique("fresh"),
@@ -692,10 +702,11 @@ async fn collectors_at_zero_wake_on_new_events_from_latest_and_on_pending_retrie
         e.id = "wake".to_owned();
         e
     };
-    sluice_testkit::produce(&stack, &fresh, &[event(&fresh)])
+    sluice_testkit::produce(&stack, &format!("{ns}.sleepy.{fresh}"), &[event(&fresh)])
         .await
         .expect("produce");
-    sluice_testkit::produce(&stack, &format!("{retried}.retry"), &[event(&retried)])
+    let retry_topic = format!("{ns}.sleepy.{retried}.retry");
+    sluice_testkit::produce(&stack, &retry_topic, &[event(&retried)])
         .await
         .expect("produce retry");
     scaled_to("sleepy-collector-latest", 1)
@@ -744,4 +755,94 @@ async fn remove(
         .delete(ns, &DeleteParams::default())
         .await
         .expect("namespace deleted");
+}
+
+#[tokio::test]
+async fn a_topic_the_operator_did_not_create_is_used_only_when_named_and_never_deleted() {
+    let stack = sluice_testkit::Stack::from_env();
+    let (client, ns, api, stop) = controlled_namespace().await;
+    let limit = Duration::from_secs(120);
+    let stream = sluice_testkit::unique("theirs");
+    // Someone else's topic, under the name the pipeline would generate.
+    let theirs = format!("{ns}.owner.{stream}");
+    sluice_core::kafka::ensure_topics(
+        &stack.kafka(),
+        &[sluice_core::kafka::TopicSpec {
+            name: theirs.clone(),
+            partitions: 2,
+        }],
+    )
+    .await
+    .expect("an existing topic");
+    let pc: PipelineConfig = serde_json::from_value(json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "PipelineConfig",
+        "metadata": {"name": "owner"},
+        "spec": {
+            "kafka": {"bootstrapServers": stack.kafka_brokers},
+            "redis": {"mode": "External", "url": stack.redis_url},
+            "streams": [{"name": stream, "topic": {"partitions": 2}}],
+            "topicDeletionPolicy": "Delete"
+        }
+    }))
+    .expect("resource");
+    api.create(&PostParams::default(), &pc)
+        .await
+        .expect("created");
+    let (_, reason, message) = await_condition(&api, "owner", "TopicsReady", "False", limit)
+        .await
+        .expect("refused");
+    assert_eq!(reason, "TopicNotOurs");
+    assert!(
+        message.contains(&theirs) && message.contains("topic.name"),
+        "{message}"
+    );
+
+    // Named in the spec, it is used; its retry, dead-letter and read topics are created.
+    api.patch(
+        "owner",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"streams": [
+            {"name": stream, "topic": {"name": theirs, "partitions": 2}}
+        ]}})),
+    )
+    .await
+    .expect("named");
+    await_condition(&api, "owner", "TopicsReady", "True", limit)
+        .await
+        .expect("adopted");
+    let status = api
+        .get("owner")
+        .await
+        .expect("get")
+        .status
+        .unwrap_or_default();
+    let mut created = status.created_topics.clone();
+    created.sort();
+    assert_eq!(
+        created,
+        [
+            format!("{theirs}.dlq"),
+            format!("{theirs}.reads"),
+            format!("{theirs}.retry")
+        ],
+        "the status records what the operator created"
+    );
+
+    // Deleted with the Delete policy: what it created goes, the adopted topic stays.
+    remove(client, &api, "owner", &ns, stop).await;
+    sluice_testkit::wait_for("the created topics to be deleted", limit, || async {
+        Ok(
+            sluice_testkit::partitions(&stack, &format!("{theirs}.retry"))?
+                .is_none()
+                .then_some(()),
+        )
+    })
+    .await
+    .expect("deleted");
+    assert_eq!(
+        sluice_testkit::partitions(&stack, &theirs).expect("metadata"),
+        Some(2),
+        "a topic the operator did not create is never deleted"
+    );
 }

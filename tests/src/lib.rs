@@ -98,9 +98,9 @@ impl Pipeline {
                 name: s.topic().to_owned(),
                 partitions: s.partitions,
             });
-            for suffix in ["retry", "dlq"] {
+            for name in [s.retry_topic(), s.dead_letter_topic()] {
                 topics.push(TopicSpec {
-                    name: format!("{}.{suffix}", s.name),
+                    name,
                     partitions: s.partitions,
                 });
             }

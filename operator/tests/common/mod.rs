@@ -92,6 +92,22 @@ pub async fn await_condition(
     .await
 }
 
+/// A namespace of its own with the CRD installed and the controller running for it: the
+/// client, the namespace, its PipelineConfig API, and the token that stops the controller.
+pub async fn controlled_namespace() -> (
+    Client,
+    String,
+    Api<sluice_operator::crd::PipelineConfig>,
+    tokio_util::sync::CancellationToken,
+) {
+    let client = client().await;
+    install_crd(&client).await;
+    let ns = namespace(&client).await;
+    let api = Api::namespaced(client.clone(), &ns);
+    let stop = controller(&client, &ns);
+    (client, ns, api, stop)
+}
+
 /// Runs the controller in this process for `namespace` until the token is cancelled.
 pub fn controller(client: &Client, namespace: &str) -> tokio_util::sync::CancellationToken {
     let stop = tokio_util::sync::CancellationToken::new();

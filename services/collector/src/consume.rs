@@ -49,7 +49,6 @@ use tokio_util::sync::CancellationToken;
 use crate::health::SinkHealth;
 use crate::metrics::Metrics;
 use crate::sink::{AnySink, Record, Sink, SinkError};
-use crate::{dead_letter_topic, retry_topic};
 
 /// Header with the number of attempts an event has had.
 pub const ATTEMPT_HEADER: &str = "sluice-attempt";
@@ -176,7 +175,7 @@ impl Worker {
             .map(|s| {
                 let topic = match config.mode {
                     Mode::Main => s.topic().to_owned(),
-                    Mode::Retry => retry_topic(&s.name),
+                    Mode::Retry => s.retry_topic(),
                 };
                 (topic, s.name.clone())
             })
@@ -537,6 +536,15 @@ impl Worker {
         Progress::Done
     }
 
+    /// The settings of `stream`, whose records this worker reads (every record's stream is
+    /// one of them, checked against its topic).
+    fn settings_of(&self, stream: &str) -> std::borrow::Cow<'_, StreamSettings> {
+        match self.config.streams.iter().find(|s| s.name == stream) {
+            Some(s) => std::borrow::Cow::Borrowed(s),
+            None => std::borrow::Cow::Owned(StreamSettings::new(stream)),
+        }
+    }
+
     /// Sends an event that failed `attempts` times to the retry topic, or to the
     /// dead-letter topic once the attempts are used up. Returns false on shutdown.
     async fn send_on(
@@ -548,10 +556,11 @@ impl Worker {
     ) -> bool {
         let stream = record.envelope.stream.as_str();
         let last = attempts >= self.config.retry.max_attempts;
+        let settings = self.settings_of(stream);
         let topic = if last {
-            dead_letter_topic(stream)
+            settings.dead_letter_topic()
         } else {
-            retry_topic(stream)
+            settings.retry_topic()
         };
         let mut headers = record.envelope.headers.clone();
         headers.insert(ATTEMPT_HEADER.to_owned(), attempts.to_string());
@@ -595,7 +604,7 @@ impl Worker {
         reason: &str,
         shutdown: &CancellationToken,
     ) -> bool {
-        let topic = dead_letter_topic(stream);
+        let topic = self.settings_of(stream).dead_letter_topic();
         tracing::error!(%topic, source = m.topic(), partition = m.partition(), offset = m.offset(), %reason, "record is not an event; dead-lettering it");
         let mut headers = OwnedHeaders::new();
         if let Some(h) = m.headers() {

@@ -182,16 +182,6 @@ pub enum CollectorError {
     Metrics(#[source] std::io::Error),
 }
 
-/// The dead-letter topic of `stream`.
-pub fn dead_letter_topic(stream: &str) -> String {
-    format!("{stream}.dlq")
-}
-
-/// The retry topic of `stream`.
-pub fn retry_topic(stream: &str) -> String {
-    format!("{stream}.retry")
-}
-
 /// Which streams each consumer group collects.
 pub fn plan_groups<'a>(
     args: &Args,
@@ -334,7 +324,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Collecto
             .values()
             .flatten()
             .flat_map(|s| {
-                [retry_topic(&s.name), dead_letter_topic(&s.name)].map(|name| TopicSpec {
+                [s.retry_topic(), s.dead_letter_topic()].map(|name| TopicSpec {
                     name,
                     partitions: s.partitions,
                 })
@@ -388,9 +378,16 @@ mod tests {
     }
 
     #[test]
-    fn dead_letters_and_retries_have_their_topics() {
-        assert_eq!(dead_letter_topic("visit"), "visit.dlq");
-        assert_eq!(retry_topic("visit"), "visit.retry");
+    fn dead_letters_and_retries_follow_the_streams_topic() {
+        let settings = PipelineSettings::from_yaml(
+            "streams:\n  - name: visit\n    topic: prod.shop.visit\n  - name: activity\n",
+        )
+        .expect("settings");
+        let visit = settings.stream("visit").expect("visit");
+        assert_eq!(visit.retry_topic(), "prod.shop.visit.retry");
+        assert_eq!(visit.dead_letter_topic(), "prod.shop.visit.dlq");
+        let activity = settings.stream("activity").expect("activity");
+        assert_eq!(activity.dead_letter_topic(), "activity.dlq");
     }
 
     #[test]

@@ -21,8 +21,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use sluice_core::PipelineSettings;
 use sluice_core::kafka::KafkaArgs;
 
+use crate::CollectorError;
 use crate::consume::{ATTEMPT_HEADER, ERROR_HEADER};
-use crate::{CollectorError, dead_letter_topic};
 
 /// Header naming the dead-letter topic a redriven record came from.
 pub const REDRIVEN_HEADER: &str = "sluice-redriven-from";
@@ -78,7 +78,7 @@ pub async fn redrive(args: &RedriveArgs) -> Result<Redriven, CollectorError> {
             args.stream
         ))
     })?;
-    let from = dead_letter_topic(&stream.name);
+    let from = stream.dead_letter_topic();
     let to = stream.topic().to_owned();
     let consumer: StreamConsumer = args.kafka.consumer_config(&args.group).create()?;
     let producer: FutureProducer = args.kafka.producer_config().create()?;

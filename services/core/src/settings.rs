@@ -38,8 +38,8 @@ pub struct PipelineSettings {
     pub retry: RetrySettings,
 }
 
-/// Retries of failed sink writes: `<stream>.retry` until the last attempt, then
-/// `<stream>.dlq`.
+/// Retries of failed sink writes: `<topic>.retry` until the last attempt, then
+/// `<topic>.dlq`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RetrySettings {
@@ -276,6 +276,18 @@ impl StreamSettings {
         self.read_topic
             .clone()
             .unwrap_or_else(|| format!("{}.reads", self.topic()))
+    }
+
+    /// The topic collectors send events the sink rejected to, to be tried again:
+    /// `<topic>.retry`.
+    pub fn retry_topic(&self) -> String {
+        format!("{}.retry", self.topic())
+    }
+
+    /// The topic of events that used up their attempts or are not events:
+    /// `<topic>.dlq`.
+    pub fn dead_letter_topic(&self) -> String {
+        format!("{}.dlq", self.topic())
     }
 
     /// The Kafka topic of the stream.
