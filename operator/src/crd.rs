@@ -60,6 +60,9 @@ pub struct PipelineConfigSpec {
     /// What collectors do with a write that keeps failing.
     #[serde(default)]
     pub retry: RetrySpec,
+    /// How long the Redis sink keeps its per-minute counts and hourly roll-ups.
+    #[serde(default)]
+    pub aggregates: AggregatesSpec,
     /// What happens to the topics when the PipelineConfig is deleted.
     #[serde(default)]
     pub topic_deletion_policy: TopicDeletionPolicy,
@@ -581,11 +584,43 @@ fn default_scale_down_window() -> i32 {
     120
 }
 
+/// Retention of the Redis sink's aggregates, which the dashboard and the aggregates API
+/// read: minutes for short ranges, hours for long ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AggregatesSpec {
+    /// How long a minute's counts are kept, such as `168h` (a week).
+    #[serde(default = "default_minute_retention")]
+    #[schemars(regex(pattern = r"^[0-9]+(m|h)$"))]
+    pub minute_retention: String,
+    /// How long an hour's counts are kept, such as `2160h` (90 days).
+    #[serde(default = "default_hour_retention")]
+    #[schemars(regex(pattern = r"^[0-9]+(m|h)$"))]
+    pub hour_retention: String,
+}
+
+fn default_minute_retention() -> String {
+    "168h".to_owned()
+}
+
+fn default_hour_retention() -> String {
+    "2160h".to_owned()
+}
+
+impl Default for AggregatesSpec {
+    fn default() -> Self {
+        Self {
+            minute_retention: default_minute_retention(),
+            hour_retention: default_hour_retention(),
+        }
+    }
+}
+
 /// Retries of failed writes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RetrySpec {
-    /// Attempts in all before an event goes to `<stream>.dlq`.
+    /// Attempts in all before an event goes to `<topic>.dlq`.
     #[serde(default = "default_max_attempts")]
     #[schemars(range(min = 1, max = 100))]
     pub max_attempts: i32,

@@ -22,7 +22,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::Resource;
 use kube::api::ObjectMeta;
 use serde_json::{Value, json};
-use sluice_core::settings::{PipelineSettings, RetrySettings, StreamSettings};
+use sluice_core::settings::{AggregateSettings, PipelineSettings, RetrySettings, StreamSettings};
 
 use crate::crd::{
     CollectorSpec, KafkaSpec, PipelineConfig, RedisMode, RedisSpec, SaslMechanism, StartAt,
@@ -80,6 +80,10 @@ pub fn settings(pc: &PipelineConfig) -> PipelineSettings {
                 .unwrap_or(1)
                 .max(1),
             backoff: pc.spec.retry.backoff.clone(),
+        },
+        aggregates: AggregateSettings {
+            minute_retention: pc.spec.aggregates.minute_retention.clone(),
+            hour_retention: pc.spec.aggregates.hour_retention.clone(),
         },
     }
 }
@@ -1008,6 +1012,7 @@ spec:
     - {name: archive, streams: [visit], sink: {file: {claimName: records}}}
     - {name: db, streams: [visit], sink: {postgres: {secretName: pg}}}
   retry: {maxAttempts: 3, backoff: 2s}
+  aggregates: {minuteRetention: 2h}
 ";
 
     fn env_of(d: &impl serde::Serialize) -> BTreeMap<String, Value> {
@@ -1060,6 +1065,8 @@ spec:
         assert_eq!(back.streams[0].dimensions, ["/type"]);
         assert_eq!(back.retry.max_attempts, 3);
         assert_eq!(back.retry.backoff, "2s");
+        assert_eq!(back.aggregates.minute_ttl().as_secs(), 7200);
+        assert_eq!(back.aggregates.hour_retention, "2160h", "the default");
     }
 
     #[test]

@@ -85,6 +85,7 @@ impl Pipeline {
             PipelineSettings {
                 streams,
                 retry: Default::default(),
+                aggregates: Default::default(),
             },
         )
         .await

@@ -382,6 +382,7 @@ fn retry_pipeline(stream: StreamSettings, max_attempts: u32, backoff: &str) -> P
             max_attempts,
             backoff: backoff.to_owned(),
         },
+        aggregates: Default::default(),
     }
 }
 

@@ -36,6 +36,53 @@ pub struct PipelineSettings {
     /// What collectors do with a write that keeps failing.
     #[serde(default)]
     pub retry: RetrySettings,
+    /// How long the Redis sink keeps its per-minute counts and their hourly roll-ups.
+    #[serde(default)]
+    pub aggregates: AggregateSettings,
+}
+
+/// Retention of the Redis sink's aggregates: the per-minute counts serve short ranges, the
+/// hourly roll-ups long ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AggregateSettings {
+    /// How long a minute's counts are kept, such as `168h` (the default, a week).
+    #[serde(default = "default_minute_retention")]
+    pub minute_retention: String,
+    /// How long an hour's counts are kept, such as `2160h` (the default, 90 days).
+    #[serde(default = "default_hour_retention")]
+    pub hour_retention: String,
+}
+
+fn default_minute_retention() -> String {
+    "168h".to_owned()
+}
+
+fn default_hour_retention() -> String {
+    "2160h".to_owned()
+}
+
+impl Default for AggregateSettings {
+    fn default() -> Self {
+        Self {
+            minute_retention: default_minute_retention(),
+            hour_retention: default_hour_retention(),
+        }
+    }
+}
+
+impl AggregateSettings {
+    /// How long a minute's counts are kept.
+    pub fn minute_ttl(&self) -> std::time::Duration {
+        parse_duration(&self.minute_retention)
+            .unwrap_or(std::time::Duration::from_secs(7 * 24 * 3600))
+    }
+
+    /// How long an hour's counts are kept.
+    pub fn hour_ttl(&self) -> std::time::Duration {
+        parse_duration(&self.hour_retention)
+            .unwrap_or(std::time::Duration::from_secs(90 * 24 * 3600))
+    }
 }
 
 /// Retries of failed sink writes: `<topic>.retry` until the last attempt, then
@@ -200,6 +247,19 @@ impl PipelineSettings {
                 self.retry.backoff
             ));
         }
+        for (field, value) in [
+            (
+                "aggregates.minuteRetention",
+                &self.aggregates.minute_retention,
+            ),
+            ("aggregates.hourRetention", &self.aggregates.hour_retention),
+        ] {
+            if parse_duration(value).is_none_or(|d| d < std::time::Duration::from_secs(60)) {
+                return invalid(format!(
+                    "{field} {value:?} is not a duration of a minute or more, such as \"168h\""
+                ));
+            }
+        }
         let mut names = BTreeMap::new();
         let mut topics = BTreeMap::new();
         for s in &self.streams {
@@ -359,6 +419,7 @@ mod tests {
         let s = PipelineSettings {
             streams: vec![stream],
             retry: RetrySettings::default(),
+            aggregates: AggregateSettings::default(),
         };
         assert_eq!(PipelineSettings::from_yaml(&s.to_yaml()).expect("valid"), s);
     }
@@ -383,6 +444,32 @@ mod tests {
         assert!(error_of("streams:\n  - name: a\n    partitions: 0\n").contains("at least 1"));
         assert!(error_of("streams:\n  - name: a\n    key: userId\n").contains("JSON pointer"));
         assert!(error_of("streams: 3\n").contains("not valid"));
+    }
+
+    #[test]
+    fn aggregates_are_kept_a_week_by_minute_and_90_days_by_hour_unless_set() {
+        let a = PipelineSettings::from_yaml("streams: []\n")
+            .expect("valid")
+            .aggregates;
+        assert_eq!(a.minute_ttl().as_secs(), 7 * 24 * 3600);
+        assert_eq!(a.hour_ttl().as_secs(), 90 * 24 * 3600);
+        let set = PipelineSettings::from_yaml(
+            "streams: []\naggregates: {minuteRetention: 2h, hourRetention: 48h}\n",
+        )
+        .expect("valid")
+        .aggregates;
+        assert_eq!(
+            (set.minute_ttl().as_secs(), set.hour_ttl().as_secs()),
+            (7200, 172_800)
+        );
+        assert!(
+            error_of("streams: []\naggregates: {minuteRetention: 5s}\n").contains(
+                "aggregates.minuteRetention \"5s\" is not a duration of a minute or more"
+            )
+        );
+        assert!(
+            error_of("streams: []\naggregates: {hourRetention: soon}\n").contains("hourRetention")
+        );
     }
 
     #[test]

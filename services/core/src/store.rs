@@ -1,7 +1,9 @@
 //! How records are named in Redis, shared by the collector (writes) and ingest (reads).
 //!
 //! A record lives under `<prefix>:<stream>:<id>`, with `sluice` as the default prefix; the
-//! senders with unsent messages for a user are the set `<prefix>:unsent:<user>`.
+//! senders with unsent messages for a user are the set `<prefix>:unsent:<user>`; the Redis
+//! sink's counts are the hashes `<prefix>:agg:<stream>:<minute>` and
+//! `<prefix>:agg-hour:<stream>:<hour>`.
 //! Stream names cannot contain ':' and the id is the last part, so every key maps back to
 //! exactly one (stream, id).
 
@@ -11,6 +13,18 @@ pub const DEFAULT_PREFIX: &str = "sluice";
 /// The Redis key of the record `id` of `stream`.
 pub fn record_key(prefix: &str, stream: &str, id: &str) -> String {
     format!("{prefix}:{stream}:{id}")
+}
+
+/// The per-minute counts of `stream` for the minute starting at `minute` (seconds since the
+/// epoch, a multiple of 60): a hash with the field `count` and one field
+/// `<pointer>=<value>` per dimension value seen.
+pub fn minute_aggregate_key(prefix: &str, stream: &str, minute: i64) -> String {
+    format!("{prefix}:agg:{stream}:{minute}")
+}
+
+/// The same counts rolled up for the hour starting at `hour` (a multiple of 3600).
+pub fn hour_aggregate_key(prefix: &str, stream: &str, hour: i64) -> String {
+    format!("{prefix}:agg-hour:{stream}:{hour}")
 }
 
 /// The Redis set of senders with unsent messages for `user`.

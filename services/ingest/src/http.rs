@@ -42,7 +42,7 @@ pub const KEY_HEADER: &str = "x-sluice-key";
 #[openapi(
     info(
         title = "Sluice ingest API",
-        description = "Publish events to Kafka over HTTP; read stored records back."
+        description = "Publish events to Kafka over HTTP; read stored records and the counts of a stream back."
     ),
     components(schemas(Problem))
 )]
@@ -80,6 +80,7 @@ fn api_router() -> OpenApiRouter<App> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(publish_events))
         .routes(routes!(read_record))
+        .routes(routes!(crate::aggregates::aggregates))
         .routes(routes!(post_message))
         .routes(routes!(unsent, mark_delivered))
         .routes(routes!(work))

@@ -16,6 +16,7 @@
 //! ([`App::start_draining`]): `/readyz` fails and every answer closes its connection,
 //! while it goes on serving for `--drain-delay`; then it stops.
 
+pub mod aggregates;
 pub mod error;
 pub mod http;
 pub mod input;

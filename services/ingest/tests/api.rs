@@ -1,12 +1,17 @@
 //! The HTTP API in process, against the real Kafka and Redis of the stack.
 
+mod common;
+
+use std::time::Duration;
+
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use sluice_core::StreamSettings;
+use sluice_core::{Envelope, StreamSettings, store};
 use sluice_ingest::{App, Args, router};
-use sluice_testkit::{Pipeline, Stack, json_of, read_topic, unique};
+use sluice_testkit::{Pipeline, Stack, json_of, produce, read_topic, unique, wait_for};
+use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 async fn app_for(stack: &Stack, pipeline: &Pipeline) -> App {
@@ -182,4 +187,166 @@ async fn unknown_records_and_paths_are_404_problems() {
     let (status, _, health) = call(&app, "GET", "/healthz", "").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(health["status"], "ok");
+}
+
+#[tokio::test]
+async fn aggregates_count_what_the_collector_wrote_per_minute_and_per_hour() {
+    let stack = Stack::from_env();
+    let mut s = StreamSettings::new(unique("agg"));
+    s.dimensions = vec!["/page".to_owned()];
+    let name = s.name.clone();
+    let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
+    let app = app_for(&stack, &pipeline).await;
+    let stop = CancellationToken::new();
+    common::spawn_collector(&stack, &pipeline, &stop);
+
+    // Events at known times: three on /a at 10:00, two on /b at 10:01, one on /a at 12:30.
+    let sent = [
+        ("2026-11-30T10:00:05Z", "/a"),
+        ("2026-11-30T10:00:30Z", "/a"),
+        ("2026-11-30T10:00:59Z", "/a"),
+        ("2026-11-30T10:01:00Z", "/b"),
+        ("2026-11-30T10:01:40Z", "/b"),
+        ("2026-11-30T12:30:00Z", "/a"),
+    ];
+    let events: Vec<Envelope> = sent
+        .iter()
+        .enumerate()
+        .map(|(i, (time, page))| {
+            let mut e = Envelope::new(&name, None, json!({"page": page}));
+            e.id = format!("e{i}");
+            e.event_time = time.parse().expect("time");
+            e
+        })
+        .collect();
+    produce(&stack, &name, &events).await.expect("produce");
+
+    let hours = format!(
+        "/v1/streams/{name}/aggregates?from=2026-11-30T10:00:00Z&to=2026-11-30T13:00:00Z&resolution=hour"
+    );
+    let by_hour = wait_for(
+        "the six events counted",
+        Duration::from_secs(60),
+        || async {
+            let (status, _, body) = call(&app, "GET", &hours, "").await;
+            anyhow::ensure!(status == StatusCode::OK, "{status}: {body}");
+            Ok((body["total"] == 6).then_some(body))
+        },
+    )
+    .await
+    .expect("counted");
+    let counts = |body: &Value| -> Vec<u64> {
+        body["series"]
+            .as_array()
+            .expect("series")
+            .iter()
+            .map(|b| b["count"].as_u64().expect("count"))
+            .collect()
+    };
+    assert_eq!(by_hour["resolution"], "hour");
+    assert_eq!(counts(&by_hour), [5, 0, 1], "{by_hour}");
+    assert_eq!(by_hour["series"][2]["time"], "2026-11-30T12:00:00Z");
+    assert_eq!(
+        by_hour["dimensions"]["/page"],
+        json!([{"value": "/a", "count": 4}, {"value": "/b", "count": 2}])
+    );
+
+    // Up to a day, minutes; the range starts at its minute.
+    let (status, _, by_minute) = call(
+        &app,
+        "GET",
+        &format!(
+            "/v1/streams/{name}/aggregates?from=2026-11-30T10:00:20Z&to=2026-11-30T10:05:00Z&top=1"
+        ),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{by_minute}");
+    assert_eq!(by_minute["resolution"], "minute");
+    assert_eq!(by_minute["from"], "2026-11-30T10:00:00Z");
+    assert_eq!(counts(&by_minute), [3, 2, 0, 0, 0]);
+    assert_eq!(
+        by_minute["dimensions"]["/page"],
+        json!([{"value": "/a", "count": 3}])
+    );
+
+    // A range with nothing in it: every bucket, each zero.
+    let (status, _, empty) = call(
+        &app,
+        "GET",
+        &format!("/v1/streams/{name}/aggregates?from=2026-11-29T10:00:00Z&to=2026-11-29T11:00:00Z"),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (empty["total"].as_u64(), counts(&empty).len()),
+        (Some(0), 60)
+    );
+    assert!(counts(&empty).iter().all(|c| *c == 0));
+
+    // Both kinds of hash expire after the default retention (a week, 90 days).
+    let redis = stack.redis().await.expect("redis");
+    let minute = "2026-11-30T10:00:00Z"
+        .parse::<jiff::Timestamp>()
+        .expect("t")
+        .as_second();
+    let ttl = |key: String| {
+        let mut redis = redis.clone();
+        async move {
+            redis::cmd("TTL")
+                .arg(key)
+                .query_async::<i64>(&mut redis)
+                .await
+                .expect("TTL")
+        }
+    };
+    let minute_ttl = ttl(store::minute_aggregate_key(
+        &pipeline.key_prefix,
+        &name,
+        minute,
+    ))
+    .await;
+    let hour_ttl = ttl(store::hour_aggregate_key(
+        &pipeline.key_prefix,
+        &name,
+        minute,
+    ))
+    .await;
+    assert!((1..=168 * 3600).contains(&minute_ttl), "{minute_ttl}");
+    assert!(
+        (168 * 3600 + 1..=2160 * 3600).contains(&hour_ttl),
+        "{hour_ttl}"
+    );
+
+    // Bad parameters are problems that say what is wrong.
+    for (query, says) in [
+        (
+            "from=2026-11-30T11:00:00Z&to=2026-11-30T10:00:00Z",
+            "must be before",
+        ),
+        ("from=yesterday", "RFC 3339"),
+        ("top=0", "top must be from 1 to 100"),
+        ("dimension=/nope", "no dimension \"/nope\""),
+        ("resolution=second", "resolution"),
+        (
+            "from=2026-11-01T00:00:00Z&to=2026-11-03T00:00:00Z&resolution=minute",
+            "resolution=hour",
+        ),
+    ] {
+        let (status, content_type, problem) = call(
+            &app,
+            "GET",
+            &format!("/v1/streams/{name}/aggregates?{query}"),
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {problem}");
+        assert_eq!(content_type, "application/problem+json");
+        let detail = problem["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains(says), "{query}: {detail}");
+    }
+    let (status, _, problem) = call(&app, "GET", "/v1/streams/nope/aggregates", "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{problem}");
+    stop.cancel();
 }

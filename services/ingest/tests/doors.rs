@@ -1149,6 +1149,7 @@ async fn metrics_and_openapi_describe_the_service() {
     for path in [
         "/v1/streams/{stream}/events",
         "/v1/streams/{stream}/records/{id}",
+        "/v1/streams/{stream}/aggregates",
         "/v1/messages",
         "/v1/users/{user}/unsent",
         "/v1/work",

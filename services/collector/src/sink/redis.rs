@@ -1,14 +1,16 @@
-//! The Redis sink: each event's JSON under `<prefix>:<stream>:<id>`, and per-minute
-//! aggregates per stream for the dashboard.
+//! The Redis sink: each event's JSON under `<prefix>:<stream>:<id>`, and per-minute and
+//! hourly aggregates per stream for the dashboard and the aggregates API.
 //!
 //! A batch is one Lua script call, so Redis applies it atomically; it first checks that no
 //! record key holds a value of another type (`WRONGTYPE`, which refuses the batch before
 //! anything is written, and then the event alone). For each event the script
 //! sets the record only if it is new (`SET NX`, with the optional TTL) and, only then,
-//! counts it for the hash `<prefix>:agg:<stream>:<minute>` (field `count`, and one field
+//! counts it for the hashes `<prefix>:agg:<stream>:<minute>` and
+//! `<prefix>:agg-hour:<stream>:<hour>` of its event time (field `count`, and one field
 //! `<pointer>=<value>` per configured dimension); the counts of the batch are added with
-//! one `HINCRBY` per hash and field at the end. A replay after a crash therefore adds
-//! neither a record nor a count.
+//! one `HINCRBY` per hash and field at the end, and each hash expires after the pipeline's
+//! `aggregates` retention. A replay after a crash therefore adds neither a record nor a
+//! count.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -18,9 +20,6 @@ use sluice_core::{PipelineSettings, store};
 
 use super::{Record, Sink, SinkError};
 
-/// Aggregates are kept this long.
-const AGGREGATE_TTL_SECONDS: u64 = 7 * 24 * 3600;
-
 const SCRIPT: &str = r"
 for _, key in ipairs(KEYS) do
   local t = redis.call('TYPE', key)['ok']
@@ -29,14 +28,15 @@ for _, key in ipairs(KEYS) do
   end
 end
 local ttl = tonumber(ARGV[1])
-local agg_ttl = tonumber(ARGV[2])
+local ttls = {minute = tonumber(ARGV[2]), hour = tonumber(ARGV[3])}
 local counts = {}
+local expiry = {}
 local n = 0
-local a = 3
+local a = 4
 for i, key in ipairs(KEYS) do
   local value = ARGV[a]
-  local agg = ARGV[a + 1]
-  local nfields = tonumber(ARGV[a + 2])
+  local aggs = {minute = ARGV[a + 1], hour = ARGV[a + 2]}
+  local nfields = tonumber(ARGV[a + 3])
   local set
   if ttl > 0 then
     set = redis.call('SET', key, value, 'NX', 'EX', ttl)
@@ -45,33 +45,30 @@ for i, key in ipairs(KEYS) do
   end
   if set then
     n = n + 1
-    local fields = counts[agg]
-    if not fields then
-      fields = {}
-      counts[agg] = fields
-    end
-    fields['count'] = (fields['count'] or 0) + 1
-    for f = 1, nfields do
-      local field = ARGV[a + 2 + f]
-      fields[field] = (fields[field] or 0) + 1
+    for span, agg in pairs(aggs) do
+      local fields = counts[agg]
+      if not fields then
+        fields = {}
+        counts[agg] = fields
+        expiry[agg] = ttls[span]
+      end
+      fields['count'] = (fields['count'] or 0) + 1
+      for f = 1, nfields do
+        local field = ARGV[a + 3 + f]
+        fields[field] = (fields[field] or 0) + 1
+      end
     end
   end
-  a = a + 3 + nfields
+  a = a + 4 + nfields
 end
 for agg, fields in pairs(counts) do
   for field, c in pairs(fields) do
     redis.call('HINCRBY', agg, field, c)
   end
-  redis.call('EXPIRE', agg, agg_ttl)
+  redis.call('EXPIRE', agg, expiry[agg])
 end
 return n
 ";
-
-/// The key of the per-minute aggregate of `stream` for the minute starting at `minute`
-/// (seconds since the epoch, a multiple of 60).
-pub fn aggregate_key(prefix: &str, stream: &str, minute: i64) -> String {
-    format!("{prefix}:agg:{stream}:{minute}")
-}
 
 /// Writes records and aggregates to Redis.
 pub struct RedisSink {
@@ -79,6 +76,8 @@ pub struct RedisSink {
     prefix: String,
     ttl: Option<Duration>,
     dimensions: HashMap<String, Vec<String>>,
+    /// How long minute and hour aggregates are kept, in seconds.
+    aggregate_ttls: (u64, u64),
     script: redis::Script,
 }
 
@@ -100,6 +99,10 @@ impl RedisSink {
                 .iter()
                 .map(|s| (s.name.clone(), s.dimensions.clone()))
                 .collect(),
+            aggregate_ttls: (
+                settings.aggregates.minute_ttl().as_secs().max(60),
+                settings.aggregates.hour_ttl().as_secs().max(60),
+            ),
             script: redis::Script::new(SCRIPT),
         })
     }
@@ -117,10 +120,12 @@ impl Sink for RedisSink {
         let mut invocation = self.script.prepare_invoke();
         invocation
             .arg(self.ttl.map_or(0, |t| t.as_secs().max(1)))
-            .arg(AGGREGATE_TTL_SECONDS);
+            .arg(self.aggregate_ttls.0)
+            .arg(self.aggregate_ttls.1);
         for r in batch {
             let e = &r.envelope;
-            let minute = e.event_time.as_second().div_euclid(60) * 60;
+            let second = e.event_time.as_second();
+            let (minute, hour) = (second.div_euclid(60) * 60, second.div_euclid(3600) * 3600);
             let fields: Vec<String> = self
                 .dimensions
                 .get(&e.stream)
@@ -135,7 +140,8 @@ impl Sink for RedisSink {
             invocation
                 .key(store::record_key(&self.prefix, &e.stream, &e.id))
                 .arg(e.encode_value())
-                .arg(aggregate_key(&self.prefix, &e.stream, minute))
+                .arg(store::minute_aggregate_key(&self.prefix, &e.stream, minute))
+                .arg(store::hour_aggregate_key(&self.prefix, &e.stream, hour))
                 .arg(fields.len());
             for f in fields {
                 invocation.arg(f);
