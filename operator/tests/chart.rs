@@ -150,7 +150,7 @@ fn chart_lints_with_default_and_other_values() {
         "--strict",
         &chart,
         "--set",
-        "watchNamespace=team-a,replicaCount=1,externalMetrics.certificate.source=certManager,metrics.serviceMonitor.enabled=true,otlp.endpoint=http://otel:4317",
+        "watchNamespace=team-a,replicaCount=1,externalMetrics.certificate.source=certManager,metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,otlp.endpoint=http://otel:4317",
     ])
     .unwrap_or_else(|e| panic!("{e}"));
 }
@@ -174,6 +174,7 @@ fn default_values_render_a_restricted_leader_elected_operator_with_a_verified_ap
         assert!(!of_kind(&docs, kind).is_empty(), "{kind} rendered");
     }
     assert!(of_kind(&docs, "ServiceMonitor").is_empty(), "optional");
+    assert!(of_kind(&docs, "PodMonitor").is_empty(), "optional");
 
     let deployment = one(&docs, "Deployment");
     assert_eq!(deployment["spec"]["replicas"], 2);
@@ -261,6 +262,7 @@ fn other_values_change_what_they_say_and_nothing_else() {
                 "externalMetrics.certificate.source=insecure",
                 "networkPolicy.enabled=false",
                 "metrics.serviceMonitor.enabled=true",
+                "metrics.podMonitor.enabled=true",
                 "otlp.endpoint=http://otel.observability:4317",
                 "logLevel=debug",
                 "images.operator.tag=1.2.3",
@@ -299,6 +301,20 @@ fn other_values_change_what_they_say_and_nothing_else() {
         one(&docs, "ServiceMonitor")["spec"]["endpoints"][0]["port"],
         "metrics"
     );
+    // The pipelines' pods in the watched namespace, on the ports that serve /metrics.
+    let pods = &one(&docs, "PodMonitor")["spec"];
+    assert_eq!(pods["namespaceSelector"], json!({"matchNames": ["team-a"]}));
+    assert_eq!(
+        pods["selector"]["matchLabels"],
+        json!({"app.kubernetes.io/managed-by": "sluice-operator"})
+    );
+    let ports: Vec<&str> = pods["podMetricsEndpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .map(|e| e["port"].as_str().expect("port"))
+        .collect();
+    assert_eq!(ports, ["http", "metrics"]);
 
     let deployment = one(&docs, "Deployment");
     assert_eq!(deployment["spec"]["replicas"], 1);
