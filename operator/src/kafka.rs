@@ -182,10 +182,11 @@ impl LagReader {
             .iter()
             .find(|c| c.name == collector)
             .ok_or_else(|| LagError::NoCollector(collector.to_owned()))?;
+        let settings = plan::settings(pc);
         let streams: Vec<_> = spec
             .streams
             .iter()
-            .filter_map(|s| plan::stream_settings(pc, s))
+            .filter_map(|s| settings.stream(s))
             .collect();
         let topics: Vec<String> = streams.iter().map(|s| s.topic().to_owned()).collect();
         let retry_topics: Vec<String> = streams.iter().map(|s| s.retry_topic()).collect();

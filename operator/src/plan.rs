@@ -613,14 +613,6 @@ fn collector(pc: &PipelineConfig, c: &CollectorSpec, images: &Images, checksum: 
     }
 }
 
-/// Whether a collector runs as a StatefulSet (a file collector with a claim per replica).
-fn collector_kind(c: &CollectorSpec) -> &'static str {
-    match &c.sink.file {
-        Some(file) if file.claim_name.is_none() => "StatefulSet",
-        _ => "Deployment",
-    }
-}
-
 /// The most replicas that can each own a partition: the collectors' group uses the range
 /// assignor, which shares out each topic's partitions on its own, so members beyond the
 /// largest topic's partition count would idle.
@@ -638,15 +630,19 @@ pub fn useful_replicas(pc: &PipelineConfig, c: &CollectorSpec) -> i32 {
 /// `sluice_consumer_lag` of its group, `AverageValue` = `lagPerReplica` (so the HPA wants
 /// `ceil(lag / lagPerReplica)` replicas), at most one replica per partition, scaling up at
 /// once (doubling, or four more, every 15 s) and down only once the lag stayed low for the
-/// stabilization window, which is what keeps it from flapping.
-fn collector_hpa(pc: &PipelineConfig, c: &CollectorSpec) -> Option<HorizontalPodAutoscaler> {
+/// stabilization window, which is what keeps it from flapping. It scales `workload`.
+fn collector_hpa(
+    pc: &PipelineConfig,
+    c: &CollectorSpec,
+    workload: &Workload,
+) -> Option<HorizontalPodAutoscaler> {
     let a = c.autoscale.as_ref()?;
     let max = a.max_replicas.min(useful_replicas(pc, c)).max(1);
     // The HPA cannot go below one; scaling to zero is the operator's (see reconcile).
     let min = a.min_replicas.clamp(1, max);
     let name = names::collector(pc, &c.name);
     let mut hpa: HorizontalPodAutoscaler = serde_json::from_value(json!({"spec": {
-        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": collector_kind(c), "name": name},
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": workload.kind(), "name": name},
         "minReplicas": min,
         "maxReplicas": max,
         "metrics": [{"type": "External", "external": {
@@ -800,23 +796,25 @@ pub fn children(pc: &PipelineConfig, images: &Images) -> Children {
     };
     config_map.metadata = meta(pc, names::config(pc), "settings");
     let (ingest, ingest_service, ingest_hpa) = ingest(pc, images, &sum);
+    let collectors: Vec<Workload> = pc
+        .spec
+        .collectors
+        .iter()
+        .map(|c| collector(pc, c, images, &sum))
+        .collect();
     Children {
         config_map,
         ingest,
         ingest_service,
         ingest_hpa,
-        collectors: pc
-            .spec
-            .collectors
-            .iter()
-            .map(|c| collector(pc, c, images, &sum))
-            .collect(),
         collector_hpas: pc
             .spec
             .collectors
             .iter()
-            .filter_map(|c| collector_hpa(pc, c))
+            .zip(&collectors)
+            .filter_map(|(c, w)| collector_hpa(pc, c, w))
             .collect(),
+        collectors,
         redis: redis(pc, images),
     }
 }
@@ -875,12 +873,6 @@ pub struct ObservedTopic {
     pub partitions: i32,
     /// Replication factor (of partition 0).
     pub replication_factor: i32,
-}
-
-/// The settings of the stream named `stream` (with its topic names), if the resource has
-/// that stream.
-pub fn stream_settings(pc: &PipelineConfig, stream: &str) -> Option<StreamSettings> {
-    settings(pc).streams.into_iter().find(|s| s.name == stream)
 }
 
 /// The replication factor of a stream's topics: the spec's, else 3, or the number of
