@@ -150,7 +150,7 @@ fn chart_lints_with_default_and_other_values() {
         "--strict",
         &chart,
         "--set",
-        "watchNamespace=team-a,replicaCount=1,externalMetrics.certificate.source=certManager,metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,otlp.endpoint=http://otel:4317",
+        "watchNamespace=team-a,replicaCount=1,externalMetrics.certificate.source=certManager,metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,metrics.prometheusRule.enabled=true,grafana.dashboard.enabled=true,otlp.endpoint=http://otel:4317",
     ])
     .unwrap_or_else(|e| panic!("{e}"));
 }
@@ -175,6 +175,11 @@ fn default_values_render_a_restricted_leader_elected_operator_with_a_verified_ap
     }
     assert!(of_kind(&docs, "ServiceMonitor").is_empty(), "optional");
     assert!(of_kind(&docs, "PodMonitor").is_empty(), "optional");
+    assert!(of_kind(&docs, "PrometheusRule").is_empty(), "optional");
+    assert!(
+        of_kind(&docs, "ConfigMap").is_empty(),
+        "no dashboard unless asked"
+    );
 
     let deployment = one(&docs, "Deployment");
     assert_eq!(deployment["spec"]["replicas"], 2);
@@ -263,6 +268,11 @@ fn other_values_change_what_they_say_and_nothing_else() {
                 "networkPolicy.enabled=false",
                 "metrics.serviceMonitor.enabled=true",
                 "metrics.podMonitor.enabled=true",
+                "metrics.prometheusRule.enabled=true",
+                "metrics.prometheusRule.labels.release=monitoring",
+                "grafana.dashboard.enabled=true",
+                "grafana.dashboard.namespace=grafana",
+                "grafana.dashboard.annotations.grafana_folder=Sluice",
                 "otlp.endpoint=http://otel.observability:4317",
                 "logLevel=debug",
                 "images.operator.tag=1.2.3",
@@ -315,6 +325,44 @@ fn other_values_change_what_they_say_and_nothing_else() {
         .map(|e| e["port"].as_str().expect("port"))
         .collect();
     assert_eq!(ports, ["http", "metrics"]);
+    // Each endpoint names the labels the dashboard and the alerts group by.
+    for endpoint in pods["podMetricsEndpoints"].as_array().expect("endpoints") {
+        let targets: Vec<&str> = endpoint["relabelings"]
+            .as_array()
+            .expect("relabelings")
+            .iter()
+            .map(|r| r["targetLabel"].as_str().expect("targetLabel"))
+            .collect();
+        assert_eq!(targets, ["pipeline", "component"]);
+    }
+
+    // The alerts are the file promtool tests; the dashboard is the file the metrics test reads.
+    let monitoring = repo().join("charts/sluice/monitoring");
+    let rule = one(&docs, "PrometheusRule");
+    assert_eq!(rule["metadata"]["labels"]["release"], "monitoring");
+    let rules: Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(monitoring.join("rules.yaml")).expect("rules.yaml"),
+    )
+    .expect("rules.yaml");
+    assert_eq!(rule["spec"], rules, "the PrometheusRule carries rules.yaml");
+    let dashboard = one(&docs, "ConfigMap");
+    assert_eq!(dashboard["metadata"]["namespace"], "grafana");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(
+        dashboard["metadata"]["annotations"]["grafana_folder"],
+        "Sluice"
+    );
+    let json: Value = serde_json::from_str(
+        dashboard["data"]["sluice.json"]
+            .as_str()
+            .expect("sluice.json"),
+    )
+    .expect("the dashboard is JSON");
+    let file: Value = serde_json::from_str(
+        &std::fs::read_to_string(monitoring.join("dashboard.json")).expect("dashboard.json"),
+    )
+    .expect("dashboard.json");
+    assert_eq!(json, file, "the ConfigMap carries dashboard.json");
 
     let deployment = one(&docs, "Deployment");
     assert_eq!(deployment["spec"]["replicas"], 1);

@@ -272,6 +272,16 @@ async fn ingest_nodeport(
     )
     .await
     .unwrap_or_else(|e| panic!("{e}"));
+    // The image carries the dashboard, built into the binary.
+    let page = reqwest::get(format!("{base}/ui/"))
+        .await
+        .expect("GET /ui/ through the NodePort");
+    assert_eq!(page.status(), 200, "the image serves the dashboard");
+    let html = page.text().await.expect("the page");
+    assert!(
+        html.contains("<title>Sluice"),
+        "the dashboard's page: {html}"
+    );
     base
 }
 

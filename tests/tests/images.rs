@@ -99,7 +99,27 @@ fn images_are_built_with_the_test_commands_cargo_profile_and_features() {
         .expect("the Dockerfile has ARG RUST_VERSION");
     assert_eq!(rust_arg, channel, "the image's Rust is the toolchain's");
 
+    // The dashboard is built from its lockfile and embedded by the compile stage.
+    let ui = stage(&file, "ui");
+    let ui_runs = shell_runs(&ui);
+    assert!(
+        ui_runs.iter().any(|r| r.starts_with("npm ci"))
+            && ui_runs.iter().any(|r| r.starts_with("npm run build")),
+        "the ui stage installs from the lockfile and builds: {ui_runs:?}"
+    );
     let build = stage(&file, "build");
+    let embeds_ui = build.instructions.iter().any(|i| match i {
+        Instruction::Copy(c) => {
+            c.options.iter().any(|o| {
+                o.name.value == "from" && o.value.as_ref().is_some_and(|v| v.value == "ui")
+            }) && c.dest.value == "services/ingest/ui/dist"
+        }
+        _ => false,
+    });
+    assert!(
+        embeds_ui,
+        "the build stage takes the dashboard from the ui stage"
+    );
     let runs = shell_runs(&build);
     let build_run = runs
         .iter()

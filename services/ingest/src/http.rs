@@ -63,6 +63,9 @@ pub fn router(app: App) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/ui", get(crate::ui::redirect))
+        .route("/ui/", get(crate::ui::file))
+        .route("/ui/{*path}", get(crate::ui::file))
         .route(
             "/openapi.json",
             get(
@@ -79,6 +82,7 @@ pub fn router(app: App) -> Router {
 fn api_router() -> OpenApiRouter<App> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(publish_events))
+        .routes(routes!(list_streams))
         .routes(routes!(read_record))
         .routes(routes!(crate::aggregates::aggregates))
         .routes(routes!(post_message))
@@ -367,6 +371,48 @@ where
         }
     }
     read(app.inner.redis.clone()).await.map_err(ApiError::Store)
+}
+
+/// A stream as `GET /v1/streams` lists it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StreamInfo {
+    /// The stream's name, as in the paths.
+    pub name: String,
+    /// The Kafka topic its events are published to.
+    pub topic: String,
+    /// The JSON pointers whose values the Redis sink counts (the aggregates' dimensions).
+    pub dimensions: Vec<String>,
+}
+
+/// The streams of the pipeline.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StreamList {
+    /// Every stream, by name.
+    pub streams: Vec<StreamInfo>,
+}
+
+/// List the streams.
+///
+/// The pipeline's streams with their topics and the dimensions their aggregates count.
+#[utoipa::path(
+    get,
+    path = "/v1/streams",
+    responses((status = 200, description = "The streams", body = StreamList))
+)]
+async fn list_streams(State(app): State<App>) -> Json<StreamList> {
+    Json(StreamList {
+        streams: app
+            .inner
+            .streams
+            .all()
+            .into_iter()
+            .map(|s| StreamInfo {
+                name: s.settings.name.clone(),
+                topic: s.settings.topic().to_owned(),
+                dimensions: s.settings.dimensions.clone(),
+            })
+            .collect(),
+    })
 }
 
 /// Read a stored record.

@@ -24,6 +24,7 @@ pub mod listener;
 pub mod metrics;
 pub mod publish;
 pub mod tcp;
+pub mod ui;
 pub mod ws;
 
 use std::net::SocketAddr;

@@ -84,6 +84,13 @@ impl Streams {
         Ok(Self { by_name, names })
     }
 
+    /// Every stream, by name.
+    pub fn all(&self) -> Vec<&Arc<Stream>> {
+        let mut all: Vec<_> = self.by_name.values().collect();
+        all.sort_by(|a, b| a.settings.name.cmp(&b.settings.name));
+        all
+    }
+
     /// The stream called `name`.
     pub fn get(&self, name: &str) -> Result<&Arc<Stream>, PublishError> {
         self.by_name

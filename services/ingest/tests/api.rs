@@ -350,3 +350,104 @@ async fn aggregates_count_what_the_collector_wrote_per_minute_and_per_hour() {
     assert_eq!(status, StatusCode::NOT_FOUND, "{problem}");
     stop.cancel();
 }
+
+/// A GET through the router, answered with its headers and body.
+async fn get(app: &App, uri: &str, headers: &[(&str, &str)]) -> axum::response::Response {
+    let mut request = Request::builder().uri(uri);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    router(app.clone())
+        .oneshot(request.body(Body::empty()).expect("request"))
+        .await
+        .expect("response")
+}
+
+#[tokio::test]
+async fn the_stream_list_and_the_dashboards_files_are_served() {
+    let stack = Stack::from_env();
+    let mut clicks = StreamSettings::new(unique("clicks"));
+    clicks.dimensions = vec!["/page".to_owned(), "/country".to_owned()];
+    let plain = StreamSettings::new(unique("plain"));
+    let (clicks_name, plain_name) = (clicks.name.clone(), plain.name.clone());
+    let pipeline = Pipeline::create(&stack, vec![plain, clicks])
+        .await
+        .expect("pipeline");
+    let app = app_for(&stack, &pipeline).await;
+
+    // The streams by name, with what the page needs to offer them.
+    let (status, _, list) = call(&app, "GET", "/v1/streams", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        list,
+        json!({"streams": [
+            {"name": clicks_name, "topic": clicks_name, "dimensions": ["/page", "/country"]},
+            {"name": plain_name, "topic": plain_name, "dimensions": []},
+        ]})
+    );
+
+    // /ui goes to /ui/, which is the page; it may load nothing from elsewhere.
+    let redirect = get(&app, "/ui", &[]).await;
+    assert_eq!(redirect.status(), StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(redirect.headers()[header::LOCATION], "/ui/");
+    let page = get(&app, "/ui/", &[]).await;
+    assert_eq!(page.status(), StatusCode::OK);
+    assert_eq!(
+        page.headers()[header::CONTENT_TYPE],
+        "text/html",
+        "{:?}",
+        page.headers()
+    );
+    let csp = page.headers()[header::CONTENT_SECURITY_POLICY]
+        .to_str()
+        .expect("csp")
+        .to_owned();
+    assert!(csp.starts_with("default-src 'self'"), "{csp}");
+    assert_eq!(page.headers()[header::CACHE_CONTROL], "no-cache");
+    let etag = page.headers()[header::ETAG].clone();
+    let html = String::from_utf8(
+        page.into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes()
+            .to_vec(),
+    )
+    .expect("UTF-8");
+    assert!(html.contains("<title>Sluice"), "{html}");
+
+    // The bundle the page names is served, cached for good under its hashed name.
+    let script = html
+        .split('"')
+        .find(|s| s.starts_with("/ui/assets/") && s.ends_with(".js"))
+        .unwrap_or_else(|| panic!("no script in {html}"));
+    let bundle = get(&app, script, &[]).await;
+    assert_eq!(bundle.status(), StatusCode::OK);
+    assert_eq!(
+        bundle.headers()[header::CONTENT_TYPE],
+        "text/javascript",
+        "{:?}",
+        bundle.headers()
+    );
+    assert!(
+        bundle.headers()[header::CACHE_CONTROL]
+            .to_str()
+            .expect("cache-control")
+            .contains("immutable")
+    );
+
+    // A browser that has the page asks again with its ETag: nothing is sent.
+    let again = get(
+        &app,
+        "/ui/",
+        &[("if-none-match", etag.to_str().expect("etag"))],
+    )
+    .await;
+    assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
+
+    // A file that is not there is a 404 problem, like any unknown path.
+    let (status, content_type, problem) = call(&app, "GET", "/ui/nope.js", "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(content_type, "application/problem+json");
+    assert_eq!(problem["type"], "https://sluice.dev/problems/no-route");
+}
