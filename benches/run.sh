@@ -62,7 +62,7 @@ lg() {
   local name=$1; shift
   echo "[bench] $name" >&2
   "$bin/sluice-loadgen" --target "$base" --tcp-target "127.0.0.1:$tcp_port" \
-    --kafka-brokers "$SLUICE_KAFKA_BROKERS" --stream "$tag" --report-interval 0 --json \
+    --kafka-brokers "$SLUICE_KAFKA_BROKERS" --stream "$tag" --status-interval 0 --json \
     --requests 10000000 --duration "$duration" "$@" >"$work/$name.json"
 }
 
@@ -86,7 +86,7 @@ redis-benchmark -h 127.0.0.1 -p "$redis_port" -P 16 -t set -n 1000000 -q >"$work
 pids+=($!)
 echo "[bench] end to end into Redis" >&2
 "$bin/sluice-loadgen" --target "$base" --stream "$tag-e2e" --protocol http-batch --batch-size 100 \
-  --requests 500 --concurrency 16 --duration 120 --report-interval 0 --json \
+  --requests 500 --concurrency 16 --duration 120 --status-interval 0 --json \
   --verify-redis "$SLUICE_REDIS_URL" --verify-key-prefix "$tag" --verify-timeout 120 >"$work/e2e.json"
 
 mkdir -p docs

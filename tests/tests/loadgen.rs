@@ -94,7 +94,7 @@ async fn every_protocol_delivers_every_acknowledged_event_to_redis() -> anyhow::
             "8",
             "--duration",
             "60",
-            "--report-interval",
+            "--status-interval",
             "0",
             "--json",
             "--verify-redis",

@@ -84,6 +84,9 @@ pub struct WorkerConfig {
     pub concurrency: usize,
     /// Tries of a batch on the main topics.
     pub write_attempts: u32,
+    /// The streams are named after their topics (no settings file): an event is stored
+    /// under its topic's stream whatever stream its producer named, rather than refused.
+    pub streams_are_topics: bool,
 }
 
 /// Turns librdkafka's statistics into the lag metric.
@@ -275,8 +278,11 @@ impl Worker {
             // names another stream would land in that stream's keys, rows or files.
             let decoded = Envelope::decode(m.payload(), m.headers())
                 .map_err(|e| e.to_string())
-                .and_then(|envelope| {
+                .and_then(|mut envelope| {
                     if envelope.stream == stream {
+                        Ok(envelope)
+                    } else if self.config.streams_are_topics {
+                        envelope.stream = stream.clone();
                         Ok(envelope)
                     } else {
                         Err(format!(

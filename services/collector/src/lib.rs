@@ -71,9 +71,11 @@ impl SinkKind {
     after_help = "`sluice-collector redrive --help`: send a stream's dead-lettered events back to its topic."
 )]
 pub struct Args {
-    /// Pipeline settings file (streams and their topics, retry policy).
+    /// Pipeline settings file (streams and their topics, retry policy). Without it, the
+    /// topics named in --groups are the streams, written to files (--record-directory) by
+    /// default.
     #[arg(long, env = "SLUICE_SETTINGS")]
-    pub settings: PathBuf,
+    pub settings: Option<PathBuf>,
     /// Kafka connection.
     #[command(flatten)]
     pub kafka: KafkaArgs,
@@ -94,9 +96,9 @@ pub struct Args {
     /// Groups and topics as `group:topic[,group:topic...]`; replaces --group and --streams.
     #[arg(long, env = "SLUICE_COLLECTOR_GROUPS", value_delimiter = ',')]
     pub groups: Vec<String>,
-    /// Where events are written.
-    #[arg(long, env = "SLUICE_SINK", value_enum, default_value = "redis")]
-    pub sink: SinkKind,
+    /// Where events are written: `redis` by default with --settings, `file` without.
+    #[arg(long, env = "SLUICE_SINK", value_enum)]
+    pub sink: Option<SinkKind>,
     /// Redis the `redis` and `redis-index` sinks write to (the primary).
     #[arg(
         long,
@@ -151,7 +153,8 @@ pub struct Args {
     /// Tries of a batch write before its events go to the retry topic.
     #[arg(long, env = "SLUICE_WRITE_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub write_attempts: u32,
-    /// Create the retry and dead-letter topics at start-up when absent.
+    /// Create the retry and dead-letter topics at start-up when absent (always without
+    /// --settings).
     #[arg(long, env = "SLUICE_CREATE_TOPICS")]
     pub create_topics: bool,
     /// Address of the `/metrics` and `/healthz` endpoints; off when unset.
@@ -180,6 +183,41 @@ pub enum CollectorError {
     /// The metrics endpoint could not listen.
     #[error("metrics endpoint: {0}")]
     Metrics(#[source] std::io::Error),
+}
+
+impl Args {
+    /// The sink: --sink, or its default (`redis` with a settings file, `file` without).
+    pub fn sink_kind(&self) -> SinkKind {
+        self.sink.unwrap_or(if self.settings.is_some() {
+            SinkKind::Redis
+        } else {
+            SinkKind::File
+        })
+    }
+
+    /// The pipeline: the settings file, or without one a stream per topic of --groups.
+    pub fn pipeline(&self) -> Result<PipelineSettings, CollectorError> {
+        if let Some(path) = &self.settings {
+            return Ok(PipelineSettings::from_file(path)?);
+        }
+        if self.groups.is_empty() {
+            return Err(CollectorError::Selection(
+                "no pipeline: give --settings <file>, or --groups group:topic[,group:topic...] to write those topics to files".to_owned(),
+            ));
+        }
+        let mut streams: Vec<StreamSettings> = Vec::new();
+        for entry in &self.groups {
+            let Some((_, topic)) = entry.split_once(':') else {
+                return Err(CollectorError::Selection(format!(
+                    "--groups entry {entry:?} is not group:topic"
+                )));
+            };
+            if !streams.iter().any(|s| s.name == topic) {
+                streams.push(StreamSettings::new(topic));
+            }
+        }
+        Ok(PipelineSettings::of_streams(streams)?)
+    }
 }
 
 /// Which streams each consumer group collects.
@@ -231,7 +269,7 @@ pub fn plan_groups<'a>(
 }
 
 async fn build_sink(args: &Args, settings: &PipelineSettings) -> Result<AnySink, SinkError> {
-    Ok(match args.sink {
+    Ok(match args.sink_kind() {
         SinkKind::Redis => AnySink::Redis(
             sink::redis::RedisSink::connect(
                 &args.redis_url,
@@ -284,10 +322,10 @@ async fn ready(health: Arc<SinkHealth>) -> (axum::http::StatusCode, String) {
 
 /// Runs the collector until `shutdown` is cancelled.
 pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), CollectorError> {
-    let settings = PipelineSettings::from_file(&args.settings)?;
+    let settings = args.pipeline()?;
     let plan = plan_groups(&args, &settings)?;
     let metrics = Arc::new(Metrics::new());
-    let health = Arc::new(SinkHealth::new(args.sink.name(), metrics.clone()));
+    let health = Arc::new(SinkHealth::new(args.sink_kind().name(), metrics.clone()));
     if let Some(addr) = args.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -319,7 +357,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Collecto
                 .await;
         });
     }
-    if args.create_topics {
+    // Without a settings file no operator or script made the retry and dead-letter topics.
+    if args.create_topics || args.settings.is_none() {
         let topics: Vec<TopicSpec> = plan
             .values()
             .flatten()
@@ -349,6 +388,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Collecto
                 batch_size: args.batch_size as usize,
                 concurrency: args.concurrent_count as usize,
                 write_attempts: args.write_attempts,
+                streams_are_topics: args.settings.is_none(),
             };
             let worker = Worker::new(
                 &args.kafka,
@@ -412,6 +452,37 @@ mod tests {
         assert!(err.to_string().contains("group:topic"));
         let err = plan_groups(&args(&["--streams", "visit,x"]), &settings).expect_err("unknown");
         assert!(err.to_string().contains("\"x\""));
+    }
+
+    #[test]
+    fn without_settings_the_topics_of_groups_are_the_streams_written_to_files() {
+        let workshop = Args::parse_from([
+            "sluice-collector",
+            "--brokers",
+            "kafka:9092",
+            "--groups",
+            "visits:visits-v1,activities:activities-v1,more:visits-v1",
+            "--record-directory",
+            "out",
+        ]);
+        assert_eq!(workshop.kafka.brokers, "kafka:9092");
+        assert_eq!(workshop.sink_kind(), SinkKind::File);
+        let settings = workshop.pipeline().expect("pipeline");
+        let names: Vec<&str> = settings.streams.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["visits-v1", "activities-v1"]);
+        let plan = plan_groups(&workshop, &settings).expect("plan");
+        assert_eq!(plan.len(), 3);
+        assert_eq!(args(&[]).sink_kind(), SinkKind::Redis, "with settings");
+
+        let none = Args::parse_from(["sluice-collector"]);
+        let err = none.pipeline().expect_err("nothing to collect");
+        assert!(
+            err.to_string().contains("--settings") && err.to_string().contains("--groups"),
+            "{err}"
+        );
+        let bad = Args::parse_from(["sluice-collector", "--groups", "g:bad topic"]);
+        let err = bad.pipeline().expect_err("not a topic name");
+        assert!(err.to_string().contains("bad topic"), "{err}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub struct KafkaArgs {
     /// Kafka bootstrap servers, comma separated.
     #[arg(
         long = "kafka-brokers",
+        visible_alias = "brokers",
         env = "SLUICE_KAFKA_BROKERS",
         default_value = "127.0.0.1:9092"
     )]

@@ -217,6 +217,18 @@ impl PipelineSettings {
         Ok(settings)
     }
 
+    /// Settings of just these streams, with the default retry policy and retention,
+    /// checked as a file would be (for the programs' flag-only forms).
+    pub fn of_streams(streams: Vec<StreamSettings>) -> Result<Self, SettingsError> {
+        let settings = Self {
+            streams,
+            retry: RetrySettings::default(),
+            aggregates: AggregateSettings::default(),
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+
     /// Reads, parses and checks a settings file.
     pub fn from_file(path: &Path) -> Result<Self, SettingsError> {
         let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
@@ -236,7 +248,9 @@ impl PipelineSettings {
         self.streams.iter().find(|s| s.name == name)
     }
 
-    fn validate(&self) -> Result<(), SettingsError> {
+    /// Checks the rules a settings file must keep (names, topics, durations), for settings
+    /// changed after reading.
+    pub fn validate(&self) -> Result<(), SettingsError> {
         let invalid = |m: String| Err(SettingsError::Invalid(m));
         if self.retry.max_attempts < 1 {
             return invalid("retry.maxAttempts must be at least 1".to_owned());

@@ -35,10 +35,10 @@ use std::time::Duration;
 
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sluice_core::kafka::{KafkaArgs, TopicSpec, ensure_topics};
 use sluice_core::settings::{SettingsError, duration_arg};
-use sluice_core::{PipelineSettings, store};
+use sluice_core::{PipelineSettings, StreamSettings, store};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -60,9 +60,20 @@ pub struct Args {
     /// Address the HTTP server listens on.
     #[arg(long, env = "SLUICE_INGEST_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Pipeline settings file (streams and their topics).
+    /// Port of the HTTP server, on the address of --listen (the workshop's flag).
+    #[arg(long, env = "SLUICE_INGEST_PORT")]
+    pub port: Option<u16>,
+    /// Pipeline settings file (streams and their topics). Without it, the pipeline is the
+    /// streams `visit` and `activity`, on the topics of --visit-topic and --activity-topic.
     #[arg(long, env = "SLUICE_SETTINGS")]
-    pub settings: PathBuf,
+    pub settings: Option<PathBuf>,
+    /// Topic of the stream `visit` (`POST /api/visit/v1/`); created at start when absent.
+    #[arg(long, env = "SLUICE_VISIT_TOPIC")]
+    pub visit_topic: Option<String>,
+    /// Topic of the stream `activity` (`POST /api/activity/v1/`); created at start when
+    /// absent.
+    #[arg(long, env = "SLUICE_ACTIVITY_TOPIC")]
+    pub activity_topic: Option<String>,
     /// Kafka connection.
     #[command(flatten)]
     pub kafka: KafkaArgs,
@@ -145,7 +156,10 @@ impl Args {
     pub fn new(settings: PathBuf, kafka: KafkaArgs, redis_url: String) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            settings,
+            port: None,
+            settings: Some(settings),
+            visit_topic: None,
+            activity_topic: None,
             kafka,
             redis_url,
             redis_replica_url: None,
@@ -169,6 +183,75 @@ impl Args {
             drain_delay: Duration::from_secs(5),
             log_level: "info".to_owned(),
         }
+    }
+}
+
+impl Args {
+    /// The address the HTTP server listens on: --listen, with --port's port when given.
+    pub fn http_address(&self) -> SocketAddr {
+        let mut addr = self.listen;
+        if let Some(port) = self.port {
+            addr.set_port(port);
+        }
+        addr
+    }
+
+    /// The pipeline: the settings file with the topics of --visit-topic and
+    /// --activity-topic, or without a file the streams `visit` and `activity`. Also the
+    /// topics those flags name (all of the file's with --create-topics), to create when
+    /// absent.
+    pub fn pipeline(&self) -> Result<(PipelineSettings, Vec<TopicSpec>), SettingsError> {
+        let named = [
+            ("visit", &self.visit_topic),
+            ("activity", &self.activity_topic),
+        ];
+        let mut settings = match &self.settings {
+            Some(path) => PipelineSettings::from_file(path)?,
+            None => PipelineSettings::of_streams(
+                named
+                    .iter()
+                    .map(|(name, _)| StreamSettings::new(*name))
+                    .collect(),
+            )?,
+        };
+        let mut create = Vec::new();
+        for (name, topic) in named {
+            let Some(stream) = settings.streams.iter_mut().find(|s| s.name == name) else {
+                if topic.is_some() {
+                    return Err(SettingsError::Invalid(format!(
+                        "--{name}-topic: the pipeline settings have no stream {name:?}"
+                    )));
+                }
+                continue;
+            };
+            if let Some(topic) = topic {
+                stream.topic = Some(topic.clone());
+            }
+            if topic.is_some() || self.settings.is_none() {
+                create.push(TopicSpec {
+                    name: stream.topic().to_owned(),
+                    partitions: stream.partitions,
+                });
+            }
+        }
+        // The topics may have changed: checked as a file's are.
+        settings.validate()?;
+        if self.create_topics {
+            create.clear();
+            for s in &settings.streams {
+                create.push(TopicSpec {
+                    name: s.topic().to_owned(),
+                    partitions: s.partitions,
+                });
+                if self.read_events {
+                    create.push(TopicSpec {
+                        name: s.read_topic(),
+                        partitions: s.partitions,
+                    });
+                }
+            }
+        }
+        Ok((settings, create))
     }
 }
 
@@ -231,13 +314,17 @@ struct Inner {
     tcp: Option<Arc<tcp::Buffer>>,
 }
 
-async fn redis_connection(url: &str) -> Result<ConnectionManager, StartError> {
+/// A Redis connection made on first use: publishing never needs Redis, so ingest starts
+/// and takes events while Redis is away (reads answer 503 until it is back), and runs with
+/// no Redis at all where nothing reads.
+fn redis_connection(url: &str) -> Result<ConnectionManager, StartError> {
     let redis_error = |source| StartError::Redis {
         url: url.to_owned(),
         source,
     };
     let client = redis::Client::open(url).map_err(redis_error)?;
-    client.get_connection_manager().await.map_err(redis_error)
+    ConnectionManager::new_lazy_with_config(client, ConnectionManagerConfig::new())
+        .map_err(redis_error)
 }
 
 /// Reads an API key file: one key per line; blank lines and `#` comments are skipped.
@@ -268,28 +355,15 @@ pub fn read_api_keys(path: &Path) -> Result<Vec<Vec<u8>>, StartError> {
 impl App {
     /// Reads the settings, creates the Kafka producer and connects to Redis.
     pub async fn connect(args: &Args) -> Result<Self, StartError> {
-        let settings = PipelineSettings::from_file(&args.settings)?;
+        let (settings, create) = args.pipeline()?;
         let streams = Streams::new(&settings)?;
-        if args.create_topics {
-            let mut topics = Vec::new();
-            for s in &settings.streams {
-                topics.push(TopicSpec {
-                    name: s.topic().to_owned(),
-                    partitions: s.partitions,
-                });
-                if args.read_events {
-                    topics.push(TopicSpec {
-                        name: s.read_topic(),
-                        partitions: s.partitions,
-                    });
-                }
-            }
-            ensure_topics(&args.kafka, &topics).await?;
+        if !create.is_empty() {
+            ensure_topics(&args.kafka, &create).await?;
         }
         let producer: FutureProducer = args.kafka.producer_config().create()?;
-        let redis = redis_connection(&args.redis_url).await?;
+        let redis = redis_connection(&args.redis_url)?;
         let replica = match &args.redis_replica_url {
-            Some(url) => Some(redis_connection(url).await?),
+            Some(url) => Some(redis_connection(url)?),
             None => None,
         };
         let api_keys = match &args.api_keys_file {
@@ -431,4 +505,83 @@ pub async fn run(
     app.flush(Duration::from_secs(10));
     tracing::info!("ingest stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn the_workshop_flags_make_the_visit_and_activity_streams_and_their_topics() {
+        let args = Args::parse_from([
+            "sluice-ingest",
+            "--brokers",
+            "kafka:9092",
+            "--port",
+            "9000",
+            "--visit-topic",
+            "visits-v1",
+            "--activity-topic",
+            "activities-v1",
+        ]);
+        assert_eq!(args.kafka.brokers, "kafka:9092");
+        assert_eq!(args.http_address(), "127.0.0.1:9000".parse().expect("addr"));
+        let (settings, create) = args.pipeline().expect("pipeline");
+        let topics: Vec<(&str, &str)> = settings
+            .streams
+            .iter()
+            .map(|s| (s.name.as_str(), s.topic()))
+            .collect();
+        assert_eq!(
+            topics,
+            [("visit", "visits-v1"), ("activity", "activities-v1")]
+        );
+        let created: Vec<&str> = create.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(created, ["visits-v1", "activities-v1"]);
+
+        // No flags: the two streams on topics of their names, created too.
+        let (_, create) = Args::parse_from(["sluice-ingest"])
+            .pipeline()
+            .expect("pipeline");
+        let created: Vec<&str> = create.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(created, ["visit", "activity"]);
+    }
+
+    #[test]
+    fn with_a_settings_file_the_topic_flags_move_its_streams_or_say_what_is_missing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pipeline.yaml");
+        std::fs::write(&path, "streams:\n  - name: visit\n  - name: orders\n").expect("write");
+        let settings = path.display().to_string();
+        let args = Args::parse_from([
+            "sluice-ingest",
+            "--settings",
+            &settings,
+            "--visit-topic",
+            "visits-v2",
+        ]);
+        let (pipeline, create) = args.pipeline().expect("pipeline");
+        assert_eq!(
+            pipeline.stream("visit").map(|s| s.topic()),
+            Some("visits-v2")
+        );
+        assert_eq!(pipeline.stream("orders").map(|s| s.topic()), Some("orders"));
+        let created: Vec<&str> = create.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(created, ["visits-v2"], "only the topic a flag named");
+
+        let missing = Args::parse_from([
+            "sluice-ingest",
+            "--settings",
+            &settings,
+            "--activity-topic",
+            "a",
+        ]);
+        let err = missing.pipeline().expect_err("no activity stream");
+        assert!(err.to_string().contains("--activity-topic"), "{err}");
+        let bad = Args::parse_from(["sluice-ingest", "--visit-topic", "not a topic"]);
+        let err = bad.pipeline().expect_err("bad topic");
+        assert!(err.to_string().contains("not a topic"), "{err}");
+    }
 }

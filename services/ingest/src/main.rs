@@ -22,9 +22,10 @@ async fn main() -> anyhow::Result<()> {
             app.start_draining();
         }
     });
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let address = args.http_address();
+    let listener = tokio::net::TcpListener::bind(address)
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+        .with_context(|| format!("cannot listen on {address}"))?;
     let mut doors = tokio::task::JoinSet::new();
     if let Some(addr) = args.tcp_write_listen {
         let l = tokio::net::TcpListener::bind(addr)

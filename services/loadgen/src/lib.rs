@@ -3,12 +3,12 @@
 //! `--concurrency` clients (`--concurrent-clients`, `--concurrent-user`) send requests over
 //! one protocol (`--protocol http | http-batch | ws | tcp | kafka`) until `--requests` were sent or
 //! `--duration` passed. Closed loop by default: each client waits for its answer (and
-//! `--delay` ms) before the next request. With `--rate` the run is open loop: request `n`
+//! `--delay` ms, or `--report-interval` with its unit) before the next request. With `--rate` the run is open loop: request `n`
 //! is due at `n / rate` seconds, and its latency counts from then (see [`rate`]).
 //!
 //! Every event carries an id `<run>-<n>`; with `--verify-redis`, `--verify-file` or
 //! `--verify-postgres` the acknowledged ids are looked up in the sink afterwards (see
-//! [`verify`]). A one-line status goes to stderr every `--report-interval` seconds; the
+//! [`verify`]). A one-line status goes to stderr every `--status-interval` seconds; the
 //! report at the end is text, or JSON with `--json`. Targets must be loopback addresses
 //! unless `--allow-remote` is given.
 
@@ -110,6 +110,11 @@ pub struct Args {
     /// Closed loop: milliseconds each client waits between requests.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub delay: u64,
+    /// Closed loop: the pause between one client's reports, with its unit (`100ms`, `1s`),
+    /// as the workshop's load client takes it; replaces --delay. (The seconds between
+    /// status lines, which this flag meant before, are --status-interval.)
+    #[arg(long, value_parser = sluice_core::settings::duration_arg, conflicts_with = "delay")]
+    pub report_interval: Option<Duration>,
     /// Events per request for `http-batch`, `ws` and `kafka`.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub batch_size: u64,
@@ -121,7 +126,7 @@ pub struct Args {
     pub duration: u64,
     /// Seconds between status lines on stderr; 0 for none.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=3600))]
-    pub report_interval: u64,
+    pub status_interval: u64,
     /// Allow targets that are not loopback addresses.
     #[arg(long, env = "SLUICE_LOADGEN_ALLOW_REMOTE")]
     pub allow_remote: bool,
@@ -152,6 +157,12 @@ pub struct Args {
 }
 
 impl Args {
+    /// What a client waits after an answer before its next request (closed loop).
+    pub fn pause(&self) -> Duration {
+        self.report_interval
+            .unwrap_or(Duration::from_millis(self.delay))
+    }
+
     /// Requests the run sends at most.
     pub fn total_requests(&self) -> u64 {
         self.req_per_user
@@ -558,10 +569,10 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         Some(r) => Some(Schedule::new(started, r).context("--rate must be a positive number")?),
         None => None,
     };
-    let delay = Duration::from_millis(args.delay);
+    let delay = args.pause();
 
-    let progress = (args.report_interval > 0).then(|| {
-        let (tally, every) = (tally.clone(), Duration::from_secs(args.report_interval));
+    let progress = (args.status_interval > 0).then(|| {
+        let (tally, every) = (tally.clone(), Duration::from_secs(args.status_interval));
         tokio::spawn(async move {
             let mut last = 0;
             loop {
@@ -702,13 +713,20 @@ mod tests {
             "--concurrent-clients",
             "8",
             "--report-interval",
-            "2",
+            "100ms",
         ])
         .expect("workshop client flags");
         assert_eq!(
-            (a.target.as_str(), a.concurrency, a.report_interval),
-            ("http://127.0.0.1:9000", 8, 2)
+            (a.target.as_str(), a.concurrency, a.pause()),
+            ("http://127.0.0.1:9000", 8, Duration::from_millis(100))
         );
+        let unitless = Args::try_parse_from(["sluice-loadgen", "--report-interval", "2"])
+            .expect_err("a pause without its unit");
+        assert!(unitless.to_string().contains("500ms"), "{unitless}");
+        let both =
+            Args::try_parse_from(["sluice-loadgen", "--report-interval", "1s", "--delay", "5"])
+                .expect_err("two pauses");
+        assert!(both.to_string().contains("cannot be used with"), "{both}");
         let t = Args::try_parse_from([
             "sluice-loadgen",
             "--protocol",
