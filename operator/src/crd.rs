@@ -450,7 +450,7 @@ fn default_batch_size() -> i32 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "[has(self.redis), has(self.redisIndex), has(self.file), has(self.postgres)].filter(x, x).size() == 1", "message": "a sink names exactly one of redis, redisIndex, file, postgres"}
+    {"rule": "[has(self.redis), has(self.redisIndex), has(self.file), has(self.postgres), has(self.mysql)].filter(x, x).size() == 1", "message": "a sink names exactly one of redis, redisIndex, file, postgres, mysql"}
 ]))]
 pub struct SinkSpec {
     /// Records and per-minute aggregates in the pipeline's Redis.
@@ -464,7 +464,10 @@ pub struct SinkSpec {
     pub file: Option<FileSinkSpec>,
     /// Rows in PostgreSQL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub postgres: Option<PostgresSinkSpec>,
+    pub postgres: Option<SqlSinkSpec>,
+    /// Rows in MySQL or MariaDB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mysql: Option<SqlSinkSpec>,
 }
 
 /// Nothing to configure.
@@ -511,11 +514,12 @@ fn default_file_age() -> String {
     "1h".to_owned()
 }
 
-/// The PostgreSQL sink.
+/// The PostgreSQL and MySQL sinks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct PostgresSinkSpec {
-    /// Secret with the key `url`, such as `postgres://user:password@db:5432/app`.
+pub struct SqlSinkSpec {
+    /// Secret with the key `url`, such as `postgres://user:password@db:5432/app` or
+    /// `mysql://user:password@db:3306/app`.
     pub secret_name: String,
     /// Table, created if absent.
     #[serde(default = "default_table")]

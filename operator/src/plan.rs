@@ -547,14 +547,19 @@ fn sink_env(c: &CollectorSpec) -> Vec<Value> {
         env.push(json!({"name": "SLUICE_RECORD_DIRECTORY", "value": "/var/lib/sluice/records"}));
         env.push(json!({"name": "SLUICE_FILE_MAX_BYTES", "value": file.max_bytes.to_string()}));
         env.push(json!({"name": "SLUICE_FILE_MAX_AGE", "value": file.max_age}));
-    } else if let Some(pg) = &sink.postgres {
-        env.push(json!({"name": "SLUICE_SINK", "value": "postgres"}));
-        env.push(json!({"name": "SLUICE_DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": pg.secret_name, "key": "url"}}}));
-        env.push(json!({"name": "SLUICE_TABLE", "value": pg.table}));
+    } else if let Some((kind, sql)) = sink
+        .postgres
+        .as_ref()
+        .map(|s| ("postgres", s))
+        .or_else(|| sink.mysql.as_ref().map(|s| ("mysql", s)))
+    {
+        env.push(json!({"name": "SLUICE_SINK", "value": kind}));
+        env.push(json!({"name": "SLUICE_DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": sql.secret_name, "key": "url"}}}));
+        env.push(json!({"name": "SLUICE_TABLE", "value": sql.table}));
         env.push(
-            json!({"name": "SLUICE_DB_CONNECT_ATTEMPTS", "value": pg.connect_attempts.to_string()}),
+            json!({"name": "SLUICE_DB_CONNECT_ATTEMPTS", "value": sql.connect_attempts.to_string()}),
         );
-        env.push(json!({"name": "SLUICE_DB_CONNECT_BACKOFF", "value": pg.connect_backoff}));
+        env.push(json!({"name": "SLUICE_DB_CONNECT_BACKOFF", "value": sql.connect_backoff}));
     }
     env
 }
@@ -1164,6 +1169,23 @@ spec:
             v["spec"]["template"]["spec"]["securityContext"]["seccompProfile"]["type"],
             "RuntimeDefault"
         );
+    }
+
+    #[test]
+    fn a_mysql_sink_gets_its_database_from_the_secret() {
+        let yaml = BASIC.replace(
+            "sink: {postgres: {secretName: pg}}",
+            "sink: {mysql: {secretName: my, table: points, connectAttempts: 20}}",
+        );
+        let c = children(&pc(&yaml), &Images::default());
+        let env = env_of(&c.collectors[3]);
+        assert_eq!(env["SLUICE_SINK"], "mysql");
+        assert_eq!(
+            env["SLUICE_DATABASE_URL"],
+            json!({"secretKeyRef": {"name": "my", "key": "url"}})
+        );
+        assert_eq!(env["SLUICE_TABLE"], "points");
+        assert_eq!(env["SLUICE_DB_CONNECT_ATTEMPTS"], "20");
     }
 
     #[test]

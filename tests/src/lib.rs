@@ -27,6 +27,8 @@ pub struct Stack {
     pub redis_replica_url: String,
     /// PostgreSQL.
     pub database_url: String,
+    /// MariaDB, for the MySQL sink.
+    pub mysql_url: String,
 }
 
 fn var(name: &str) -> String {
@@ -43,6 +45,7 @@ impl Stack {
             redis_url: var("SLUICE_REDIS_URL"),
             redis_replica_url: var("SLUICE_REDIS_REPLICA_URL"),
             database_url: var("SLUICE_DATABASE_URL"),
+            mysql_url: var("SLUICE_MYSQL_URL"),
         }
     }
 

@@ -48,6 +48,8 @@ pub enum SinkKind {
     File,
     /// Rows in PostgreSQL, upserted on (stream, id).
     Postgres,
+    /// Rows in MySQL or MariaDB, upserted on (stream, id).
+    Mysql,
 }
 
 impl SinkKind {
@@ -58,6 +60,7 @@ impl SinkKind {
             Self::RedisIndex => "redis-index",
             Self::File => "file",
             Self::Postgres => "postgres",
+            Self::Mysql => "mysql",
         }
     }
 }
@@ -128,7 +131,8 @@ pub struct Args {
     /// When the `file` sink syncs to disk.
     #[arg(long, env = "SLUICE_FSYNC", value_enum, default_value = "batch")]
     pub fsync: sink::file::Fsync,
-    /// PostgreSQL of the `postgres` sink.
+    /// Database of the `postgres` sink (`postgres://...`) or the `mysql` sink
+    /// (`mysql://user:password@host:3306/database`).
     #[arg(
         long,
         env = "SLUICE_DATABASE_URL",
@@ -292,6 +296,15 @@ async fn build_sink(args: &Args, settings: &PipelineSettings) -> Result<AnySink,
                 dedupe_ids: args.file_dedupe_ids,
             },
         )?),
+        SinkKind::Mysql => AnySink::Mysql(
+            sink::mysql::MysqlSink::connect(
+                &args.database_url,
+                &args.table,
+                args.db_connect_attempts,
+                args.db_connect_backoff,
+            )
+            .await?,
+        ),
         SinkKind::Postgres => AnySink::Postgres(
             sink::postgres::PostgresSink::connect(
                 &args.database_url,

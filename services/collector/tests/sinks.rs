@@ -268,6 +268,122 @@ async fn postgres_sink_upserts_rows_and_a_replay_adds_none() {
 }
 
 #[tokio::test]
+async fn mysql_sink_upserts_rows_and_a_replay_adds_none() {
+    let stack = Stack::from_env();
+    let s = StreamSettings::new(unique("points"));
+    let name = s.name.clone();
+    let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
+    let table = format!("t_{}", uuid::Uuid::now_v7().simple());
+    let mut sent = events(&name, 250, "m");
+    sent[7].event_time = "2026-12-01T10:00:05.123456Z".parse().expect("time");
+    produce(&stack, &name, &sent).await.expect("produce");
+    let extra = [
+        "--sink",
+        "mysql",
+        "--database-url",
+        stack.mysql_url.as_str(),
+        "--table",
+        table.as_str(),
+    ];
+    let pool = sqlx::MySqlPool::connect(&stack.mysql_url)
+        .await
+        .expect("mysql");
+    let count = |pool: sqlx::MySqlPool, table: String| async move {
+        let n: i64 = sqlx::query(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&pool)
+            .await?
+            .get(0);
+        anyhow::Ok(n)
+    };
+
+    let first = start(&pipeline, &stack, &unique("g"), &extra);
+    wait_for("250 rows", LIMIT, || {
+        let c = count(pool.clone(), table.clone());
+        async move { Ok((c.await.unwrap_or(0) >= 250).then_some(())) }
+    })
+    .await
+    .expect("rows");
+    first.stop().await;
+    replay_all(&stack, &pipeline, &name, &extra).await;
+    assert_eq!(
+        count(pool.clone(), table.clone()).await.expect("count"),
+        250
+    );
+    let row = sqlx::query(&format!(
+        "SELECT `key`, CAST(payload AS CHAR), \
+         DATE_FORMAT(event_time, '%Y-%m-%dT%H:%i:%s.%fZ') FROM {table} WHERE stream = ? AND id = 'm-7'"
+    ))
+    .bind(&name)
+    .fetch_one(&pool)
+    .await
+    .expect("row");
+    let payload: Value = serde_json::from_str(&row.get::<String, _>(1)).expect("JSON");
+    assert_eq!(row.get::<Option<String>, _>(0).as_deref(), Some("user-2"));
+    assert_eq!(payload["n"], 7);
+    assert_eq!(row.get::<String, _>(2), "2026-12-01T10:00:05.123456Z");
+    sqlx::query(&format!("DROP TABLE {table}"))
+        .execute(&pool)
+        .await
+        .expect("drop");
+}
+
+#[tokio::test]
+async fn mysql_down_for_a_minute_dead_letters_nothing_and_every_row_arrives_once() {
+    let stack = Stack::from_env();
+    let s = StreamSettings::new(unique("myout"));
+    let name = s.name.clone();
+    let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
+    let db = stack.mysql_url.trim_start_matches("mysql://");
+    let (user, rest) = db.split_once('@').expect("user");
+    let (hostport, database) = rest.split_once('/').expect("db");
+    let proxy = Proxy::start(hostport).await.expect("proxy");
+    let url = format!("mysql://{user}@127.0.0.1:{}/{database}", proxy.port());
+    let table = format!("t_{}", uuid::Uuid::now_v7().simple());
+    let pool = sqlx::MySqlPool::connect(&stack.mysql_url)
+        .await
+        .expect("mysql");
+    // The poison: a time before the year 0, which MySQL's DATETIME cannot hold.
+    let mut poison = Envelope::new(&name, None, json!({"text": "from long ago"}));
+    poison.id = "poison".to_owned();
+    poison.event_time = "-000001-01-01T00:00:00Z".parse().expect("time");
+    let stored = || async {
+        let rows = sqlx::query(&format!("SELECT id FROM {table}"))
+            .fetch_all(&pool)
+            .await;
+        // The table appears once the collector reached the database.
+        Ok(rows
+            .unwrap_or_default()
+            .iter()
+            .map(|r| r.get::<String, _>(0))
+            .collect())
+    };
+    sink_outage_under_load(
+        &stack,
+        &pipeline,
+        &name,
+        (
+            &proxy,
+            &[
+                "--sink",
+                "mysql",
+                "--database-url",
+                url.as_str(),
+                "--table",
+                table.as_str(),
+            ],
+        ),
+        "mysql",
+        (poison, "Incorrect datetime value"),
+        stored,
+    )
+    .await;
+    sqlx::query(&format!("DROP TABLE {table}"))
+        .execute(&pool)
+        .await
+        .expect("drop");
+}
+
+#[tokio::test]
 async fn redis_index_sink_keeps_senders_with_unsent_messages() {
     let stack = Stack::from_env();
     let s = StreamSettings::new(unique("chat"));

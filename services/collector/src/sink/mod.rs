@@ -9,6 +9,7 @@
 //! already on disk).
 
 pub mod file;
+pub mod mysql;
 pub mod postgres;
 pub mod redis;
 pub mod redis_index;
@@ -96,6 +97,31 @@ fn database_rejects_event(e: &sqlx::Error) -> bool {
     }
 }
 
+/// Runs `connect` until it succeeds, at most `attempts` times, `backoff` apart: the SQL
+/// sinks' start-up, which a database still starting must not fail.
+pub(crate) async fn connect_with_retries<T, F, Fut>(
+    attempts: u32,
+    backoff: std::time::Duration,
+    mut connect: F,
+) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut attempt = 1;
+    loop {
+        match connect().await {
+            Ok(pool) => return Ok(pool),
+            Err(e) if attempt < attempts => {
+                tracing::warn!(error = %e, attempt, of = attempts, retry_in = ?backoff, "cannot connect to the database");
+                tokio::time::sleep(backoff).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// A destination for events.
 pub trait Sink: Send + Sync {
     /// A short name for logs and metrics, such as `redis`.
@@ -116,6 +142,8 @@ pub enum AnySink {
     File(file::FileSink),
     /// PostgreSQL rows.
     Postgres(postgres::PostgresSink),
+    /// MySQL or MariaDB rows.
+    Mysql(mysql::MysqlSink),
 }
 
 impl Sink for AnySink {
@@ -125,6 +153,7 @@ impl Sink for AnySink {
             Self::RedisIndex(s) => s.name(),
             Self::File(s) => s.name(),
             Self::Postgres(s) => s.name(),
+            Self::Mysql(s) => s.name(),
         }
     }
 
@@ -134,6 +163,7 @@ impl Sink for AnySink {
             Self::RedisIndex(s) => s.write(batch).await,
             Self::File(s) => s.write(batch).await,
             Self::Postgres(s) => s.write(batch).await,
+            Self::Mysql(s) => s.write(batch).await,
         }
     }
 }

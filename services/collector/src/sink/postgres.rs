@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
-use super::{Record, Sink, SinkError};
+use super::{Record, Sink, SinkError, connect_with_retries};
 
 /// Writes rows to PostgreSQL.
 pub struct PostgresSink {
@@ -49,23 +49,13 @@ impl PostgresSink {
             id: String::new(),
             reason,
         })?;
-        let mut attempt = 1;
-        let pool = loop {
-            match PgPoolOptions::new()
+        let pool = connect_with_retries(attempts, backoff, || {
+            PgPoolOptions::new()
                 .max_connections(8)
                 .acquire_timeout(Duration::from_secs(5))
                 .connect(url)
-                .await
-            {
-                Ok(pool) => break pool,
-                Err(e) if attempt < attempts => {
-                    tracing::warn!(error = %e, attempt, of = attempts, retry_in = ?backoff, "cannot connect to the database");
-                    tokio::time::sleep(backoff).await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        })
+        .await?;
         sqlx::query(&format!(
             "CREATE TABLE IF NOT EXISTS {table} (
                 stream text NOT NULL,
