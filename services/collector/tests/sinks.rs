@@ -933,10 +933,26 @@ async fn every_sink_keeps_the_first_event_stored_under_an_id() {
             &unique("g"),
             &["--sink", "file", "--record-directory", dir_arg.as_str()],
         ),
+        start(
+            &pipeline,
+            &stack,
+            &unique("g"),
+            &[
+                "--sink",
+                "mysql",
+                "--database-url",
+                stack.mysql_url.as_str(),
+                "--table",
+                table.as_str(),
+            ],
+        ),
     ];
     let pool = sqlx::PgPool::connect(&stack.database_url)
         .await
         .expect("pg");
+    let mysql = sqlx::MySqlPool::connect(&stack.mysql_url)
+        .await
+        .expect("mysql");
     let stored = wait_for("both ids in every sink", LIMIT, || async {
         let mut redis = stack.redis().await?;
         let record: Option<String> = redis
@@ -957,13 +973,22 @@ async fn every_sink_keeps_the_first_event_stored_under_an_id() {
             .fetch_all(&pool)
             .await
             .unwrap_or_default();
+        let my_rows = sqlx::query(&format!(
+            "SELECT id, CAST(payload AS CHAR) FROM {table} ORDER BY id"
+        ))
+        .fetch_all(&mysql)
+        .await
+        .unwrap_or_default();
         let lines = sluice_collector::sink::file::read_all(dir.path(), &name)?;
-        let done = others.is_some() && rows.len() == 2 && lines.iter().any(|l| l["id"] == "other");
-        Ok(done.then_some((record, rows, lines)))
+        let done = others.is_some()
+            && rows.len() == 2
+            && my_rows.len() == 2
+            && lines.iter().any(|l| l["id"] == "other");
+        Ok(done.then_some((record, rows, my_rows, lines)))
     })
     .await
     .expect("stored");
-    let (record, rows, lines) = stored;
+    let (record, rows, my_rows, lines) = stored;
     let record: Value = serde_json::from_str(&record.expect("record")).expect("json");
     assert_eq!(record["payload"]["v"], 1, "Redis keeps the first");
     let payload: Value = rows[1].get(1);
@@ -971,6 +996,15 @@ async fn every_sink_keeps_the_first_event_stored_under_an_id() {
         (rows[1].get::<String, _>(0).as_str(), payload["v"].as_i64()),
         ("same", Some(1)),
         "PostgreSQL keeps the first"
+    );
+    let payload: Value = serde_json::from_str(&my_rows[1].get::<String, _>(1)).expect("JSON");
+    assert_eq!(
+        (
+            my_rows[1].get::<String, _>(0).as_str(),
+            payload["v"].as_i64()
+        ),
+        ("same", Some(1)),
+        "MySQL keeps the first"
     );
     let same: Vec<&Value> = lines.iter().filter(|l| l["id"] == "same").collect();
     assert_eq!(same.len(), 1, "one line for the id: {lines:?}");
@@ -980,6 +1014,10 @@ async fn every_sink_keeps_the_first_event_stored_under_an_id() {
     }
     sqlx::query(&format!("DROP TABLE {table}"))
         .execute(&pool)
+        .await
+        .expect("drop");
+    sqlx::query(&format!("DROP TABLE {table}"))
+        .execute(&mysql)
         .await
         .expect("drop");
 }
