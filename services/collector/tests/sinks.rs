@@ -327,17 +327,24 @@ async fn mysql_sink_upserts_rows_and_a_replay_adds_none() {
         .expect("drop");
 }
 
+/// A proxy in front of the database of `url` (`scheme://user@host:port/database`), and the
+/// same URL through it.
+async fn through_proxy(url: &str) -> (Proxy, String) {
+    let (scheme, db) = url.split_once("://").expect("scheme");
+    let (user, rest) = db.split_once('@').expect("user");
+    let (hostport, database) = rest.split_once('/').expect("db");
+    let proxy = Proxy::start(hostport).await.expect("proxy");
+    let through = format!("{scheme}://{user}@127.0.0.1:{}/{database}", proxy.port());
+    (proxy, through)
+}
+
 #[tokio::test]
 async fn mysql_down_for_a_minute_dead_letters_nothing_and_every_row_arrives_once() {
     let stack = Stack::from_env();
     let s = StreamSettings::new(unique("myout"));
     let name = s.name.clone();
     let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
-    let db = stack.mysql_url.trim_start_matches("mysql://");
-    let (user, rest) = db.split_once('@').expect("user");
-    let (hostport, database) = rest.split_once('/').expect("db");
-    let proxy = Proxy::start(hostport).await.expect("proxy");
-    let url = format!("mysql://{user}@127.0.0.1:{}/{database}", proxy.port());
+    let (proxy, url) = through_proxy(&stack.mysql_url).await;
     let table = format!("t_{}", uuid::Uuid::now_v7().simple());
     let pool = sqlx::MySqlPool::connect(&stack.mysql_url)
         .await
@@ -710,11 +717,7 @@ async fn postgres_down_for_a_minute_dead_letters_nothing_and_every_row_arrives_o
     let s = StreamSettings::new(unique("pgout"));
     let name = s.name.clone();
     let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
-    let db = stack.database_url.trim_start_matches("postgres://");
-    let (user, rest) = db.split_once('@').expect("user");
-    let (hostport, database) = rest.split_once('/').expect("db");
-    let proxy = Proxy::start(hostport).await.expect("proxy");
-    let url = format!("postgres://{user}@127.0.0.1:{}/{database}", proxy.port());
+    let (proxy, url) = through_proxy(&stack.database_url).await;
     let table = format!("t_{}", uuid::Uuid::now_v7().simple());
     let pool = sqlx::PgPool::connect(&stack.database_url)
         .await

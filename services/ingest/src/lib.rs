@@ -184,9 +184,7 @@ impl Args {
             log_level: "info".to_owned(),
         }
     }
-}
 
-impl Args {
     /// The address the HTTP server listens on: --listen, with --port's port when given.
     pub fn http_address(&self) -> SocketAddr {
         let mut addr = self.listen;
