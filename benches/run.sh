@@ -88,6 +88,11 @@ echo "[bench] end to end into Redis" >&2
 "$bin/sluice-loadgen" --target "$base" --stream "$tag-e2e" --protocol http-batch --batch-size 100 \
   --requests 500 --concurrency 16 --duration 120 --status-interval 0 --json \
   --verify-redis "$SLUICE_REDIS_URL" --verify-key-prefix "$tag" --verify-timeout 120 >"$work/e2e.json"
+# Read-your-writes: single events answered once Kafka acknowledged them, then once the
+# collector wrote them to Redis, on the same stream with the same collector running.
+lg ack-kafka --protocol http --path "/v1/streams/$tag-e2e/events?ack=kafka" --concurrency "$clients"
+lg ack-sink --protocol http --path "/v1/streams/$tag-e2e/events?ack=sink" --concurrency "$clients"
+curl -fsS "$base/metrics" | grep '^sluice_ingest_sink_acks_total' >"$work/sink-acks.txt" || true
 
 mkdir -p docs
 commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
@@ -124,6 +129,10 @@ e2e = load("e2e")
 v = e2e["verification"][0]
 e2e_rate = v["checked"] / (e2e["seconds"] + v["seconds"])
 rows.append(f"| end to end into Redis, {v['checked']:,} events ({v['missing']} missing, {v['duplicated']} duplicated) | 16 | – | {fmt(e2e_rate)} | {e2e['latency_ms']['p50']:.2f} | {e2e['latency_ms']['p99']:.2f} | redis-benchmark -P 16 SET {fmt(redis_set)} | {e2e_rate / redis_set:.2f} |")
+ak, ask = load("ack-kafka"), load("ack-sink")
+acks = {m.group(1): int(float(m.group(2))) for m in re.finditer(r'outcome="([a-z-]+)"[^}]*\}\s+([\d.e+]+)', open(os.path.join(work, "sink-acks.txt")).read())}
+rows.append(f"| HTTP `POST`, 1 event, `ack=kafka`, collector running (baseline) | {clients} | {fmt(ak['throughput'])} | {fmt(ak['events_per_second'])} | {ak['latency_ms']['p50']:.2f} | {ak['latency_ms']['p99']:.2f} | – | – |")
+row(f"HTTP `POST`, 1 event, `ack=sink` into Redis ({acks.get('written', 0):,} written, {acks.get('pending', 0)} pending)", clients, ask, "ack=kafka", ak["events_per_second"], ask["events_per_second"])
 for c in (10, 100, 1000):
     r = load(f"work-{c}")
     bound = c / 0.1
@@ -131,7 +140,7 @@ for c in (10, 100, 1000):
 head = ("| scenario | clients | requests/s | events/s | p50 ms | p99 ms | ceiling (same run) | ratio |\n"
         "|---|---|---|---|---|---|---|---|")
 table = head + "\n" + "\n".join(rows)
-errors = {n: load(n)["errors"] for n in ["http-single", "ws-single", "tcp", "http-batch", "e2e", "work-10", "work-100", "work-1000"] if load(n)["errors"]}
+errors = {n: load(n)["errors"] for n in ["http-single", "ws-single", "tcp", "http-batch", "e2e", "ack-kafka", "ack-sink", "work-10", "work-100", "work-1000"] if load(n)["errors"]}
 cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
 when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 print(table)
@@ -145,7 +154,8 @@ client share the machine). Every figure stands beside a ceiling measured in the 
 the request-level ceiling is `wrk` on `GET /healthz`; acknowledged events are compared with
 a bare rdkafka producer configured as ingest's (idempotent, `acks=all`, `linger.ms=1`) on
 the same broker; the end-to-end drain into Redis with `redis-benchmark -P 16` SET on the
-same Redis; the compute endpoint with its bound, clients ÷ 0.1 s. Latencies are from
+same Redis; `ack=sink` (answered once the collector wrote the event to Redis) with
+`ack=kafka` on the same stream while the same collector runs; the compute endpoint with its bound, clients ÷ 0.1 s. Latencies are from
 sluice-loadgen's HDR histogram (closed loop, {duration} s per scenario).
 
 Run: {when}, commit `{commit}`, {os.cpu_count()} cores ({cpu}).

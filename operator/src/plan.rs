@@ -72,6 +72,14 @@ pub fn settings(pc: &PipelineConfig) -> PipelineSettings {
                 out.key = s.key.clone();
                 out.schema = s.schema.clone();
                 out.dimensions = s.dimensions.clone();
+                // An `ack=sink` answer waits for every collector of the stream.
+                out.ack_by = pc
+                    .spec
+                    .collectors
+                    .iter()
+                    .filter(|c| c.streams.contains(&s.name))
+                    .map(|c| names::collector_group(pc, &c.name))
+                    .collect();
                 out
             })
             .collect(),
@@ -1060,6 +1068,12 @@ spec:
         assert_eq!(back.streams[0].partitions, 6);
         assert_eq!(back.streams[0].key.as_deref(), Some("/userId"));
         assert_eq!(back.streams[0].dimensions, ["/type"]);
+        assert_eq!(
+            back.streams[0].ack_by,
+            ["prod.shop.to-redis", "prod.shop.archive", "prod.shop.db"],
+            "ack=sink waits for every collector of the stream, by group"
+        );
+        assert_eq!(back.streams[1].ack_by, ["prod.shop.chat"]);
         assert_eq!(back.retry.max_attempts, 3);
         assert_eq!(back.retry.backoff, "2s");
         assert_eq!(back.aggregates.minute_ttl().as_secs(), 7200);

@@ -371,6 +371,22 @@ impl Drop for Process {
     }
 }
 
+/// Waits until the HTTP server at `base` answers `GET /healthz` with a success.
+pub async fn healthy(base: &str, limit: Duration) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    wait_for(&format!("{base} to answer /healthz"), limit, || {
+        let request = client.get(format!("{base}/healthz")).send();
+        async move {
+            Ok(request
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ()))
+        }
+    })
+    .await
+}
+
 /// Publishes `events` to `topic` with an idempotent `acks=all` producer, as ingest does,
 /// and returns once Kafka acknowledged all of them.
 pub async fn produce(

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::{Value, json};
 use sluice_core::StreamSettings;
-use sluice_testkit::{Pipeline, Process, Stack, free_port, unique, wait_for};
+use sluice_testkit::{Pipeline, Process, Stack, free_port, healthy, unique, wait_for};
 
 const LIMIT: Duration = Duration::from_secs(60);
 const API_KEY: &str = "dashboard-test-key";
@@ -77,11 +77,7 @@ async fn the_dashboard_shows_what_was_sent_and_follows_new_events_live() -> anyh
     let _collector = Process::spawn("sluice-collector", &["--group", &group], &env)?;
     let base = format!("http://{addr}");
     let client = reqwest::Client::new();
-    wait_for("ingest to answer /healthz", LIMIT, || {
-        let request = client.get(format!("{base}/healthz")).send();
-        async move { Ok(request.await.ok().filter(|r| r.status().is_success())) }
-    })
-    .await?;
+    healthy(&base, LIMIT).await?;
 
     // Thirteen clicks: pages and countries in known numbers.
     let sent = [

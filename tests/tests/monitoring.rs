@@ -77,6 +77,7 @@ fn exported() -> Vec<(String, Vec<String>)> {
     ingest.rejected("visit", "schema");
     ingest.delivery_failed("visit");
     ingest.connection_opened("tcp");
+    ingest.sink_ack("visit", "written");
     let collector = sluice_collector::metrics::Metrics::new();
     collector.sink_available("redis", None);
     collector.sink_error("redis", "unavailable");
@@ -85,6 +86,7 @@ fn exported() -> Vec<(String, Vec<String>)> {
     collector.retried("visit", 1);
     collector.dead_lettered("visit", 1);
     collector.lag("visit", 0, 1);
+    collector.confirmations("sent", 1);
     let operator = sluice_operator::metrics::Metrics::new();
     operator.reconciled(0.1, Some("kube"));
     operator.set_leader(true);

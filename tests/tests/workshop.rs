@@ -13,7 +13,9 @@ use anyhow::Context;
 use rdkafka::Message;
 use serde_json::{Value, json};
 use sluice_core::Envelope;
-use sluice_testkit::{Process, Stack, binary, free_port, partitions, read_topic, unique, wait_for};
+use sluice_testkit::{
+    Process, Stack, binary, free_port, healthy, partitions, read_topic, unique, wait_for,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -44,11 +46,7 @@ async fn the_workshop_programs_run_with_the_workshops_own_flags() -> anyhow::Res
     )?;
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    wait_for("the web service to answer /healthz", LIMIT, || {
-        let request = client.get(format!("{base}/healthz")).send();
-        async move { Ok(request.await.ok().filter(|r| r.status().is_success())) }
-    })
-    .await?;
+    healthy(&base, LIMIT).await?;
     for topic in [&visit_topic, &activity_topic] {
         anyhow::ensure!(
             partitions(&stack, topic)?.is_some(),

@@ -46,6 +46,7 @@ use sluice_core::kafka::KafkaArgs;
 use sluice_core::settings::{RetrySettings, StreamSettings};
 use tokio_util::sync::CancellationToken;
 
+use crate::confirm::Confirmer;
 use crate::health::SinkHealth;
 use crate::metrics::Metrics;
 use crate::sink::{AnySink, Record, Sink, SinkError};
@@ -116,6 +117,7 @@ pub struct Worker {
     sink: Arc<AnySink>,
     health: Arc<SinkHealth>,
     metrics: Arc<Metrics>,
+    confirmer: Confirmer,
     /// topic → stream name
     streams: HashMap<String, String>,
     /// Per partition, the last offset of a record dead-lettered as not an event: read
@@ -171,6 +173,7 @@ impl Worker {
         health: Arc<SinkHealth>,
         producer: Arc<FutureProducer>,
         metrics: Arc<Metrics>,
+        confirmer: Confirmer,
     ) -> Result<Self, KafkaError> {
         let streams: HashMap<String, String> = config
             .streams
@@ -202,6 +205,7 @@ impl Worker {
             sink,
             health,
             metrics,
+            confirmer,
             streams,
             dead_lettered_through: Mutex::new(HashMap::new()),
         })
@@ -399,6 +403,9 @@ impl Worker {
                 started.elapsed(),
             );
         }
+        if result.is_ok() {
+            self.confirmer.written(records);
+        }
         drop(spans);
         result
     }
@@ -595,6 +602,7 @@ impl Worker {
         if sent {
             if last {
                 self.metrics.dead_lettered(stream, 1);
+                self.confirmer.dead_lettered(record, reason);
             } else {
                 self.metrics.retried(stream, 1);
             }
@@ -642,6 +650,13 @@ impl Worker {
             .await;
         if sent {
             self.metrics.dead_lettered(stream, 1);
+            let waiting = m.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == sluice_core::confirm::HEADER)
+                    .and_then(|h| h.value)
+                    .and_then(|v| std::str::from_utf8(v).ok())
+            });
+            self.confirmer.dead_lettered_raw(waiting, reason);
         }
         sent
     }

@@ -13,6 +13,7 @@
 //! `<stream>.dlq`. An offset is stored only once its event is in the sink or acknowledged
 //! on a retry or dead-letter topic.
 
+pub mod confirm;
 pub mod consume;
 pub mod health;
 pub mod metrics;
@@ -388,7 +389,16 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Collecto
     let producer: Arc<rdkafka::producer::FutureProducer> =
         Arc::new(args.kafka.producer_config().create()?);
     let mut workers = tokio::task::JoinSet::new();
+    let mut confirmers = Vec::new();
     for (group, streams) in &plan {
+        let (confirmer, sending) = confirm::Confirmer::start(
+            &args.redis_url,
+            args.key_prefix.clone(),
+            group.clone(),
+            metrics.clone(),
+        )
+        .map_err(|e| CollectorError::Sink(SinkError::from(e)))?;
+        confirmers.push(sending);
         for mode in [Mode::Main, Mode::Retry] {
             let config = WorkerConfig {
                 mode,
@@ -410,11 +420,21 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Collecto
                 health.clone(),
                 producer.clone(),
                 metrics.clone(),
+                confirmer.clone(),
             )?;
             workers.spawn(worker.run(shutdown.clone()));
         }
     }
     while workers.join_next().await.is_some() {}
+    // The workers are gone with their confirmers: what they confirmed last goes out.
+    for sending in confirmers {
+        if tokio::time::timeout(Duration::from_secs(10), sending)
+            .await
+            .is_err()
+        {
+            tracing::warn!("sink confirmations not all sent before stopping");
+        }
+    }
     tracing::info!("collector stopped");
     Ok(())
 }

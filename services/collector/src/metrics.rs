@@ -36,6 +36,11 @@ struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PartitionLabels {
     topic: String,
     partition: String,
@@ -53,6 +58,7 @@ pub struct Metrics {
     sink_available: Family<BatchLabels, Gauge<i64, AtomicI64>>,
     sink_unavailable_since: Family<BatchLabels, Gauge<i64, AtomicI64>>,
     sink_errors: Family<ErrorLabels, Counter>,
+    confirmations: Family<OutcomeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -121,6 +127,12 @@ impl Metrics {
             "Failed sink writes: kind unavailable (retried until the sink is back) or rejected (events sent to the retry topic)",
             sink_errors.clone(),
         );
+        let confirmations = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "sink_confirmations",
+            "Confirmations of ack=sink events to the ingest instance waiting: outcome sent, or dropped (Redis unreachable or the queue full; the client's wait times out)",
+            confirmations.clone(),
+        );
         Self {
             registry,
             consumed,
@@ -132,7 +144,17 @@ impl Metrics {
             sink_available,
             sink_unavailable_since,
             sink_errors,
+            confirmations,
         }
+    }
+
+    /// Counts confirmations of `ack=sink` events: `sent` or `dropped`.
+    pub fn confirmations(&self, outcome: &str, n: u64) {
+        self.confirmations
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_owned(),
+            })
+            .inc_by(n);
     }
 
     /// Marks the sink available (`None`) or unavailable since a time.

@@ -1,11 +1,13 @@
 //! Shared parts of the Sluice services.
 //!
+//! - [`confirm`]: how collectors confirm written events to the ingest instance waiting;
 //! - [`envelope`]: the one encoding of an event on Kafka and in the stores;
 //! - [`settings`]: the pipeline settings file (streams and their topics) every service reads;
 //! - [`kafka`]: producer, consumer and admin settings, topic creation;
 //! - [`store`]: how records are named in Redis;
 //! - [`telemetry`] and [`shutdown`]: logging and graceful shutdown for the binaries.
 
+pub mod confirm;
 pub mod envelope;
 pub mod kafka;
 pub mod settings;

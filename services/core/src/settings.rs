@@ -13,6 +13,7 @@
 //!     schema:              # optional JSON Schema every event must satisfy
 //!       type: object
 //!       required: [userId]
+//!     ackBy: [visit-redis]  # collector groups that confirm `ack=sink`; any one when absent
 //! ```
 //!
 //! [`PipelineSettings::from_yaml`] is a pure function from text to checked settings: unknown
@@ -172,6 +173,10 @@ pub struct StreamSettings {
     /// (for example `/type` for visits by type).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dimensions: Vec<String>,
+    /// The collector groups whose sinks must hold an event before an `ack=sink` request
+    /// is answered; when empty, the first group that writes it answers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ack_by: Vec<String>,
 }
 
 fn default_partitions() -> i32 {
@@ -342,6 +347,7 @@ impl StreamSettings {
             read_topic: None,
             schema: None,
             dimensions: Vec::new(),
+            ack_by: Vec::new(),
         }
     }
 

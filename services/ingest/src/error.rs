@@ -84,8 +84,10 @@ impl ApiError {
             Self::Publish(p) => match p {
                 PublishError::UnknownStream(..) => StatusCode::NOT_FOUND,
                 PublishError::Overloaded { .. }
+                | PublishError::TooManyWaiting(_)
                 | PublishError::Kafka { .. }
                 | PublishError::Unacknowledged { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                PublishError::SinkRejected { .. } => StatusCode::UNPROCESSABLE_ENTITY,
                 _ => StatusCode::BAD_REQUEST,
             },
             Self::NotFound { .. } | Self::NoRoute(_) => StatusCode::NOT_FOUND,
@@ -111,7 +113,8 @@ impl ApiError {
                 PublishError::InvalidId { .. } | PublishError::IdNotScalar { .. } => "invalid-id",
                 PublishError::Key { .. } => "missing-key",
                 PublishError::Schema(_) => "schema-violation",
-                PublishError::Overloaded { .. } => "overloaded",
+                PublishError::Overloaded { .. } | PublishError::TooManyWaiting(_) => "overloaded",
+                PublishError::SinkRejected { .. } => "dead-lettered",
                 PublishError::Kafka { .. } | PublishError::Unacknowledged { .. } => {
                     "kafka-unavailable"
                 }

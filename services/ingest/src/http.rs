@@ -198,8 +198,13 @@ async fn no_route(uri: Uri) -> ApiError {
 /// Query of the publish endpoints.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct PublishQuery {
-    /// `all` (default): answer after Kafka acknowledged; `none`: answer once queued.
+    /// `kafka` (default, also `all`): answer after Kafka acknowledged; `none`: answer once
+    /// queued; `sink`: answer once the stream's collectors wrote the events to their sinks
+    /// (readable right after), or after `timeout` with `"sink": "pending"`.
     ack: Option<String>,
+    /// With `ack=sink`: the longest wait for the sinks, such as `500ms` or `5s` (default
+    /// `--sink-ack-timeout`, at most `--sink-ack-max-timeout`).
+    timeout: Option<String>,
 }
 
 /// The answer to published events.
@@ -217,14 +222,60 @@ pub enum PublishResponse {
     },
 }
 
-fn ack_of(query: Result<Query<PublishQuery>, QueryRejection>) -> Result<Ack, ApiError> {
+pub(crate) fn ack_of(
+    app: &App,
+    query: Result<Query<PublishQuery>, QueryRejection>,
+) -> Result<Ack, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::Query(e.body_text()))?;
-    match query.ack.as_deref() {
-        None | Some("all") => Ok(Ack::All),
-        Some("none") => Ok(Ack::None),
-        Some(other) => Err(ApiError::Query(format!(
-            "ack must be \"all\" or \"none\", not {other:?}"
-        ))),
+    ack_level(app, query.ack.as_deref(), query.timeout.as_deref())
+}
+
+/// The acknowledgement level of `ack` and `timeout` as a request or connection gives them.
+pub fn ack_level(app: &App, ack: Option<&str>, timeout: Option<&str>) -> Result<Ack, ApiError> {
+    let level = match ack {
+        None | Some("kafka" | "all") => Ack::All,
+        Some("none") => Ack::None,
+        Some("sink") => {
+            let max = app.inner.sink_ack_max_timeout;
+            let timeout = match timeout {
+                None => app.inner.sink_ack_timeout.min(max),
+                Some(t) => match sluice_core::settings::parse_duration(t) {
+                    Some(d) if d <= max => d,
+                    Some(_) => {
+                        return Err(ApiError::Query(format!(
+                            "timeout {t:?} is longer than this server's maximum of {}",
+                            humantime_secs(max)
+                        )));
+                    }
+                    None => {
+                        return Err(ApiError::Query(format!(
+                            "timeout {t:?} is not a duration such as 500ms or 5s"
+                        )));
+                    }
+                },
+            };
+            Ack::Sink(timeout)
+        }
+        Some(other) => {
+            return Err(ApiError::Query(format!(
+                "ack must be \"kafka\", \"sink\" or \"none\", not {other:?}"
+            )));
+        }
+    };
+    if timeout.is_some() && !matches!(level, Ack::Sink(_)) {
+        return Err(ApiError::Query(
+            "timeout applies only with ack=sink".to_owned(),
+        ));
+    }
+    Ok(level)
+}
+
+/// A duration in the form the flags take (`60s`, `1500ms`).
+fn humantime_secs(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
     }
 }
 
@@ -256,7 +307,7 @@ async fn publish_body(
     let stream = app.inner.streams.get(stream).inspect_err(|_| {
         app.inner.metrics.rejected("", "unknown-stream");
     })?;
-    let ack = ack_of(query)?;
+    let ack = ack_of(app, query)?;
     let body = body.map_err(|r| ApiError::Body {
         status: r.status(),
         message: r.body_text(),
@@ -293,8 +344,8 @@ async fn publish_body(
 ///
 /// The body is one JSON object, a JSON array of objects, or NDJSON
 /// (`Content-Type: application/x-ndjson`). Answers 202 once Kafka acknowledged every
-/// event (or once queued with `ack=none`). A bad event rejects the whole request and
-/// nothing is published.
+/// event (or once queued with `ack=none`, or once the collectors wrote every event with
+/// `ack=sink`). A bad event rejects the whole request and nothing is published.
 #[utoipa::path(
     post,
     path = "/v1/streams/{stream}/events",
@@ -310,6 +361,7 @@ async fn publish_body(
         (status = 400, description = "Malformed or invalid event", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown stream", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body or batch too large", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "With `ack=sink`: published, but a collector dead-lettered events (each event's `sink` and `error` say which and why)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Kafka unreachable or producer queue full; retry after `Retry-After`", body = Problem, content_type = "application/problem+json"),
     )
 )]

@@ -6,6 +6,7 @@
 //! - [`ws`]: the WebSocket door, one ack or error frame per text frame;
 //! - [`tcp`]: the JSON-lines write and read ports of the buffered store;
 //! - [`publish`]: checks and publishes events, shared by every door;
+//! - [`confirm`]: `ack=sink`, waiting for the collectors' confirmations;
 //! - [`input`]: request bodies (one object, an array, NDJSON) into payloads;
 //! - [`listener`]: the connection limit; [`metrics`]: Prometheus metrics.
 //!
@@ -17,6 +18,7 @@
 //! while it goes on serving for `--drain-delay`; then it stops.
 
 pub mod aggregates;
+pub mod confirm;
 pub mod error;
 pub mod http;
 pub mod input;
@@ -141,6 +143,20 @@ pub struct Args {
     /// is answered 503 with `Retry-After` and each event's id and status.
     #[arg(long, env = "SLUICE_ACK_TIMEOUT", default_value = "10s", value_parser = duration_arg)]
     pub ack_timeout: Duration,
+    /// This process's name among the pipeline's ingest instances, where collectors send
+    /// `ack=sink` confirmations; the pod's or host's name with a random suffix by default.
+    #[arg(long, env = "SLUICE_INSTANCE")]
+    pub instance: Option<String>,
+    /// How long an `ack=sink` request waits for its collectors when it gives no `timeout`.
+    #[arg(long, env = "SLUICE_SINK_ACK_TIMEOUT", default_value = "10s", value_parser = duration_arg)]
+    pub sink_ack_timeout: Duration,
+    /// The longest `timeout` an `ack=sink` request may ask for.
+    #[arg(long, env = "SLUICE_SINK_ACK_MAX_TIMEOUT", default_value = "60s", value_parser = duration_arg)]
+    pub sink_ack_max_timeout: Duration,
+    /// Most events waiting for their collectors at once on this instance; `ack=sink`
+    /// requests beyond it are answered 503 with `Retry-After` before anything is published.
+    #[arg(long, env = "SLUICE_SINK_ACK_MAX_WAITING", default_value_t = 100_000)]
+    pub sink_ack_max_waiting: usize,
     /// How long ingest keeps serving after SIGTERM, with `/readyz` failing and every
     /// answer closing its connection, so that load balancers and clients move to other
     /// instances before it stops accepting. Ctrl-C (SIGINT) stops without this delay.
@@ -180,8 +196,29 @@ impl Args {
             max_line_bytes: 64 * 1024,
             api_keys_file: None,
             ack_timeout: Duration::from_secs(10),
+            instance: None,
+            sink_ack_timeout: confirm::DEFAULT_TIMEOUT,
+            sink_ack_max_timeout: Duration::from_secs(60),
+            sink_ack_max_waiting: 100_000,
             drain_delay: Duration::from_secs(5),
             log_level: "info".to_owned(),
+        }
+    }
+
+    /// This instance's name: --instance, or the pod's (or host's) name with a random
+    /// suffix.
+    pub fn instance_name(&self) -> Result<String, SettingsError> {
+        match &self.instance {
+            Some(name) if sluice_core::confirm::valid_instance(name) => Ok(name.clone()),
+            Some(name) => Err(SettingsError::Invalid(format!(
+                "--instance {name:?} must be 1 to 100 ASCII letters, digits, '.', '_' or '-'"
+            ))),
+            None => {
+                let base = std::env::var("POD_NAME")
+                    .or_else(|_| std::env::var("HOSTNAME"))
+                    .unwrap_or_default();
+                Ok(confirm::instance_name(&base))
+            }
         }
     }
 
@@ -310,6 +347,8 @@ struct Inner {
     closing: CancellationToken,
     tcp_stream: String,
     tcp: Option<Arc<tcp::Buffer>>,
+    sink_ack_timeout: Duration,
+    sink_ack_max_timeout: Duration,
 }
 
 /// A Redis connection made on first use: publishing never needs Redis, so ingest starts
@@ -369,8 +408,22 @@ impl App {
             None => Vec::new(),
         };
         let metrics = Arc::new(Metrics::new());
-        let publisher = Publisher::new(producer, metrics.clone(), args.ack_timeout);
         let closing = CancellationToken::new();
+        let instance = args.instance_name()?;
+        let sink_acks = confirm::SinkAcks::new(
+            instance.clone(),
+            &args.redis_url,
+            &args.key_prefix,
+            args.sink_ack_max_waiting,
+            metrics.clone(),
+            closing.clone(),
+        )
+        .map_err(|source| StartError::Redis {
+            url: args.redis_url.clone(),
+            source,
+        })?;
+        tracing::info!(%instance, "ingest instance");
+        let publisher = Publisher::new(producer, metrics.clone(), args.ack_timeout, sink_acks);
         let tcp = settings.stream(&args.tcp_stream).map(|s| {
             tcp::Buffer::start(
                 publisher.clone(),
@@ -403,6 +456,8 @@ impl App {
                 closing,
                 tcp_stream: args.tcp_stream.clone(),
                 tcp,
+                sink_ack_timeout: args.sink_ack_timeout,
+                sink_ack_max_timeout: args.sink_ack_max_timeout,
             }),
         })
     }

@@ -42,6 +42,12 @@ struct RejectLabels {
     reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SinkAckLabels {
+    stream: String,
+    outcome: String,
+}
+
 /// The metrics of one ingest process.
 pub struct Metrics {
     registry: Registry,
@@ -55,6 +61,8 @@ pub struct Metrics {
     in_flight: Family<RouteLabels, Gauge<i64, AtomicI64>>,
     kafka_reachable: Gauge<i64, AtomicI64>,
     draining: Gauge<i64, AtomicI64>,
+    sink_acks: Family<SinkAckLabels, Counter>,
+    sink_acks_waiting: Gauge<i64, AtomicI64>,
 }
 
 impl Default for Metrics {
@@ -129,6 +137,18 @@ impl Metrics {
             "1 while the process drains before stopping (readiness fails, connections are closed after each answer)",
             draining.clone(),
         );
+        let sink_acks = Family::<SinkAckLabels, Counter>::default();
+        registry.register(
+            "sink_acks",
+            "Events of ack=sink requests by how their wait ended: written, dead-lettered, or pending (not confirmed before the request's timeout)",
+            sink_acks.clone(),
+        );
+        let sink_acks_waiting = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "sink_acks_waiting",
+            "Events of ack=sink requests waiting for their collectors now",
+            sink_acks_waiting.clone(),
+        );
         Self {
             registry,
             requests,
@@ -141,7 +161,24 @@ impl Metrics {
             in_flight,
             kafka_reachable,
             draining,
+            sink_acks,
+            sink_acks_waiting,
         }
+    }
+
+    /// Counts an `ack=sink` event by how its wait ended.
+    pub fn sink_ack(&self, stream: &str, outcome: &str) {
+        self.sink_acks
+            .get_or_create(&SinkAckLabels {
+                stream: stream.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Sets the number of events waiting for their sinks.
+    pub fn sink_acks_waiting(&self, n: usize) {
+        self.sink_acks_waiting.set(n as i64);
     }
 
     /// Counts a request as being served until [`Metrics::request`] records it.

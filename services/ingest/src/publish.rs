@@ -30,6 +30,7 @@ use sluice_core::envelope::{InvalidId, validate_id};
 use sluice_core::settings::KeyError;
 use sluice_core::{Envelope, PipelineSettings, StreamSettings};
 
+use crate::confirm::{SinkAcks, SinkResult, TooManyWaiting};
 use crate::metrics::Metrics;
 
 /// A stream with its compiled schema.
@@ -131,6 +132,24 @@ pub struct EventOutcome {
     /// Offset in that partition, when published.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offset: Option<i64>,
+    /// With `ack=sink`, what the collectors said of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sink: Option<SinkState>,
+    /// Why a collector dead-lettered it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// With `ack=sink`: where an event stands in its sinks when the answer is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum SinkState {
+    /// Every collector that must confirm has written it: it is readable.
+    Written,
+    /// Not confirmed before the timeout; it is still delivered.
+    Pending,
+    /// A collector gave up on it and sent it to the dead-letter topic.
+    DeadLettered,
 }
 
 /// See [`EventOutcome::status`].
@@ -225,6 +244,23 @@ pub enum PublishError {
         /// Each event, in request order.
         events: Vec<EventOutcome>,
     },
+    /// Too many `ack=sink` events wait on this instance; nothing was published.
+    #[error(transparent)]
+    TooManyWaiting(#[from] TooManyWaiting),
+    /// A collector dead-lettered events of an `ack=sink` request.
+    #[error(
+        "{rejected} of {total} events were published but dead-lettered by a collector: {reason}"
+    )]
+    SinkRejected {
+        /// Events dead-lettered.
+        rejected: usize,
+        /// Events in the request.
+        total: usize,
+        /// The first reason.
+        reason: String,
+        /// Each event, in request order.
+        events: Vec<EventOutcome>,
+    },
     /// Some acknowledgements did not come in time.
     #[error(
         "Kafka did not acknowledge {pending} of {total} events within {after:?}; they may still be published: retry them with the same ids (sinks store an id once)"
@@ -248,7 +284,8 @@ impl PublishError {
         match self {
             Self::Overloaded { events, .. }
             | Self::Kafka { events, .. }
-            | Self::Unacknowledged { events, .. } => Some(events),
+            | Self::Unacknowledged { events, .. }
+            | Self::SinkRejected { events, .. } => Some(events),
             _ => None,
         }
     }
@@ -265,14 +302,17 @@ pub struct Hints {
     pub headers: Vec<(String, String)>,
 }
 
-/// Whether to wait for Kafka's acknowledgement before answering.
+/// What to wait for before answering.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Ack {
-    /// Answer after Kafka acknowledged every event (the default).
+    /// Answer after Kafka acknowledged every event (the default; `ack=kafka`).
     #[default]
     All,
     /// Answer once the events are queued (fire-and-forget).
     None,
+    /// Answer after Kafka acknowledged every event and the stream's collectors wrote them
+    /// to their sinks, or after this long with what is not confirmed yet as pending.
+    Sink(Duration),
 }
 
 /// One published event.
@@ -286,6 +326,9 @@ pub struct Published {
     /// Offset in that partition; absent with `ack=none`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offset: Option<i64>,
+    /// With `ack=sink`: `written` (readable now) or `pending` (not confirmed in time).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sink: Option<SinkState>,
 }
 
 /// Publishes events to Kafka.
@@ -294,16 +337,29 @@ pub struct Publisher {
     producer: FutureProducer,
     metrics: Arc<Metrics>,
     ack_timeout: Duration,
+    sink_acks: Arc<SinkAcks>,
 }
 
 impl Publisher {
-    /// A publisher on `producer` that waits at most `ack_timeout` for acknowledgements.
-    pub fn new(producer: FutureProducer, metrics: Arc<Metrics>, ack_timeout: Duration) -> Self {
+    /// A publisher on `producer` that waits at most `ack_timeout` for acknowledgements,
+    /// and for sink confirmations through `sink_acks`.
+    pub fn new(
+        producer: FutureProducer,
+        metrics: Arc<Metrics>,
+        ack_timeout: Duration,
+        sink_acks: Arc<SinkAcks>,
+    ) -> Self {
         Self {
             producer,
             metrics,
             ack_timeout,
+            sink_acks,
         }
+    }
+
+    /// The sink confirmations this instance waits for.
+    pub fn sink_acks(&self) -> &Arc<SinkAcks> {
+        &self.sink_acks
     }
 
     /// The producer.
@@ -341,13 +397,34 @@ impl Publisher {
         ack: Ack,
     ) -> Result<Vec<Published>, PublishError> {
         let name = stream.settings.name.as_str();
-        let envelopes = prepare(stream, payloads, hints, batch).inspect_err(|e| {
+        let mut envelopes = prepare(stream, payloads, hints, batch).inspect_err(|e| {
             self.metrics.rejected(name, reject_reason(e));
         })?;
         let total = envelopes.len();
-        let results = self.send(stream.settings.topic(), envelopes, ack).await;
+        let (wait, kafka_ack) = match ack {
+            Ack::Sink(timeout) => {
+                let deadline = tokio::time::Instant::now() + timeout;
+                let wait = self
+                    .sink_acks
+                    .mark(&stream.settings.ack_by, &mut envelopes)
+                    .inspect_err(|_| self.metrics.rejected(name, "overloaded"))?;
+                (Some((wait, deadline)), Ack::All)
+            }
+            other => (None, other),
+        };
+        let results = self
+            .send(stream.settings.topic(), envelopes, kafka_ack)
+            .await;
         if results.iter().all(|(_, r)| r.is_ok()) {
-            return Ok(results.into_iter().filter_map(|(_, r)| r.ok()).collect());
+            let published: Vec<Published> =
+                results.into_iter().filter_map(|(_, r)| r.ok()).collect();
+            return match wait {
+                Some((wait, deadline)) => {
+                    let sink = wait.until(deadline, &vec![true; published.len()]).await;
+                    with_sink_results(published, sink)
+                }
+                None => Ok(published),
+            };
         }
         let mut events = Vec::with_capacity(total);
         let (mut published, mut pending, mut queue_full) = (0, 0, false);
@@ -376,6 +453,8 @@ impl Publisher {
                 status,
                 partition,
                 offset,
+                sink: None,
+                error: None,
             });
         }
         if pending > 0 {
@@ -454,6 +533,7 @@ impl Publisher {
                             id: id.clone(),
                             partition: None,
                             offset: None,
+                            sink: None,
                         })
                     }
                     Err(e) => Err(Unsent::Failed(e)),
@@ -500,11 +580,58 @@ impl Publisher {
                     id: id.clone(),
                     partition: Some(partition),
                     offset: Some(offset),
+                    sink: None,
                 });
                 (id, published)
             })
             .collect()
     }
+}
+
+/// Published events with what their sinks said: the events, or the request's failure
+/// when a collector dead-lettered any of them.
+fn with_sink_results(
+    mut published: Vec<Published>,
+    sink: Vec<SinkResult>,
+) -> Result<Vec<Published>, PublishError> {
+    let mut first_reason = None;
+    let mut rejected = 0;
+    let mut reasons = Vec::with_capacity(sink.len());
+    for (p, result) in published.iter_mut().zip(sink) {
+        let (state, reason) = match result {
+            SinkResult::Written => (SinkState::Written, None),
+            SinkResult::Pending => (SinkState::Pending, None),
+            SinkResult::DeadLettered(reason) => {
+                rejected += 1;
+                first_reason.get_or_insert_with(|| reason.clone());
+                (SinkState::DeadLettered, Some(reason))
+            }
+        };
+        p.sink = Some(state);
+        reasons.push(reason);
+    }
+    let Some(reason) = first_reason else {
+        return Ok(published);
+    };
+    let total = published.len();
+    let events = published
+        .into_iter()
+        .zip(reasons)
+        .map(|(p, error)| EventOutcome {
+            id: p.id,
+            status: OutcomeStatus::Published,
+            partition: p.partition,
+            offset: p.offset,
+            sink: p.sink,
+            error,
+        })
+        .collect();
+    Err(PublishError::SinkRejected {
+        rejected,
+        total,
+        reason,
+        events,
+    })
 }
 
 fn reject_reason(e: &PublishError) -> &'static str {
@@ -514,8 +641,9 @@ fn reject_reason(e: &PublishError) -> &'static str {
         PublishError::InvalidId { .. } | PublishError::IdNotScalar { .. } => "invalid-id",
         PublishError::Key { .. } => "missing-key",
         PublishError::Schema(_) => "schema",
-        PublishError::Overloaded { .. } => "overloaded",
+        PublishError::Overloaded { .. } | PublishError::TooManyWaiting(_) => "overloaded",
         PublishError::Kafka { .. } | PublishError::Unacknowledged { .. } => "kafka",
+        PublishError::SinkRejected { .. } => "dead-lettered",
     }
 }
 

@@ -10,6 +10,13 @@
 //! a buffer of recent writes, bounded in bytes (`--tcp-recent-bytes`), so that they can be
 //! read back before a collector stored them; a refused line never is.
 //!
+//! The line `ack sink` (or `ack sink <timeout>`, such as `ack sink 5s`) makes the
+//! connection wait for the stream's collectors: from then on each line is answered `ok <id>`
+//! once the record is in the sinks (readable from the store), `pending <id>` when they did
+//! not confirm within the timeout (the record is still delivered), or
+//! `error dead-lettered <id>: <reason>`. `ack kafka` goes back to answering on Kafka's
+//! acknowledgement. Both are answered `ok ack <level>`.
+//!
 //! **Read port** (`--tcp-read-listen`, 2526): a request line `get <id>` is answered with the
 //! record's line, or `error not found <id>`; `all` (or `get data`) dumps every record, one
 //! per line, then `end <count>`. Records come from the buffer of recent writes where
@@ -32,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::App;
+use crate::confirm::SinkResult;
 use crate::listener::LimitedListener;
 use crate::publish::{Ack, Hints, prepare};
 
@@ -286,12 +294,30 @@ async fn handle_write<T: AsyncRead + AsyncWrite + Unpin>(
     mut framed: Lines<T>,
     shutdown: CancellationToken,
 ) {
+    let mut ack = Ack::All;
     while let Some(line) = next_line(&mut framed, &shutdown).await {
         let answer = match line {
             Ok(Line::Text(line)) if line.trim().is_empty() => continue,
+            Ok(Line::Text(line)) if line.trim_start().starts_with("ack") => {
+                let mut words = line.split_whitespace();
+                let level = words.next().filter(|w| *w == "ack").and(words.next());
+                let timeout = words.next();
+                match (level, words.next()) {
+                    (Some(level @ ("kafka" | "sink")), None) => {
+                        match crate::http::ack_level(&app, Some(level), timeout) {
+                            Ok(a) => {
+                                ack = a;
+                                format!("ok ack {level}")
+                            }
+                            Err(e) => format!("error {e}"),
+                        }
+                    }
+                    _ => "error the ack line is `ack kafka` or `ack sink [timeout]`".to_owned(),
+                }
+            }
             Ok(Line::Text(line)) => {
                 let span = tracing::info_span!("tcp.line", otel.kind = "server");
-                write_line(&app, &line).instrument(span).await
+                write_line(&app, &line, ack).instrument(span).await
             }
             Ok(Line::TooLong) => {
                 let max = app.tcp_buffer().map_or(0, |b| b.max_line_bytes);
@@ -306,7 +332,7 @@ async fn handle_write<T: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-async fn write_line(app: &App, line: &str) -> String {
+async fn write_line(app: &App, line: &str, ack: Ack) -> String {
     let Some(buffer) = app.tcp_buffer() else {
         return "error the TCP write port has no stream".to_owned();
     };
@@ -330,6 +356,18 @@ async fn write_line(app: &App, line: &str) -> String {
     if !app.kafka_ready() {
         return "error busy: Kafka is unreachable; retry later".to_owned();
     }
+    let wait = match ack {
+        Ack::Sink(timeout) => match app
+            .inner
+            .publisher
+            .sink_acks()
+            .mark(&stream.settings.ack_by, &mut envelopes)
+        {
+            Ok(wait) => Some((wait, tokio::time::Instant::now() + timeout)),
+            Err(e) => return format!("error busy: {e}"),
+        },
+        _ => None,
+    };
     let envelope = envelopes.remove(0);
     let id = envelope.id.clone();
     let line = envelope.payload.to_string();
@@ -344,7 +382,16 @@ async fn write_line(app: &App, line: &str) -> String {
         Ok(Ok(())) => {
             // Readable only once acknowledged.
             buffer.remember(id.clone(), line);
-            format!("ok {id}")
+            let Some((wait, deadline)) = wait else {
+                return format!("ok {id}");
+            };
+            match wait.until(deadline, &[true]).await.pop() {
+                Some(SinkResult::Written) => format!("ok {id}"),
+                Some(SinkResult::DeadLettered(reason)) => {
+                    format!("error dead-lettered {id}: {reason}")
+                }
+                _ => format!("pending {id}"),
+            }
         }
         Ok(Err(e)) => format!("error {e}"),
         Err(_) => "error shutting down".to_owned(),

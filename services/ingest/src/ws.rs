@@ -7,35 +7,44 @@
 //! stays open; binary messages are refused the same way. Messages and frames are limited
 //! to `--max-body-bytes`. On shutdown the server closes the connection after the message
 //! in hand is answered.
+//!
+//! The acknowledgement level is the connection's: `?ack=sink` (with `&timeout=`) answers
+//! each message once the stream's collectors wrote its events, with `"sink": "written"`,
+//! or `"sink": "pending"` and the ids not confirmed in time; a dead-lettered event answers
+//! `{"ok": false}` with the collector's reason. `?ack=none` answers once queued.
 
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use serde_json::{Value, json};
 use tracing::Instrument;
 
 use crate::App;
 use crate::error::ApiError;
+use crate::http::PublishQuery;
 use crate::input;
-use crate::publish::{Ack, Hints, Stream};
+use crate::publish::{Ack, Hints, SinkState, Stream};
 
 /// Upgrades the connection, once the stream is known to exist.
 pub async fn upgrade(
     State(app): State<App>,
     Path(stream): Path<String>,
+    query: Result<Query<PublishQuery>, QueryRejection>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let stream = app.inner.streams.get(&stream)?.clone();
+    let ack = crate::http::ack_of(&app, query)?;
     let limit = app.inner.max_body_bytes;
     Ok(ws
         .max_message_size(limit)
         .max_frame_size(limit)
-        .on_upgrade(move |socket| serve(app, stream, socket)))
+        .on_upgrade(move |socket| serve(app, stream, ack, socket)))
 }
 
-async fn serve(app: App, stream: Arc<Stream>, mut socket: WebSocket) {
+async fn serve(app: App, stream: Arc<Stream>, ack: Ack, mut socket: WebSocket) {
     let metrics = app.inner.metrics.clone();
     metrics.connection_opened("ws");
     let closing = app.inner.closing.clone();
@@ -61,7 +70,7 @@ async fn serve(app: App, stream: Arc<Stream>, mut socket: WebSocket) {
             }
             Some(Ok(Message::Text(text))) => {
                 let span = tracing::info_span!("ws.message", otel.kind = "server", stream = %stream.settings.name);
-                answer(&app, &stream, text.as_bytes())
+                answer(&app, &stream, ack, text.as_bytes())
                     .instrument(span)
                     .await
             }
@@ -82,7 +91,7 @@ async fn serve(app: App, stream: Arc<Stream>, mut socket: WebSocket) {
     metrics.connection_closed("ws");
 }
 
-async fn answer(app: &App, stream: &Stream, text: &[u8]) -> Value {
+async fn answer(app: &App, stream: &Stream, ack: Ack, text: &[u8]) -> Value {
     let result = async {
         let payloads = input::parse(text, false, app.inner.max_batch_events)?;
         if !app.kafka_ready() {
@@ -96,17 +105,33 @@ async fn answer(app: &App, stream: &Stream, text: &[u8]) -> Value {
                 payloads.events,
                 &Hints::default(),
                 payloads.batch,
-                Ack::All,
+                ack,
             )
             .await?;
         Ok(published)
     }
     .await;
     match result {
-        Ok(published) => json!({
-            "ok": true,
-            "ids": published.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
-        }),
+        Ok(published) => {
+            let mut reply = json!({
+                "ok": true,
+                "ids": published.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+            });
+            if matches!(ack, Ack::Sink(_)) {
+                let pending: Vec<&str> = published
+                    .iter()
+                    .filter(|p| p.sink != Some(SinkState::Written))
+                    .map(|p| p.id.as_str())
+                    .collect();
+                if pending.is_empty() {
+                    reply["sink"] = json!("written");
+                } else {
+                    reply["sink"] = json!("pending");
+                    reply["pending"] = json!(pending);
+                }
+            }
+            reply
+        }
         Err(e) => error_frame(&e),
     }
 }
