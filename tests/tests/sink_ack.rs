@@ -12,6 +12,7 @@ use futures::{SinkExt, StreamExt};
 use redis::AsyncCommands;
 use serde_json::{Value, json};
 use sluice_core::StreamSettings;
+use sluice_core::settings::{RecordStore, StoreKind};
 use sluice_testkit::{Pipeline, Process, Stack, free_port, healthy, unique, wait_for};
 use sqlx::Row;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -36,17 +37,27 @@ struct Setup {
 
 impl Setup {
     async fn new(groups: &[&str]) -> anyhow::Result<Self> {
+        Self::with_store(groups, None).await
+    }
+
+    /// Like [`Setup::new`], with the stream's records read from a SQL table of `kind`.
+    async fn with_store(groups: &[&str], kind: Option<StoreKind>) -> anyhow::Result<Self> {
         let stack = Stack::from_env();
+        let table = unique("acks").replace('-', "_");
         let mut stream = StreamSettings::new(unique("acks"));
         stream.partitions = 4;
         stream.ack_by = groups.iter().map(|g| (*g).to_owned()).collect();
+        stream.store = kind.map(|kind| RecordStore {
+            kind,
+            table: table.clone(),
+        });
         let name = stream.name.clone();
         let pipeline = Pipeline::create(&stack, vec![stream]).await?;
         Ok(Self {
             stack,
             pipeline,
             stream: name,
-            table: unique("acks").replace('-', "_"),
+            table,
         })
     }
 
@@ -69,19 +80,22 @@ impl Setup {
     }
 
     async fn ingest(&self) -> anyhow::Result<Ingest> {
+        self.ingest_with(&[]).await
+    }
+
+    async fn ingest_with(&self, extra: &[&str]) -> anyhow::Result<Ingest> {
         let addr = format!("127.0.0.1:{}", free_port()?);
         let tcp = format!("127.0.0.1:{}", free_port()?);
-        let process = self.spawn(
-            "sluice-ingest",
-            &[
-                "--listen",
-                &addr,
-                "--tcp-write-listen",
-                &tcp,
-                "--tcp-stream",
-                &self.stream,
-            ],
-        )?;
+        let mut args = vec![
+            "--listen",
+            &addr,
+            "--tcp-write-listen",
+            &tcp,
+            "--tcp-stream",
+            &self.stream,
+        ];
+        args.extend(extra);
+        let process = self.spawn("sluice-ingest", &args)?;
         let base = format!("http://{addr}");
         healthy(&base, LIMIT).await?;
         Ok(Ingest {
@@ -431,5 +445,92 @@ async fn a_dead_lettered_event_answers_with_the_collectors_reason() -> anyhow::R
         "{reason}"
     );
     assert!(setup.in_redis("fine").await?);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_read_doors_of_a_mysql_stream_read_mysql_once_the_buffer_is_empty() -> anyhow::Result<()>
+{
+    read_doors_read_the_table(StoreKind::Mysql).await
+}
+
+#[tokio::test]
+async fn the_read_doors_of_a_postgres_stream_read_postgres_once_the_buffer_is_empty()
+-> anyhow::Result<()> {
+    read_doors_read_the_table(StoreKind::Postgres).await
+}
+
+/// Lines written to the TCP port with `ack sink` into a collector's table are read back by
+/// another ingest instance (an empty buffer): `get`, the dump, and GET.
+async fn read_doors_read_the_table(kind: StoreKind) -> anyhow::Result<()> {
+    let group = unique("sql");
+    let setup = Setup::with_store(&[&group], Some(kind)).await?;
+    let (sink, url) = match kind {
+        StoreKind::Mysql => ("mysql", setup.stack.mysql_url.as_str()),
+        StoreKind::Postgres => ("postgres", setup.stack.database_url.as_str()),
+    };
+    let database = ["--database-url", url];
+    let _collector = setup.collector(&group, sink)?;
+    // Written through one instance, until MySQL holds every line...
+    let writer = setup.ingest_with(&database).await?;
+    let (read, mut write) = tokio::net::TcpStream::connect(&writer.tcp)
+        .await?
+        .into_split();
+    let mut answers = BufReader::new(read).lines();
+    write.write_all(b"ack sink 30s\n").await?;
+    ensure!(answers.next_line().await?.as_deref() == Some("ok ack sink"));
+    let mut sent = BTreeMap::new();
+    for n in 0..50 {
+        let record = json!({"id": format!("r{n:02}"), "name": format!("name {n}"), "age": n});
+        write.write_all(format!("{record}\n").as_bytes()).await?;
+        let answer = answers.next_line().await?.context("connection closed")?;
+        ensure!(answer == format!("ok r{n:02}"), "{answer}");
+        sent.insert(format!("r{n:02}"), record);
+    }
+    drop(writer);
+
+    // ... then read through a new instance, whose buffer of recent writes is empty.
+    let read_port = format!("127.0.0.1:{}", free_port()?);
+    let mut args = database.to_vec();
+    args.extend(["--tcp-read-listen", read_port.as_str()]);
+    let reader = setup.ingest_with(&args).await?;
+    let (read, mut write) = tokio::net::TcpStream::connect(&read_port)
+        .await?
+        .into_split();
+    let mut lines = BufReader::new(read).lines();
+    write.write_all(b"get r07\nget nobody\nall\n").await?;
+    let one: Value = serde_json::from_str(&lines.next_line().await?.context("answer")?)?;
+    assert_eq!(one, sent["r07"]);
+    assert_eq!(
+        lines.next_line().await?.as_deref(),
+        Some("error not found nobody")
+    );
+    let mut dumped = BTreeMap::new();
+    loop {
+        let line = lines.next_line().await?.context("dump ended early")?;
+        if let Some(count) = line.strip_prefix("end ") {
+            assert_eq!(count, "50");
+            break;
+        }
+        let record: Value = serde_json::from_str(&line).with_context(|| line.clone())?;
+        let id = record["id"].as_str().context("id")?.to_owned();
+        dumped.insert(id, record);
+    }
+    assert_eq!(dumped, sent, "every record, from the table, as written");
+
+    // GET reads the same table.
+    let got: Value = reqwest::get(format!(
+        "{}/v1/streams/{}/records/r42",
+        reader.base, setup.stream
+    ))
+    .await?
+    .json()
+    .await?;
+    assert_eq!(got["payload"], sent["r42"]);
+    assert_eq!(got["id"], "r42");
+    assert!(
+        got["event_time"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{got}"
+    );
     Ok(())
 }

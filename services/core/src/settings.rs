@@ -14,6 +14,7 @@
 //!       type: object
 //!       required: [userId]
 //!     ackBy: [visit-redis]  # collector groups that confirm `ack=sink`; any one when absent
+//!     store: {kind: mysql, table: records}  # where ingest reads records; Redis when absent
 //! ```
 //!
 //! [`PipelineSettings::from_yaml`] is a pure function from text to checked settings: unknown
@@ -177,6 +178,56 @@ pub struct StreamSettings {
     /// is answered; when empty, the first group that writes it answers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ack_by: Vec<String>,
+    /// Where ingest reads the stream's records (GET, the TCP read port): Redis when
+    /// absent, or the SQL table a collector writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<RecordStore>,
+}
+
+/// A SQL table a collector writes a stream's records to, for ingest to read them back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RecordStore {
+    /// The database: `postgres` or `mysql` (ingest's `--database-url` says where).
+    pub kind: StoreKind,
+    /// The table, as the collector's `--table` (`sluice_events` by default).
+    #[serde(default = "default_table")]
+    pub table: String,
+}
+
+/// The databases a stream's records can be read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// PostgreSQL.
+    Postgres,
+    /// MySQL or MariaDB.
+    Mysql,
+}
+
+/// The SQL sinks' default table.
+pub const DEFAULT_TABLE: &str = "sluice_events";
+
+fn default_table() -> String {
+    DEFAULT_TABLE.to_owned()
+}
+
+/// Why a table name of the SQL sinks is refused, if it is: 1 to 63 lowercase letters,
+/// digits or '_', starting with a letter or '_' (it is written into SQL statements).
+pub fn check_table(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "table name {name:?} must be 1 to 63 lowercase letters, digits or '_', starting with a letter or '_'"
+        ))
+    }
 }
 
 fn default_partitions() -> i32 {
@@ -323,6 +374,11 @@ impl PipelineSettings {
                     s.name
                 ));
             }
+            if let Some(store) = &s.store
+                && let Err(why) = check_table(&store.table)
+            {
+                return invalid(format!("store of stream {:?}: {why}", s.name));
+            }
             if let Some(key) = &s.key
                 && !key.starts_with('/')
             {
@@ -348,6 +404,7 @@ impl StreamSettings {
             schema: None,
             dimensions: Vec::new(),
             ack_by: Vec::new(),
+            store: None,
         }
     }
 

@@ -76,6 +76,9 @@ pub enum ApiError {
     /// The store could not be read.
     #[error("the record store is unavailable: {0}")]
     Store(#[source] redis::RedisError),
+    /// The stream's SQL table could not be read.
+    #[error("the record database is unavailable: {0}")]
+    Database(#[source] sqlx::Error),
 }
 
 impl ApiError {
@@ -100,7 +103,9 @@ impl ApiError {
             Self::TooManyEvents(..) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Body { status, .. } => *status,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::NotReady | Self::Draining | Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotReady | Self::Draining | Self::Store(_) | Self::Database(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -131,7 +136,7 @@ impl ApiError {
             Self::Unauthorized => "unauthorized",
             Self::NotReady => "kafka-unavailable",
             Self::Draining => "draining",
-            Self::Store(_) => "store-unavailable",
+            Self::Store(_) | Self::Database(_) => "store-unavailable",
         }
     }
 

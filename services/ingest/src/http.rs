@@ -469,7 +469,8 @@ async fn list_streams(State(app): State<App>) -> Json<StreamList> {
 
 /// Read a stored record.
 ///
-/// Reads from the Redis replica (the primary when the replica misses), and on a hit
+/// Reads from the Redis replica (the primary when the replica misses), or from the SQL
+/// table of a stream whose settings name one (`store`), and on a hit
 /// publishes a read event to the stream's read topic without delaying the answer.
 #[utoipa::path(
     get,
@@ -488,11 +489,20 @@ async fn read_record(
     validate_id(&id)?;
     let name = stream.settings.name.clone();
     let key = store::record_key(&app.inner.key_prefix, &name, &id);
-    let record: Option<String> = read_with_fallback(&app, |mut c| {
-        let key = key.clone();
-        async move { c.get(&key).await }
-    })
-    .await?;
+    let record: Option<String> = match (&stream.settings.store, app.sql()) {
+        (Some(store), Some(sql)) => sql
+            .record(store, &name, &id)
+            .await
+            .map_err(ApiError::Database)?
+            .map(|r| r.to_string()),
+        _ => {
+            read_with_fallback(&app, |mut c| {
+                let key = key.clone();
+                async move { c.get(&key).await }
+            })
+            .await?
+        }
+    };
     let Some(json) = record else {
         return Err(ApiError::NotFound { stream: name, id });
     };

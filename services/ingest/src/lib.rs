@@ -7,6 +7,7 @@
 //! - [`tcp`]: the JSON-lines write and read ports of the buffered store;
 //! - [`publish`]: checks and publishes events, shared by every door;
 //! - [`confirm`]: `ack=sink`, waiting for the collectors' confirmations;
+//! - [`records`]: records read back from a stream's SQL table;
 //! - [`input`]: request bodies (one object, an array, NDJSON) into payloads;
 //! - [`listener`]: the connection limit; [`metrics`]: Prometheus metrics.
 //!
@@ -25,6 +26,7 @@ pub mod input;
 pub mod listener;
 pub mod metrics;
 pub mod publish;
+pub mod records;
 pub mod tcp;
 pub mod ui;
 pub mod ws;
@@ -89,6 +91,10 @@ pub struct Args {
     /// Redis replica reads go to first; the primary answers when it is absent or misses.
     #[arg(long, env = "SLUICE_REDIS_REPLICA_URL")]
     pub redis_replica_url: Option<String>,
+    /// Database of the streams whose settings name a SQL `store` (`postgres://...` or
+    /// `mysql://...`): GET and the TCP read port read their records there.
+    #[arg(long, env = "SLUICE_DATABASE_URL")]
+    pub database_url: Option<String>,
     /// Prefix of the Redis keys of records.
     #[arg(long, env = "SLUICE_KEY_PREFIX", default_value = store::DEFAULT_PREFIX)]
     pub key_prefix: String,
@@ -179,6 +185,7 @@ impl Args {
             kafka,
             redis_url,
             redis_replica_url: None,
+            database_url: None,
             key_prefix: store::DEFAULT_PREFIX.to_owned(),
             create_topics: false,
             read_events: true,
@@ -311,6 +318,9 @@ pub enum StartError {
         #[source]
         source: redis::RedisError,
     },
+    /// A stream reads its records from a database that --database-url does not give.
+    #[error("{0}")]
+    Database(String),
     /// The API key file cannot be used.
     #[error("API key file {path}: {reason}")]
     ApiKeys {
@@ -347,6 +357,7 @@ struct Inner {
     closing: CancellationToken,
     tcp_stream: String,
     tcp: Option<Arc<tcp::Buffer>>,
+    sql: Option<records::SqlStore>,
     sink_ack_timeout: Duration,
     sink_ack_max_timeout: Duration,
 }
@@ -362,6 +373,34 @@ fn redis_connection(url: &str) -> Result<ConnectionManager, StartError> {
     let client = redis::Client::open(url).map_err(redis_error)?;
     ConnectionManager::new_lazy_with_config(client, ConnectionManagerConfig::new())
         .map_err(redis_error)
+}
+
+/// The database of the streams whose records are read from SQL, checked against them.
+fn sql_store(
+    args: &Args,
+    settings: &PipelineSettings,
+) -> Result<Option<records::SqlStore>, StartError> {
+    let wanted: Vec<_> = settings
+        .streams
+        .iter()
+        .filter_map(|s| s.store.as_ref().map(|st| (s.name.as_str(), st.kind)))
+        .collect();
+    let Some((first, _)) = wanted.first() else {
+        return Ok(None);
+    };
+    let url = args.database_url.as_deref().ok_or_else(|| {
+        StartError::Database(format!(
+            "stream {first:?} reads its records from SQL: give --database-url"
+        ))
+    })?;
+    let store = records::SqlStore::connect_lazy(url).map_err(StartError::Database)?;
+    if let Some((stream, kind)) = wanted.iter().find(|(_, k)| *k != store.kind()) {
+        return Err(StartError::Database(format!(
+            "stream {stream:?} reads its records from {kind:?}, but --database-url is a {:?} URL",
+            store.kind()
+        )));
+    }
+    Ok(Some(store))
 }
 
 /// Reads an API key file: one key per line; blank lines and `#` comments are skipped.
@@ -403,6 +442,7 @@ impl App {
             Some(url) => Some(redis_connection(url)?),
             None => None,
         };
+        let sql = sql_store(args, &settings)?;
         let api_keys = match &args.api_keys_file {
             Some(path) => read_api_keys(path)?,
             None => Vec::new(),
@@ -456,6 +496,7 @@ impl App {
                 closing,
                 tcp_stream: args.tcp_stream.clone(),
                 tcp,
+                sql,
                 sink_ack_timeout: args.sink_ack_timeout,
                 sink_ack_max_timeout: args.sink_ack_max_timeout,
             }),
@@ -515,6 +556,11 @@ impl App {
     /// The TCP write buffer, when the TCP stream is in the settings.
     pub fn tcp_buffer(&self) -> Option<&Arc<tcp::Buffer>> {
         self.inner.tcp.as_ref()
+    }
+
+    /// The database of streams whose records are read from SQL.
+    pub fn sql(&self) -> Option<&records::SqlStore> {
+        self.inner.sql.as_ref()
     }
 
     /// A Redis connection for reads: the replica when there is one.

@@ -20,8 +20,9 @@
 //! **Read port** (`--tcp-read-listen`, 2526): a request line `get <id>` is answered with the
 //! record's line, or `error not found <id>`; `all` (or `get data`) dumps every record, one
 //! per line, then `end <count>`. Records come from the buffer of recent writes where
-//! present, else from the store (the records collectors wrote to Redis), which is read a
-//! page at a time and streamed, never held whole in memory.
+//! present, else from the store the stream's collector writes: Redis (read a page of keys at
+//! a time), or the stream's PostgreSQL or MySQL table (`store` in its settings, rows
+//! streamed as the database sends them); never held whole in memory.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -448,17 +449,72 @@ fn payload_of(record: &str) -> Option<Value> {
     Some(v.get_mut("payload").map(Value::take).unwrap_or(v))
 }
 
-async fn lookup(app: &App, id: &str) -> Result<Option<String>, redis::RedisError> {
+async fn lookup(app: &App, id: &str) -> Result<Option<String>, String> {
     if let Some(line) = app.tcp_buffer().and_then(|b| b.recent(id)) {
         return Ok(Some(line));
     }
+    if let Some((sql, store)) = sql_store(app) {
+        let record = sql
+            .record(store, &app.inner.tcp_stream, id)
+            .await
+            .map_err(|e| e.to_string())?;
+        return Ok(record.and_then(|mut r| r.get_mut("payload").map(|p| p.take().to_string())));
+    }
     let key = store::record_key(&app.inner.key_prefix, &app.inner.tcp_stream, id);
     let mut conn = app.read_connection();
-    let record: Option<String> = conn.get(&key).await?;
+    let record: Option<String> = conn.get(&key).await.map_err(|e| e.to_string())?;
     Ok(record
         .as_deref()
         .and_then(payload_of)
         .map(|v| v.to_string()))
+}
+
+/// The database and table of the TCP stream, when its records are read from SQL.
+fn sql_store(
+    app: &App,
+) -> Option<(
+    &crate::records::SqlStore,
+    &sluice_core::settings::RecordStore,
+)> {
+    let stream = app.inner.streams.get(&app.inner.tcp_stream).ok()?;
+    Some((app.sql()?, stream.settings.store.as_ref()?))
+}
+
+/// Streams the records of the TCP stream's SQL table, skipping those in `sent`.
+async fn dump_sql<T: AsyncRead + AsyncWrite + Unpin>(
+    app: &App,
+    framed: &mut Lines<T>,
+    (sql, store): (
+        &crate::records::SqlStore,
+        &sluice_core::settings::RecordStore,
+    ),
+    sent: &HashSet<String>,
+    count: &mut u64,
+) -> Result<(), ()> {
+    let query = sql.dump_query(store);
+    let mut rows = sql.payloads(&query, &app.inner.tcp_stream);
+    let mut since_flush = 0;
+    while let Some(row) = rows.next().await {
+        match row {
+            Ok((id, _)) if sent.contains(&id) => {}
+            Ok((_, payload)) => {
+                framed.feed(payload.to_string()).await.map_err(|_| ())?;
+                *count += 1;
+                since_flush += 1;
+                if since_flush == DUMP_PAGE {
+                    framed.flush().await.map_err(|_| ())?;
+                    since_flush = 0;
+                }
+            }
+            Err(e) => {
+                return framed
+                    .send(format!("error store unavailable: {e}"))
+                    .await
+                    .map_err(|_| ());
+            }
+        }
+    }
+    framed.send(format!("end {count}")).await.map_err(|_| ())
 }
 
 /// Keys of the store read per page of a dump.
@@ -476,6 +532,9 @@ async fn dump<T: AsyncRead + AsyncWrite + Unpin>(
         framed.feed(line).await.map_err(|_| ())?;
         sent.insert(id);
         count += 1;
+    }
+    if let Some(store) = sql_store(app) {
+        return dump_sql(app, framed, store, &sent, &mut count).await;
     }
     let prefix = store::record_key(&app.inner.key_prefix, &app.inner.tcp_stream, "");
     let pattern = format!("{prefix}*");

@@ -20,22 +20,7 @@ pub struct PostgresSink {
     insert: String,
 }
 
-/// Why a table name is refused.
-pub fn check_table(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "table name {name:?} must be 1 to 63 lowercase letters, digits or '_', starting with a letter or '_'"
-        ))
-    }
-}
+pub use sluice_core::settings::check_table;
 
 impl PostgresSink {
     /// Connects (retrying `attempts` times, `backoff` apart) and creates the table.
