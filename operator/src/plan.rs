@@ -22,11 +22,13 @@ use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::Resource;
 use kube::api::ObjectMeta;
 use serde_json::{Value, json};
-use sluice_core::settings::{AggregateSettings, PipelineSettings, RetrySettings, StreamSettings};
+use sluice_core::settings::{
+    AggregateSettings, PipelineSettings, RecordStore, RetrySettings, StoreKind, StreamSettings,
+};
 
 use crate::crd::{
-    CollectorSpec, KafkaSpec, PipelineConfig, RedisMode, RedisSpec, SaslMechanism, StartAt,
-    StorageSpec,
+    CollectorSpec, KafkaSpec, PipelineConfig, RedisMode, RedisSpec, SaslMechanism, SqlSinkSpec,
+    StartAt, StorageSpec,
 };
 
 /// Images and other runtime choices that are not part of the resource.
@@ -80,6 +82,10 @@ pub fn settings(pc: &PipelineConfig) -> PipelineSettings {
                     .filter(|c| c.streams.contains(&s.name))
                     .map(|c| names::collector_group(pc, &c.name))
                     .collect();
+                out.store = record_store(pc, &s.name).map(|(kind, sql)| RecordStore {
+                    kind,
+                    table: sql.table.clone(),
+                });
                 out
             })
             .collect(),
@@ -94,6 +100,27 @@ pub fn settings(pc: &PipelineConfig) -> PipelineSettings {
             hour_retention: pc.spec.aggregates.hour_retention.clone(),
         },
     }
+}
+
+/// Where ingest reads a stream's records: Redis when a collector of the stream writes
+/// there, else the table of its first PostgreSQL or MySQL collector, if any.
+fn record_store<'a>(pc: &'a PipelineConfig, stream: &str) -> Option<(StoreKind, &'a SqlSinkSpec)> {
+    let collectors: Vec<_> = pc
+        .spec
+        .collectors
+        .iter()
+        .filter(|c| c.streams.iter().any(|s| s == stream))
+        .collect();
+    if collectors.iter().any(|c| c.sink.redis.is_some()) {
+        return None;
+    }
+    collectors.iter().find_map(|c| {
+        c.sink
+            .postgres
+            .as_ref()
+            .map(|sql| (StoreKind::Postgres, sql))
+            .or_else(|| c.sink.mysql.as_ref().map(|sql| (StoreKind::Mysql, sql)))
+    })
 }
 
 /// A short, stable checksum of the settings text (FNV-1a, 64 bits, hex).
@@ -503,6 +530,15 @@ fn ingest(
         env.push(json!({"name": "SLUICE_TCP_WRITE_LISTEN", "value": "0.0.0.0:2525"}));
         env.push(json!({"name": "SLUICE_TCP_READ_LISTEN", "value": "0.0.0.0:2526"}));
         env.push(json!({"name": "SLUICE_TCP_STREAM", "value": tcp.stream}));
+    }
+    // Streams read from a SQL table: the database of the first such stream's collector.
+    if let Some((_, sql)) = pc
+        .spec
+        .streams
+        .iter()
+        .find_map(|s| record_store(pc, &s.name))
+    {
+        env.push(json!({"name": "SLUICE_DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": sql.secret_name, "key": "url"}}}));
     }
     let mut volumes = Vec::new();
     let mut container = json!({
@@ -1138,6 +1174,34 @@ spec:
         let other = children(&changed, &Images::default());
         let other_sum = checksum(&other.config_map.data.as_ref().expect("data")["pipeline.yaml"]);
         assert_ne!(sum, other_sum);
+    }
+
+    #[test]
+    fn a_stream_without_a_redis_collector_is_read_from_its_sql_table() {
+        let store = pc(&BASIC.replace(
+            "    - {name: messages, key: /touser}",
+            "    - {name: messages, key: /touser}\n    - {name: records}",
+        )
+        .replace(
+            "    - {name: db, streams: [visit], sink: {postgres: {secretName: pg}}}",
+            "    - {name: db, streams: [visit], sink: {postgres: {secretName: pg}}}\n    - {name: kv, streams: [records], sink: {mysql: {secretName: my, table: kv_records}}}",
+        ));
+        let s = settings(&store);
+        assert_eq!(s.streams[0].store, None, "visit has a Redis collector");
+        assert_eq!(
+            s.streams[2].store,
+            Some(RecordStore {
+                kind: StoreKind::Mysql,
+                table: "kv_records".to_owned()
+            })
+        );
+        let c = children(&store, &Images::default());
+        assert_eq!(
+            env_of(&c.ingest)["SLUICE_DATABASE_URL"]["secretKeyRef"],
+            json!({"name": "my", "key": "url"})
+        );
+        let plain = children(&pc(BASIC), &Images::default());
+        assert!(!env_of(&plain.ingest).contains_key("SLUICE_DATABASE_URL"));
     }
 
     #[test]
