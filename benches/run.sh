@@ -146,7 +146,14 @@ when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC
 print(table)
 if errors:
     print("\nerrors:", json.dumps(errors))
-with open("docs/benchmarks.md", "w") as f:
+# The sections other scripts write (micro-benchmarks, the real node) are kept.
+path = "docs/benchmarks.md"
+kept = ""
+if os.path.exists(path):
+    old = open(path).read()
+    at = old.find("\n## ")
+    kept = old[at:] if at >= 0 else ""
+with open(path, "w") as f:
     f.write(f"""# Benchmarks
 
 Produced by `benches/run.sh` (release build; the broker, Redis, the services and the load
@@ -164,6 +171,6 @@ Run: {when}, commit `{commit}`, {os.cpu_count()} cores ({cpu}).
 """ + (f"\nErrors during the run: `{json.dumps(errors)}`\n" if errors else "") + """
 Read the ratios, not the absolute numbers: on a shared two-core machine every scenario
 competes with the broker for the same cores.
-""")
+""" + kept)
 PY
 echo "[bench] written to docs/benchmarks.md" >&2

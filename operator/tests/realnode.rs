@@ -713,6 +713,32 @@ async fn an_example_pipeline_runs_in_real_pods_and_serves_its_events() {
         assert_eq!(record["stream"], stream.as_str());
     }
 
+    // ack=sink across pods: the collector pod confirms to the ingest pod through the
+    // pipeline's Redis, and the record is readable as soon as the answer comes.
+    let id = format!("item-acked-{}", uuid_like());
+    let answer: Value = http
+        .post(format!(
+            "{base}/v1/streams/{stream}/events?ack=sink&timeout=30s"
+        ))
+        .json(&json!({"id": id, "name": "acked"}))
+        .send()
+        .await
+        .expect("POST ack=sink")
+        .json()
+        .await
+        .expect("answer");
+    assert_eq!(answer["sink"], "written", "{answer}");
+    let record = http
+        .get(format!("{base}/v1/streams/{stream}/records/{id}"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(
+        record.status(),
+        200,
+        "readable right after the ack=sink answer"
+    );
+
     // What a user sees: kubectl shows the pipeline Ready, and the lag through the
     // apiserver drops to zero once the collector wrote the events.
     let table =

@@ -1,12 +1,12 @@
 //! `sluice-loadgen` against a real pipeline (ingest, Kafka, a Redis collector): every
-//! protocol, then a check by id that each acknowledged event reached Redis and the file
-//! sink exactly once.
+//! protocol, then a check by id that each acknowledged event reached Redis, the file sink
+//! and MySQL exactly once.
 
 use std::time::Duration;
 
 use serde_json::Value;
 use sluice_core::StreamSettings;
-use sluice_testkit::{Pipeline, Process, Stack, binary, free_port, unique, wait_for};
+use sluice_testkit::{Pipeline, Process, Stack, binary, free_port, healthy, unique};
 
 #[tokio::test]
 async fn every_protocol_delivers_every_acknowledged_event_to_redis() -> anyhow::Result<()> {
@@ -52,19 +52,24 @@ async fn every_protocol_delivers_every_acknowledged_event_to_redis() -> anyhow::
         ],
         &env,
     )?;
+    // And a third to MySQL.
+    let table = unique("load").replace('-', "_");
+    let _mysql = Process::spawn(
+        "sluice-collector",
+        &[
+            "--group",
+            &unique("mysql"),
+            "--sink",
+            "mysql",
+            "--database-url",
+            &stack.mysql_url,
+            "--table",
+            &table,
+        ],
+        &env,
+    )?;
     let base = format!("http://{http}");
-    let client = reqwest::Client::new();
-    wait_for("ingest to answer", Duration::from_secs(60), || {
-        let request = client.get(format!("{base}/healthz")).send();
-        async move {
-            Ok(request
-                .await
-                .ok()
-                .filter(|r| r.status().is_success())
-                .map(|_| ()))
-        }
-    })
-    .await?;
+    healthy(&base, Duration::from_secs(60)).await?;
     anyhow::ensure!(ingest.running(), "ingest exited");
 
     for (protocol, extra, events) in [
@@ -103,6 +108,10 @@ async fn every_protocol_delivers_every_acknowledged_event_to_redis() -> anyhow::
             &pipeline.key_prefix,
             "--verify-file",
             &records_dir,
+            "--verify-mysql",
+            &stack.mysql_url,
+            "--verify-table",
+            &table,
         ];
         args.extend(extra);
         let output = tokio::process::Command::new(binary("sluice-loadgen")?)
@@ -125,7 +134,7 @@ async fn every_protocol_delivers_every_acknowledged_event_to_redis() -> anyhow::
             serde_json::json!({}),
             "{protocol}: {report}"
         );
-        for (i, sink) in ["redis", "file"].into_iter().enumerate() {
+        for (i, sink) in ["redis", "file", "mysql"].into_iter().enumerate() {
             let check = &report["verification"][i];
             assert_eq!(check["sink"], sink);
             assert_eq!(check["checked"], events, "{protocol}: {report}");

@@ -7,7 +7,7 @@
 //! is due at `n / rate` seconds, and its latency counts from then (see [`rate`]).
 //!
 //! Every event carries an id `<run>-<n>`; with `--verify-redis`, `--verify-file` or
-//! `--verify-postgres` the acknowledged ids are looked up in the sink afterwards (see
+//! `--verify-postgres`, `--verify-mysql` the acknowledged ids are looked up in the sink afterwards (see
 //! [`verify`]). A one-line status goes to stderr every `--status-interval` seconds; the
 //! report at the end is text, or JSON with `--json`. Targets must be loopback addresses
 //! unless `--allow-remote` is given.
@@ -145,7 +145,10 @@ pub struct Args {
     /// After the run, check every acknowledged event is in this PostgreSQL database.
     #[arg(long, value_name = "URL")]
     pub verify_postgres: Option<String>,
-    /// Table for `--verify-postgres`.
+    /// After the run, check every acknowledged event is in this MySQL database.
+    #[arg(long, value_name = "URL")]
+    pub verify_mysql: Option<String>,
+    /// Table for `--verify-postgres` and `--verify-mysql`.
     #[arg(long, default_value = "sluice_events")]
     pub verify_table: String,
     /// Seconds to wait for the sink to hold every acknowledged event.
@@ -190,6 +193,12 @@ impl Args {
         }
         if let Some(url) = &self.verify_postgres {
             out.push(Sink::Postgres {
+                url: url.clone(),
+                table: self.verify_table.clone(),
+            });
+        }
+        if let Some(url) = &self.verify_mysql {
+            out.push(Sink::Mysql {
                 url: url.clone(),
                 table: self.verify_table.clone(),
             });

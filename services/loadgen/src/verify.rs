@@ -1,8 +1,9 @@
 //! After a run: did every acknowledged event reach the sink, once?
 //!
 //! The ids the server acknowledged are looked up in the sink (`--verify-redis`,
-//! `--verify-file`, `--verify-postgres`), waiting up to `--verify-timeout` for collectors
-//! to catch up. Redis holds one key per event and PostgreSQL one row per `(stream, id)`,
+//! `--verify-file`, `--verify-postgres`, `--verify-mysql`), waiting up to `--verify-timeout`
+//! for collectors to catch up. Redis holds one key per event and the SQL sinks one row per
+//! `(stream, id)`,
 //! so there a duplicate can only be a second key or row under another id; the file sink
 //! appends lines, so a duplicate there is an id on two lines.
 
@@ -82,6 +83,13 @@ pub enum Sink {
         /// Table.
         table: String,
     },
+    /// MySQL or MariaDB at this URL, in this table.
+    Mysql {
+        /// URL.
+        url: String,
+        /// Table.
+        table: String,
+    },
 }
 
 impl Sink {
@@ -90,6 +98,7 @@ impl Sink {
             Self::Redis { .. } => "redis",
             Self::File(_) => "file",
             Self::Postgres { .. } => "postgres",
+            Self::Mysql { .. } => "mysql",
         }
     }
 
@@ -132,9 +141,7 @@ impl Sink {
                 }
             }
             Self::Postgres { url, table } => {
-                if !table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    anyhow::bail!("{table:?} is not a plain table name");
-                }
+                sluice_core::settings::check_table(table).map_err(anyhow::Error::msg)?;
                 let pool = sqlx::PgPool::connect(url).await?;
                 let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
                     "SELECT id, count(*) FROM {table} WHERE stream = $1 AND id = ANY($2) GROUP BY id"
@@ -147,6 +154,26 @@ impl Sink {
                 for (id, n) in rows {
                     found.insert(id, n.max(0) as u64);
                 }
+            }
+            Self::Mysql { url, table } => {
+                sluice_core::settings::check_table(table).map_err(anyhow::Error::msg)?;
+                let pool = sqlx::MySqlPool::connect(url).await?;
+                for chunk in ids.chunks(1000) {
+                    let mut query = sqlx::QueryBuilder::<sqlx::MySql>::new(format!(
+                        "SELECT id, count(*) FROM {table} WHERE stream = "
+                    ));
+                    query.push_bind(stream).push(" AND id IN (");
+                    let mut list = query.separated(", ");
+                    for id in chunk {
+                        list.push_bind(id);
+                    }
+                    query.push(") GROUP BY id");
+                    let rows: Vec<(String, i64)> = query.build_query_as().fetch_all(&pool).await?;
+                    for (id, n) in rows {
+                        found.insert(id, n.max(0) as u64);
+                    }
+                }
+                pool.close().await;
             }
         }
         Ok(found)
