@@ -1078,18 +1078,18 @@ spec:
         let plain = children(&pc(BASIC), &Images::default());
         assert!(!env_of(&plain.ingest).contains_key("OTEL_EXPORTER_OTLP_ENDPOINT"));
         let images = Images {
-            otlp_endpoint: Some("http://otel.observability:4317".to_owned()),
+            otlp_endpoint: Some("http://otel.observability:4318".to_owned()),
             ..Images::default()
         };
         let traced = children(&pc(BASIC), &images);
         assert_eq!(
             env_of(&traced.ingest)["OTEL_EXPORTER_OTLP_ENDPOINT"],
-            "http://otel.observability:4317"
+            "http://otel.observability:4318"
         );
         for w in &traced.collectors {
             assert_eq!(
                 env_of(w)["OTEL_EXPORTER_OTLP_ENDPOINT"],
-                "http://otel.observability:4317",
+                "http://otel.observability:4318",
                 "{}",
                 w.name()
             );
