@@ -10,7 +10,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use redis::AsyncCommands;
 use serde_json::{Value, json};
 use sluice_core::StreamSettings;
-use sluice_testkit::{Pipeline, Process, Stack, free_port, unique, wait_for};
+use sluice_testkit::{Pipeline, Process, Stack, free_port, healthy, unique, wait_for};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -58,18 +58,7 @@ impl Setup {
         let addr = format!("127.0.0.1:{}", free_port()?);
         let mut process = self.spawn("sluice-ingest", &["--listen", &addr])?;
         let base = format!("http://{addr}");
-        let client = reqwest::Client::new();
-        wait_for("ingest to answer /healthz", LIMIT, || {
-            let request = client.get(format!("{base}/healthz")).send();
-            async move {
-                Ok(request
-                    .await
-                    .ok()
-                    .filter(|r| r.status().is_success())
-                    .map(|_| ()))
-            }
-        })
-        .await?;
+        healthy(&base, LIMIT).await?;
         anyhow::ensure!(process.running(), "ingest exited");
         Ok((process, base))
     }
