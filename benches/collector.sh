@@ -37,12 +37,13 @@ streams:
     partitions: 6
 YAML
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-port=$(free_port)
+port=$(free_port); hport=$(free_port)
 base="http://127.0.0.1:$port"
-SLUICE_LOG=warn "$bin/sluice-ingest" --listen "127.0.0.1:$port" --settings "$work/pipeline.yaml" \
+health="http://127.0.0.1:$hport"
+SLUICE_LOG=warn "$bin/sluice-ingest" --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$hport" --settings "$work/pipeline.yaml" \
   --create-topics --read-events false --key-prefix "$run_id" >"$work/ingest.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 1 100); do curl -fsS "$base/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
+for _ in $(seq 1 100); do curl -fsS "$health/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
 
 echo "date $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD), $(nproc) cores, $events events"
 

@@ -29,11 +29,13 @@ streams:
 YAML
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 base="http://127.0.0.1:$port"
-SLUICE_LOG=warn "$bin/sluice-ingest" --listen "127.0.0.1:$port" --settings "$work/pipeline.yaml" \
+hport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+health="http://127.0.0.1:$hport"
+SLUICE_LOG=warn "$bin/sluice-ingest" --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$hport" --settings "$work/pipeline.yaml" \
   --create-topics --read-events false >"$work/ingest.log" 2>&1 &
 ingest=$!
 trap 'kill $ingest 2>/dev/null; wait $ingest 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 1 100); do curl -fsS "$base/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
+for _ in $(seq 1 100); do curl -fsS "$health/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
 
 printf '{"userId":"user-1","page":"/products/42","ms":1234}' >"$work/one.json"
 python3 - "$work/batch.json" <<'PY'
@@ -72,7 +74,7 @@ PY
 }
 
 echo "date $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD), $(nproc) cores, wrk -t$threads -c$connections -d${duration}s, keep-alive"
-healthz="$(run "GET /healthz (ceiling)" "$base/healthz" "$work/get.lua" /dev/null 0)"
+healthz="$(run "GET /healthz (ceiling)" "$health/healthz" "$work/get.lua" /dev/null 0)"
 single="$(run "POST 1 event, acked" "$base/v1/streams/$stream/events" "$work/post.lua" "$work/one.json" 1)"
 batch="$(run "POST 100 events, acked" "$base/v1/streams/$stream/events" "$work/post.lua" "$work/batch.json" 100)"
 printf 'scenario\trequests/s\tevents/s\tp50 ms\tp99 ms\terrors\n%s\n%s\n%s\n' "$healthz" "$single" "$batch" | column -t -s $'\t'

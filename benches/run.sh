@@ -41,8 +41,9 @@ streams:
     partitions: 6
 YAML
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-http_port=$(free_port); tcp_port=$(free_port)
+http_port=$(free_port); tcp_port=$(free_port); health_port=$(free_port)
 base="http://127.0.0.1:$http_port"
+health="http://127.0.0.1:$health_port"
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -51,12 +52,12 @@ cleanup() {
 }
 trap cleanup EXIT
 export SLUICE_LOG=warn
-"$bin/sluice-ingest" --listen "127.0.0.1:$http_port" --settings "$work/pipeline.yaml" \
+"$bin/sluice-ingest" --listen "127.0.0.1:$http_port" --metrics-listen "127.0.0.1:$health_port" --settings "$work/pipeline.yaml" \
   --tcp-write-listen "127.0.0.1:$tcp_port" --tcp-stream "$tag" --create-topics \
   --read-events false --key-prefix "$tag" >"$work/ingest.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 1 100); do curl -fsS "$base/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
-curl -fsS "$base/readyz" >/dev/null || { cat "$work/ingest.log" >&2; exit 1; }
+for _ in $(seq 1 100); do curl -fsS "$health/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
+curl -fsS "$health/readyz" >/dev/null || { cat "$work/ingest.log" >&2; exit 1; }
 
 lg() {
   local name=$1; shift
@@ -67,7 +68,7 @@ lg() {
 }
 
 echo "[bench] wrk GET /healthz" >&2
-wrk -t 2 -c "$clients" -d "${duration}s" --latency "$base/healthz" >"$work/wrk.txt"
+wrk -t 2 -c "$clients" -d "${duration}s" --latency "$health/healthz" >"$work/wrk.txt"
 lg kafka-single --protocol kafka --batch-size 1 --concurrency "$clients"
 lg http-single --protocol http --concurrency "$clients"
 lg ws-single --protocol ws --batch-size 1 --concurrency "$clients"
@@ -92,7 +93,7 @@ echo "[bench] end to end into Redis" >&2
 # collector wrote them to Redis, on the same stream with the same collector running.
 lg ack-kafka --protocol http --path "/v1/streams/$tag-e2e/events?ack=kafka" --concurrency "$clients"
 lg ack-sink --protocol http --path "/v1/streams/$tag-e2e/events?ack=sink" --concurrency "$clients"
-curl -fsS "$base/metrics" | grep '^sluice_ingest_sink_acks_total' >"$work/sink-acks.txt" || true
+curl -fsS "$health/metrics" | grep '^sluice_ingest_sink_acks_total' >"$work/sink-acks.txt" || true
 
 mkdir -p docs
 commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"

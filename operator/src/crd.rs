@@ -310,9 +310,31 @@ pub struct IngestSpec {
     /// TCP JSON-lines ports, when the buffered store is wanted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp: Option<TcpSpec>,
+    /// API keys every door asks for (HTTP, WebSocket, both TCP ports); every door is open
+    /// without them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_keys: Option<ApiKeysSpec>,
     /// CPU and memory of each ingest pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+}
+
+/// API keys kept in a Secret of the pipeline's namespace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeysSpec {
+    /// The Secret. Ingest reads it again while running: keys added or removed there take
+    /// effect without a restart, once the kubelet updated the mounted file.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+    /// The Secret's key holding the API keys, one per line, each at least 16 characters.
+    #[serde(default = "default_api_keys_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_api_keys_key() -> String {
+    "keys".to_owned()
 }
 
 fn default_http_port() -> i32 {
@@ -325,6 +347,7 @@ impl Default for IngestSpec {
             replicas: ReplicaRange::default(),
             http_port: default_http_port(),
             tcp: None,
+            api_keys: None,
             resources: None,
         }
     }
@@ -368,13 +391,17 @@ pub struct TcpSpec {
     #[serde(default = "default_write_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub write_port: i32,
-    /// Port answering `get <id>` and `all`.
+    /// Port answering `get <id>` (and `all` when `dump` is set).
     #[serde(default = "default_read_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub read_port: i32,
     /// Stream the lines go to.
     #[serde(default = "default_tcp_stream")]
     pub stream: String,
+    /// Let the read port dump every record of the stream (`all`) to whoever reaches it
+    /// (and has a key, with `apiKeys`).
+    #[serde(default)]
+    pub dump: bool,
 }
 
 fn default_write_port() -> i32 {

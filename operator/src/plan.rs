@@ -363,6 +363,10 @@ pub fn redis_urls(pc: &PipelineConfig) -> (String, String) {
 
 /// Where the Kafka TLS Secret is mounted in ingest and collector pods.
 pub const KAFKA_TLS_DIR: &str = "/var/run/sluice/kafka-tls";
+/// Where ingest finds the API keys (`keys`) of `spec.ingest.apiKeys`.
+pub const API_KEYS_DIR: &str = "/var/run/sluice/api-keys";
+/// Port of `/metrics`, `/healthz` and `/readyz` in ingest and collector pods.
+pub const METRICS_PORT: u16 = 9464;
 
 /// The librdkafka properties for the spec's TLS and SASL settings that hold no secret: the
 /// security protocol and the SASL mechanism.
@@ -514,13 +518,32 @@ fn ingest(
     checksum: &str,
 ) -> (Deployment, Service, HorizontalPodAutoscaler) {
     let spec = &pc.spec.ingest;
-    let mut ports = vec![json!({"name": "http", "containerPort": 8080})];
+    // Health and metrics on a port of their own, which the Service leaves out.
+    let mut ports = vec![
+        json!({"name": "http", "containerPort": 8080}),
+        json!({"name": "metrics", "containerPort": METRICS_PORT}),
+    ];
     let mut service_ports =
         vec![json!({"name": "http", "port": spec.http_port, "targetPort": "http"})];
     let mut env = common_env(pc, Vec::new());
     env.extend(telemetry_env(images));
     env.push(json!({"name": "SLUICE_INGEST_LISTEN", "value": "0.0.0.0:8080"}));
+    env.push(json!({"name": "SLUICE_METRICS_LISTEN", "value": format!("0.0.0.0:{METRICS_PORT}")}));
+    let mut volumes = Vec::new();
+    let mut mounts = service_mounts(pc, &mut volumes);
+    if let Some(keys) = &spec.api_keys {
+        volumes.push(json!({"name": "api-keys", "secret": {
+            "secretName": keys.secret_name,
+            "items": [{"key": keys.key, "path": "keys"}],
+        }}));
+        // A directory, not a subPath: the kubelet replaces the file when the Secret changes.
+        mounts.push(json!({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": true}));
+        env.push(json!({"name": "SLUICE_API_KEYS_FILE", "value": format!("{API_KEYS_DIR}/keys")}));
+    }
     if let Some(tcp) = &spec.tcp {
+        if tcp.dump {
+            env.push(json!({"name": "SLUICE_TCP_READ_DUMP", "value": "true"}));
+        }
         ports.push(json!({"name": "tcp-write", "containerPort": 2525}));
         ports.push(json!({"name": "tcp-read", "containerPort": 2526}));
         service_ports
@@ -540,15 +563,14 @@ fn ingest(
     {
         env.push(json!({"name": "SLUICE_DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": sql.secret_name, "key": "url"}}}));
     }
-    let mut volumes = Vec::new();
     let mut container = json!({
         "name": "ingest",
         "image": images.ingest,
         "env": env,
         "ports": ports,
-        "volumeMounts": service_mounts(pc, &mut volumes),
-        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
-        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
+        "volumeMounts": mounts,
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10},
         "securityContext": restricted_container(),
     });
     if let Some(r) = &spec.resources {
@@ -620,7 +642,7 @@ fn collector(pc: &PipelineConfig, c: &CollectorSpec, images: &Images, checksum: 
         json!({"name": "SLUICE_COLLECTOR_STREAMS", "value": c.streams.join(",")}),
         json!({"name": "SLUICE_CONCURRENT_COUNT", "value": c.concurrency.to_string()}),
         json!({"name": "SLUICE_BATCH_SIZE", "value": c.batch_size.to_string()}),
-        json!({"name": "SLUICE_METRICS_LISTEN", "value": "0.0.0.0:9464"}),
+        json!({"name": "SLUICE_METRICS_LISTEN", "value": format!("0.0.0.0:{METRICS_PORT}")}),
     ]);
     env.extend(sink_env(c));
     let mut volumes = Vec::new();
@@ -638,7 +660,7 @@ fn collector(pc: &PipelineConfig, c: &CollectorSpec, images: &Images, checksum: 
         "name": "collector",
         "image": images.collector,
         "env": env,
-        "ports": [{"name": "metrics", "containerPort": 9464}],
+        "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
         "volumeMounts": mounts,
         // Not ready while its sink is unavailable: the outage shows in the pipeline's
         // ready replicas and in `kubectl get pods`.
@@ -1237,7 +1259,28 @@ spec:
         assert_eq!(hpa.scale_target_ref.name, "shop-ingest");
         let v = serde_json::to_value(&c.ingest).expect("json");
         let container = &v["spec"]["template"]["spec"]["containers"][0];
-        assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+        // Probes and scrapes on the metrics port, which the Service does not expose.
+        assert_eq!(
+            container["readinessProbe"]["httpGet"],
+            json!({"path": "/readyz", "port": "metrics"})
+        );
+        assert_eq!(
+            container["livenessProbe"]["httpGet"],
+            json!({"path": "/healthz", "port": "metrics"})
+        );
+        assert_eq!(
+            container["ports"],
+            json!([
+                {"name": "http", "containerPort": 8080},
+                {"name": "metrics", "containerPort": 9464},
+                {"name": "tcp-write", "containerPort": 2525},
+                {"name": "tcp-read", "containerPort": 2526},
+            ])
+        );
+        assert_eq!(env["SLUICE_METRICS_LISTEN"], "0.0.0.0:9464");
+        // Every door open and no dump unless the spec says so.
+        assert!(!env.contains_key("SLUICE_API_KEYS_FILE"));
+        assert!(!env.contains_key("SLUICE_TCP_READ_DUMP"));
         assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
         assert_eq!(
             container["securityContext"]["capabilities"]["drop"],
@@ -1247,6 +1290,53 @@ spec:
             v["spec"]["template"]["spec"]["securityContext"]["seccompProfile"]["type"],
             "RuntimeDefault"
         );
+    }
+
+    #[test]
+    fn api_keys_come_from_the_named_secret_as_a_file_the_kubelet_keeps_current() {
+        let yaml = BASIC.replace(
+            "stream: visit}}",
+            "stream: visit, dump: true}, apiKeys: {secretName: shop-keys}}",
+        );
+        let c = children(&pc(&yaml), &Images::default());
+        let env = env_of(&c.ingest);
+        assert_eq!(env["SLUICE_API_KEYS_FILE"], "/var/run/sluice/api-keys/keys");
+        assert_eq!(env["SLUICE_TCP_READ_DUMP"], "true");
+        let v = serde_json::to_value(&c.ingest).expect("json");
+        let pod = &v["spec"]["template"]["spec"];
+        let volume = pod["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == "api-keys")
+            .expect("api-keys volume");
+        assert_eq!(
+            volume["secret"],
+            json!({"secretName": "shop-keys", "items": [{"key": "keys", "path": "keys"}]})
+        );
+        let mount = pod["containers"][0]["volumeMounts"]
+            .as_array()
+            .expect("mounts")
+            .iter()
+            .find(|m| m["name"] == "api-keys")
+            .expect("api-keys mount");
+        assert_eq!(mount["mountPath"], API_KEYS_DIR);
+        assert!(mount.get("subPath").is_none(), "a subPath is never updated");
+        // Another key of the Secret.
+        let other = yaml.replace(
+            "{secretName: shop-keys}",
+            "{secretName: shop-keys, key: api}",
+        );
+        let c = children(&pc(&other), &Images::default());
+        let v = serde_json::to_value(&c.ingest).expect("json");
+        let items = v["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == "api-keys")
+            .expect("volume")["secret"]["items"]
+            .clone();
+        assert_eq!(items, json!([{"key": "api", "path": "keys"}]));
     }
 
     #[test]

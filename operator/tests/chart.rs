@@ -324,7 +324,7 @@ fn other_values_change_what_they_say_and_nothing_else() {
         .iter()
         .map(|e| e["port"].as_str().expect("port"))
         .collect();
-    assert_eq!(ports, ["http", "metrics"]);
+    assert_eq!(ports, ["metrics"]);
     // Each endpoint names the labels the dashboard and the alerts group by.
     for endpoint in pods["podMetricsEndpoints"].as_array().expect("endpoints") {
         let targets: Vec<&str> = endpoint["relabelings"]

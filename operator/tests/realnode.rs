@@ -26,7 +26,7 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
 use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -261,12 +261,13 @@ async fn ingest_nodeport(
         .and_then(|p| p.node_port)
         .expect("a node port");
     let base = format!("http://{}:{port}", node.host);
-    // kube-proxy opens the port a moment after the Service is created.
+    // kube-proxy opens the port a moment after the Service is created. Health and metrics
+    // are not on this port: the API document is.
     wait_for(
-        "ingest to answer /readyz through the NodePort",
+        "ingest to answer through the NodePort",
         Duration::from_secs(120),
         || async {
-            let r = reqwest::get(format!("{base}/readyz")).await?;
+            let r = reqwest::get(format!("{base}/openapi.json")).await?;
             Ok((r.status() == 200).then_some(()))
         },
     )
@@ -373,10 +374,26 @@ struct Deployed {
 impl Deployed {
     /// Deploys `file` from `manifests/examples` as `edit` changes it.
     async fn example(file: &str, limit: Duration, edit: impl FnOnce(&mut PipelineConfig)) -> Self {
+        Self::example_with(file, limit, &[], edit).await
+    }
+
+    /// Like [`Deployed::example`], with `secrets` created in the namespace first.
+    async fn example_with(
+        file: &str,
+        limit: Duration,
+        secrets: &[Secret],
+        edit: impl FnOnce(&mut PipelineConfig),
+    ) -> Self {
         let node = real_node();
         chart_installed(&node);
         let client = client(&node).await;
         let ns = restricted_namespace(&client).await;
+        let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
+        for secret in secrets {
+            api.create(&PostParams::default(), secret)
+                .await
+                .expect("Secret created");
+        }
         let (mut pc, streams) = example(file, &node);
         edit(&mut pc);
         let name = pc.name_any();
@@ -1203,6 +1220,229 @@ async fn a_file_collector_scaled_from_three_to_one_and_back_keeps_every_event_on
         &twice[..twice.len().min(10)]
     );
     assert_eq!(counts.len(), outcome.acknowledged.len(), "nothing else");
+
+    deployed.remove(limit).await;
+}
+
+/// A NodePort Service for the pipeline's TCP write and read ports; their addresses on the
+/// node.
+async fn tcp_nodeports(
+    client: &Client,
+    node: &RealNode,
+    namespace: &str,
+    pipeline: &str,
+) -> (String, String) {
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": format!("{pipeline}-tcp-nodeport")},
+        "spec": {
+            "type": "NodePort",
+            "selector": {"app.kubernetes.io/instance": pipeline, "app.kubernetes.io/component": "ingest"},
+            "ports": [
+                {"name": "tcp-write", "port": 2525, "targetPort": "tcp-write"},
+                {"name": "tcp-read", "port": 2526, "targetPort": "tcp-read"},
+            ],
+        }
+    }))
+    .expect("service");
+    let created = services
+        .create(&PostParams::default(), &service)
+        .await
+        .expect("NodePort Service created");
+    let ports: Vec<i32> = created
+        .spec
+        .and_then(|s| s.ports)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|p| p.node_port)
+        .collect();
+    assert_eq!(ports.len(), 2, "two node ports");
+    (
+        format!("{}:{}", node.host, ports[0]),
+        format!("{}:{}", node.host, ports[1]),
+    )
+}
+
+/// Sends `lines` on one new TCP connection, each after the answer to the one before; the
+/// answers, `None` once the server closed the connection.
+async fn tcp_lines(addr: &str, lines: &[&str]) -> anyhow::Result<Vec<Option<String>>> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let (read, mut write) = tokio::net::TcpStream::connect(addr).await?.into_split();
+    let mut answers = BufReader::new(read).lines();
+    let mut out = Vec::new();
+    for line in lines {
+        // A refused connection may be closed for writing already.
+        let _ = write.write_all(format!("{line}\n").as_bytes()).await;
+        let answer = tokio::time::timeout(Duration::from_secs(30), answers.next_line())
+            .await?
+            .unwrap_or(None);
+        out.push(answer);
+    }
+    Ok(out)
+}
+
+/// Ingest pods of a pipeline: name to (uid, restarts).
+async fn ingest_pods(pods: &Api<Pod>, pipeline: &str) -> BTreeMap<String, (String, i32)> {
+    let selector =
+        format!("app.kubernetes.io/instance={pipeline},app.kubernetes.io/component=ingest");
+    pods.list(&ListParams::default().labels(&selector))
+        .await
+        .expect("pods")
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| {
+            let restarts = p
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .map_or(0, |c| c.iter().map(|c| c.restart_count).sum());
+            (p.name_any(), (p.uid().unwrap_or_default(), restarts))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_api_key_secret_locks_every_door_and_a_rotated_key_takes_over_without_a_restart() {
+    let limit = Duration::from_secs(240);
+    let keys = |key: &str| -> Secret {
+        serde_json::from_value(json!({
+            "metadata": {"name": "ingest-keys"},
+            "stringData": {"keys": format!("# the shop's clients\n{key}\n")},
+        }))
+        .expect("secret")
+    };
+    let (old_key, new_key) = ("old-key-0123456789abcdef", "new-key-0123456789abcdef");
+    let mut tcp_stream = String::new();
+    let deployed = Deployed::example_with("kv-store.yaml", limit, &[keys(old_key)], |pc| {
+        pc.spec.ingest.api_keys = Some(sluice_operator::crd::ApiKeysSpec {
+            secret_name: "ingest-keys".to_owned(),
+            key: "keys".to_owned(),
+        });
+        tcp_stream = pc.spec.streams[0].name.clone();
+        pc.spec.ingest.tcp =
+            Some(serde_json::from_value(json!({"stream": tcp_stream})).expect("tcp spec"));
+    })
+    .await;
+    let Deployed {
+        node,
+        client,
+        ns,
+        name,
+        base,
+        ..
+    } = &deployed;
+    let stream = tcp_stream.as_str();
+    let (write, read) = tcp_nodeports(client, node, ns, name).await;
+    let http = reqwest::Client::new();
+    let post = |key: Option<&str>, id: &str| {
+        let mut r = http
+            .post(format!("{base}/v1/streams/{stream}/events"))
+            .json(&json!({"id": id, "name": "locked"}));
+        if let Some(key) = key {
+            r = r.bearer_auth(key);
+        }
+        async move { r.send().await.map(|r| r.status().as_u16()) }
+    };
+
+    // HTTP: refused without a key or with a wrong one, taken with the key.
+    assert_eq!(post(None, "no-key").await.expect("POST"), 401);
+    assert_eq!(post(Some(new_key), "wrong-key").await.expect("POST"), 401);
+    assert_eq!(post(Some(old_key), "with-key").await.expect("POST"), 202);
+    let get = |key: Option<&str>| {
+        let mut r = http.get(format!("{base}/v1/streams/{stream}/records/with-key"));
+        if let Some(key) = key {
+            r = r.bearer_auth(key);
+        }
+        async move { r.send().await.map(|r| r.status().as_u16()) }
+    };
+    assert_eq!(get(None).await.expect("GET"), 401);
+    wait_for("the record to be readable with the key", limit, || async {
+        Ok((get(Some(old_key)).await? == 200).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    // WebSocket: the upgrade is refused without a key, switched with it.
+    let upgrade = |key: Option<&str>| {
+        let mut r = http
+            .get(format!("{base}/v1/streams/{stream}/ws"))
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+        if let Some(key) = key {
+            r = r.bearer_auth(key);
+        }
+        async move { r.send().await.map(|r| r.status().as_u16()) }
+    };
+    assert_eq!(upgrade(None).await.expect("upgrade"), 401);
+    assert_eq!(upgrade(Some(old_key)).await.expect("upgrade"), 101);
+    // TCP, both ports: refused and closed without `auth`, served after it; no dump.
+    let refused = "error unauthorized: an API key is required; send `auth <key>` first";
+    for addr in [&write, &read] {
+        let answers = wait_for("the TCP door to answer", limit, || async {
+            Ok(tcp_lines(addr, &["{\"id\":\"tcp-no-key\"}", "get x"])
+                .await
+                .ok())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(answers, [Some(refused.to_owned()), None], "{addr}");
+    }
+    let auth = format!("auth {old_key}");
+    let answers = tcp_lines(&write, &[&auth, "{\"id\":\"tcp-key\",\"name\":\"t\"}"])
+        .await
+        .expect("write port");
+    assert_eq!(
+        answers,
+        [Some("ok auth".to_owned()), Some("ok tcp-key".to_owned())]
+    );
+    let answers = tcp_lines(&read, &[&auth, "all"]).await.expect("read port");
+    assert_eq!(answers[0].as_deref(), Some("ok auth"));
+    assert!(
+        answers[1]
+            .as_deref()
+            .is_some_and(|a| a.starts_with("error the full dump is off")),
+        "{answers:?}"
+    );
+
+    // The key rotated in the Secret: the running pods take the new key and refuse the old
+    // one once the kubelet updated the mounted file; no pod is replaced or restarted.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let before = ingest_pods(&pods, name).await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    secrets
+        .replace("ingest-keys", &PostParams::default(), &{
+            let mut s = keys(new_key);
+            s.metadata.resource_version = secrets
+                .get("ingest-keys")
+                .await
+                .expect("secret")
+                .metadata
+                .resource_version;
+            s
+        })
+        .await
+        .expect("Secret rotated");
+    let started = std::time::Instant::now();
+    wait_for("the rotated key to be taken", limit, || async {
+        Ok((post(Some(new_key), "rotated").await? == 202).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "the rotated key was taken {:.0} s after the Secret changed",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(post(Some(old_key), "old").await.expect("POST"), 401);
+    let auth = format!("auth {new_key}");
+    let answers = tcp_lines(&write, &[&auth]).await.expect("write port");
+    assert_eq!(answers, [Some("ok auth".to_owned())]);
+    assert_eq!(
+        ingest_pods(&pods, name).await,
+        before,
+        "the same ingest pods, never restarted"
+    );
 
     deployed.remove(limit).await;
 }

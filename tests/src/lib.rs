@@ -371,6 +371,45 @@ impl Drop for Process {
     }
 }
 
+/// Free addresses for an ingest process: its API (`--listen`) and its metrics and health
+/// port (`--metrics-listen`).
+pub struct IngestPorts {
+    /// `--listen`.
+    pub api: String,
+    /// `--metrics-listen`.
+    pub metrics: String,
+}
+
+impl IngestPorts {
+    /// Two free ports on 127.0.0.1.
+    pub fn free() -> anyhow::Result<Self> {
+        Ok(Self {
+            api: format!("127.0.0.1:{}", free_port()?),
+            metrics: format!("127.0.0.1:{}", free_port()?),
+        })
+    }
+
+    /// The flags that give ingest these addresses.
+    pub fn flags(&self) -> [&str; 4] {
+        ["--listen", &self.api, "--metrics-listen", &self.metrics]
+    }
+
+    /// Base URL of the API.
+    pub fn base(&self) -> String {
+        format!("http://{}", self.api)
+    }
+
+    /// Base URL of `/metrics`, `/healthz` and `/readyz`.
+    pub fn metrics_base(&self) -> String {
+        format!("http://{}", self.metrics)
+    }
+
+    /// Waits until ingest answers `/healthz`.
+    pub async fn healthy(&self, limit: Duration) -> anyhow::Result<()> {
+        healthy(&self.metrics_base(), limit).await
+    }
+}
+
 /// Waits until the HTTP server at `base` answers `GET /healthz` with a success.
 pub async fn healthy(base: &str, limit: Duration) -> anyhow::Result<()> {
     let client = reqwest::Client::new();

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::{Value, json};
 use sluice_core::StreamSettings;
-use sluice_testkit::{Pipeline, Process, Stack, free_port, healthy, unique, wait_for};
+use sluice_testkit::{IngestPorts, Pipeline, Process, Stack, unique, wait_for};
 
 const LIMIT: Duration = Duration::from_secs(60);
 const API_KEY: &str = "dashboard-test-key";
@@ -67,17 +67,15 @@ async fn the_dashboard_shows_what_was_sent_and_follows_new_events_live() -> anyh
         ("SLUICE_KEY_PREFIX", pipeline.key_prefix.clone()),
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let addr = format!("127.0.0.1:{}", free_port()?);
-    let _ingest = Process::spawn(
-        "sluice-ingest",
-        &["--listen", &addr, "--api-keys-file", &keys],
-        &env,
-    )?;
+    let ports = IngestPorts::free()?;
+    let mut args = ports.flags().to_vec();
+    args.extend(["--api-keys-file", &keys]);
+    let _ingest = Process::spawn("sluice-ingest", &args, &env)?;
     let group = unique("dashboard");
     let _collector = Process::spawn("sluice-collector", &["--group", &group], &env)?;
-    let base = format!("http://{addr}");
+    let base = ports.base();
     let client = reqwest::Client::new();
-    healthy(&base, LIMIT).await?;
+    ports.healthy(LIMIT).await?;
 
     // Thirteen clicks: pages and countries in known numbers.
     let sent = [

@@ -10,7 +10,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use redis::AsyncCommands;
 use serde_json::{Value, json};
 use sluice_core::StreamSettings;
-use sluice_testkit::{Pipeline, Process, Stack, free_port, healthy, unique, wait_for};
+use sluice_testkit::{IngestPorts, Pipeline, Process, Stack, unique, wait_for};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -55,10 +55,10 @@ impl Setup {
 
     /// Starts ingest and waits until it answers `/healthz`; returns it and its base URL.
     async fn ingest(&self) -> anyhow::Result<(Process, String)> {
-        let addr = format!("127.0.0.1:{}", free_port()?);
-        let mut process = self.spawn("sluice-ingest", &["--listen", &addr])?;
-        let base = format!("http://{addr}");
-        healthy(&base, LIMIT).await?;
+        let ports = IngestPorts::free()?;
+        let mut process = self.spawn("sluice-ingest", &ports.flags())?;
+        let base = ports.base();
+        ports.healthy(LIMIT).await?;
         anyhow::ensure!(process.running(), "ingest exited");
         Ok((process, base))
     }

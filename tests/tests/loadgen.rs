@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sluice_core::StreamSettings;
-use sluice_testkit::{Pipeline, Process, Stack, binary, free_port, healthy, unique};
+use sluice_testkit::{IngestPorts, Pipeline, Process, Stack, binary, free_port, unique};
 
 #[tokio::test]
 async fn every_protocol_delivers_every_acknowledged_event_to_redis() -> anyhow::Result<()> {
@@ -22,13 +22,15 @@ async fn every_protocol_delivers_every_acknowledged_event_to_redis() -> anyhow::
         ("SLUICE_SETTINGS", settings.as_str()),
         ("SLUICE_KEY_PREFIX", pipeline.key_prefix.as_str()),
     ];
-    let http = format!("127.0.0.1:{}", free_port()?);
+    let ports = IngestPorts::free()?;
     let tcp = format!("127.0.0.1:{}", free_port()?);
     let mut ingest = Process::spawn(
         "sluice-ingest",
         &[
             "--listen",
-            &http,
+            &ports.api,
+            "--metrics-listen",
+            &ports.metrics,
             "--tcp-write-listen",
             &tcp,
             "--tcp-stream",
@@ -68,8 +70,8 @@ async fn every_protocol_delivers_every_acknowledged_event_to_redis() -> anyhow::
         ],
         &env,
     )?;
-    let base = format!("http://{http}");
-    healthy(&base, Duration::from_secs(60)).await?;
+    let base = ports.base();
+    ports.healthy(Duration::from_secs(60)).await?;
     anyhow::ensure!(ingest.running(), "ingest exited");
 
     for (protocol, extra, events) in [

@@ -78,6 +78,8 @@ fn exported() -> Vec<(String, Vec<String>)> {
     ingest.delivery_failed("visit");
     ingest.connection_opened("tcp");
     ingest.sink_ack("visit", "written");
+    ingest.unauthorized("tcp-write");
+    ingest.api_key_reload("ok");
     let collector = sluice_collector::metrics::Metrics::new();
     collector.sink_available("redis", None);
     collector.sink_error("redis", "unavailable");

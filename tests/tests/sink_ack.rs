@@ -13,7 +13,7 @@ use redis::AsyncCommands;
 use serde_json::{Value, json};
 use sluice_core::StreamSettings;
 use sluice_core::settings::{RecordStore, StoreKind};
-use sluice_testkit::{Pipeline, Process, Stack, free_port, healthy, unique, wait_for};
+use sluice_testkit::{IngestPorts, Pipeline, Process, Stack, free_port, unique, wait_for};
 use sqlx::Row;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
@@ -24,6 +24,8 @@ const LIMIT: Duration = Duration::from_secs(60);
 struct Ingest {
     _process: Process,
     base: String,
+    /// Base of `/metrics`.
+    metrics: String,
     tcp: String,
 }
 
@@ -84,23 +86,17 @@ impl Setup {
     }
 
     async fn ingest_with(&self, extra: &[&str]) -> anyhow::Result<Ingest> {
-        let addr = format!("127.0.0.1:{}", free_port()?);
+        let ports = IngestPorts::free()?;
         let tcp = format!("127.0.0.1:{}", free_port()?);
-        let mut args = vec![
-            "--listen",
-            &addr,
-            "--tcp-write-listen",
-            &tcp,
-            "--tcp-stream",
-            &self.stream,
-        ];
+        let mut args = ports.flags().to_vec();
+        args.extend(["--tcp-write-listen", &tcp, "--tcp-stream", &self.stream]);
         args.extend(extra);
         let process = self.spawn("sluice-ingest", &args)?;
-        let base = format!("http://{addr}");
-        healthy(&base, LIMIT).await?;
+        ports.healthy(LIMIT).await?;
         Ok(Ingest {
             _process: process,
-            base,
+            base: ports.base(),
+            metrics: ports.metrics_base(),
             tcp,
         })
     }
@@ -326,7 +322,7 @@ async fn every_answer_of_ack_sink_is_readable_at_once_from_every_sink_and_instan
 
     // A counted its 300 single events and 200 messages as written.
     let metrics = client
-        .get(format!("{}/metrics", a.base))
+        .get(format!("{}/metrics", a.metrics))
         .send()
         .await?
         .text()
@@ -492,7 +488,7 @@ async fn read_doors_read_the_table(kind: StoreKind) -> anyhow::Result<()> {
     // ... then read through a new instance, whose buffer of recent writes is empty.
     let read_port = format!("127.0.0.1:{}", free_port()?);
     let mut args = database.to_vec();
-    args.extend(["--tcp-read-listen", read_port.as_str()]);
+    args.extend(["--tcp-read-listen", read_port.as_str(), "--tcp-read-dump"]);
     let reader = setup.ingest_with(&args).await?;
     let (read, mut write) = tokio::net::TcpStream::connect(&read_port)
         .await?

@@ -29,6 +29,7 @@ async fn the_workshop_programs_run_with_the_workshops_own_flags() -> anyhow::Res
     // The web service: its topics do not exist yet; it creates them. The workshop runs no
     // Redis: nothing answers where ingest would look for one.
     let port = free_port()?.to_string();
+    let health = format!("127.0.0.1:{}", free_port()?);
     let no_redis = format!("redis://127.0.0.1:{}", free_port()?);
     let _web = Process::spawn(
         "sluice-ingest",
@@ -41,12 +42,14 @@ async fn the_workshop_programs_run_with_the_workshops_own_flags() -> anyhow::Res
             &visit_topic,
             "--activity-topic",
             &activity_topic,
+            "--metrics-listen",
+            &health,
         ],
         &[("SLUICE_REDIS_URL", &no_redis)],
     )?;
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    healthy(&base, LIMIT).await?;
+    healthy(&format!("http://{health}"), LIMIT).await?;
     for topic in [&visit_topic, &activity_topic] {
         anyhow::ensure!(
             partitions(&stack, topic)?.is_some(),

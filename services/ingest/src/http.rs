@@ -1,4 +1,5 @@
-//! The HTTP API: handlers, routes, the OpenAPI document, auth and request metrics.
+//! The HTTP API: handlers, routes, the OpenAPI document, auth and request metrics; and
+//! the health and metrics endpoints, served on a port of their own.
 //!
 //! Every `/v1` and `/api` route is described with `utoipa` next to its handler; the
 //! router and the document at `GET /openapi.json` are built from the same list, so they
@@ -21,7 +22,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sluice_core::envelope::validate_id;
 use sluice_core::{Envelope, store, telemetry};
-use subtle::ConstantTimeEq;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use utoipa::{OpenApi, ToSchema};
@@ -48,6 +48,16 @@ pub const KEY_HEADER: &str = "x-sluice-key";
 )]
 struct ApiDoc;
 
+/// `/metrics`, `/healthz` and `/readyz`: what probes and scrapers read, on a port of
+/// their own (`--metrics-listen`) so that the API's port serves only the API.
+pub fn admin_router(app: App) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(app)
+}
+
 /// The whole HTTP API.
 pub fn router(app: App) -> Router {
     let (router, openapi) = api_router().split_for_parts();
@@ -60,9 +70,6 @@ pub fn router(app: App) -> Router {
         .route_layer(middleware::from_fn_with_state(app.clone(), require_api_key));
     let limit = app.inner.max_body_bytes;
     protected
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .route("/ui", get(crate::ui::redirect))
         .route("/ui/", get(crate::ui::file))
         .route("/ui/{*path}", get(crate::ui::file))
@@ -132,8 +139,8 @@ async fn observe(State(app): State<App>, request: Request, next: Next) -> Respon
 }
 
 async fn require_api_key(State(app): State<App>, request: Request, next: Next) -> Response {
-    let keys = &app.inner.api_keys;
-    if keys.is_empty() {
+    let keys = app.api_keys();
+    if !keys.required() {
         return next.run(request).await;
     }
     let headers = request.headers();
@@ -145,14 +152,13 @@ async fn require_api_key(State(app): State<App>, request: Request, next: Next) -
         .map(str::trim)
         .unwrap_or_default()
         .as_bytes();
-    // Compare against every key without stopping early, in constant time per key.
-    let mut valid = subtle::Choice::from(0);
-    for key in keys {
-        valid |= key.as_slice().ct_eq(given);
-    }
-    if bool::from(valid) {
+    if keys.accepts(given) {
         next.run(request).await
     } else {
+        let websocket = request.headers().contains_key(header::UPGRADE);
+        app.inner
+            .metrics
+            .unauthorized(if websocket { "ws" } else { "http" });
         ApiError::Unauthorized.into_response()
     }
 }

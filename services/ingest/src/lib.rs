@@ -2,7 +2,9 @@
 //! wrapped in an [`Envelope`](sluice_core::Envelope) and published to their stream's Kafka
 //! topic; records are read back from Redis, where collectors write them.
 //!
-//! - [`http`]: the versioned JSON API, the workshop paths, health, metrics, OpenAPI;
+//! - [`http`]: the versioned JSON API, the workshop paths, OpenAPI; health and metrics on
+//!   their own port ([`http::admin_router`]);
+//! - [`auth`]: the API keys every door asks for;
 //! - [`ws`]: the WebSocket door, one ack or error frame per text frame;
 //! - [`tcp`]: the JSON-lines write and read ports of the buffered store;
 //! - [`publish`]: checks and publishes events, shared by every door;
@@ -19,6 +21,7 @@
 //! while it goes on serving for `--drain-delay`; then it stops.
 
 pub mod aggregates;
+pub mod auth;
 pub mod confirm;
 pub mod error;
 pub mod http;
@@ -32,7 +35,7 @@ pub mod ui;
 pub mod ws;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -67,6 +70,10 @@ pub struct Args {
     /// Port of the HTTP server, on the address of --listen (the workshop's flag).
     #[arg(long, env = "SLUICE_INGEST_PORT")]
     pub port: Option<u16>,
+    /// Address of `/metrics`, `/healthz` and `/readyz`, kept off the API's port so that a
+    /// Service or load balancer in front of the API exposes only the API; off when unset.
+    #[arg(long, env = "SLUICE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Pipeline settings file (streams and their topics). Without it, the pipeline is the
     /// streams `visit` and `activity`, on the topics of --visit-topic and --activity-topic.
     #[arg(long, env = "SLUICE_SETTINGS")]
@@ -125,6 +132,10 @@ pub struct Args {
     /// Address of the TCP read port (for example 127.0.0.1:2526); off when unset.
     #[arg(long, env = "SLUICE_TCP_READ_LISTEN")]
     pub tcp_read_listen: Option<SocketAddr>,
+    /// Let the TCP read port dump every record of the stream (`all`); without it the port
+    /// answers `get <id>` only.
+    #[arg(long, env = "SLUICE_TCP_READ_DUMP")]
+    pub tcp_read_dump: bool,
     /// Stream the TCP write port publishes to and the read port reads.
     #[arg(long, env = "SLUICE_TCP_STREAM", default_value = "records")]
     pub tcp_stream: String,
@@ -141,10 +152,14 @@ pub struct Args {
     /// Longest TCP line accepted, in bytes.
     #[arg(long, env = "SLUICE_MAX_LINE_BYTES", default_value_t = 64 * 1024)]
     pub max_line_bytes: usize,
-    /// File of API keys, one per line (`#` starts a comment); when set, the `/v1` and
-    /// `/api` endpoints need one of them.
+    /// File of API keys, one per line (`#` starts a comment); when set, every door needs
+    /// one of them: the `/v1` and `/api` endpoints, WebSocket, and both TCP ports (the
+    /// line `auth <key>` first).
     #[arg(long, env = "SLUICE_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
+    /// How often the API key file is read again; a changed file replaces the keys.
+    #[arg(long, env = "SLUICE_API_KEYS_RELOAD", default_value = "5s", value_parser = duration_arg)]
+    pub api_keys_reload: Duration,
     /// Longest wait for Kafka's acknowledgement of a request's events; then the request
     /// is answered 503 with `Retry-After` and each event's id and status.
     #[arg(long, env = "SLUICE_ACK_TIMEOUT", default_value = "10s", value_parser = duration_arg)]
@@ -179,6 +194,7 @@ impl Args {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             port: None,
+            metrics_listen: None,
             settings: Some(settings),
             visit_topic: None,
             activity_topic: None,
@@ -196,12 +212,14 @@ impl Args {
             work_max_ms: 10_000,
             tcp_write_listen: None,
             tcp_read_listen: None,
+            tcp_read_dump: false,
             tcp_stream: "records".to_owned(),
             queue_size: 10_000,
             tcp_recent_bytes: 16 * 1024 * 1024,
             worker_size: 4,
             max_line_bytes: 64 * 1024,
             api_keys_file: None,
+            api_keys_reload: Duration::from_secs(5),
             ack_timeout: Duration::from_secs(10),
             instance: None,
             sink_ack_timeout: confirm::DEFAULT_TIMEOUT,
@@ -322,13 +340,8 @@ pub enum StartError {
     #[error("{0}")]
     Database(String),
     /// The API key file cannot be used.
-    #[error("API key file {path}: {reason}")]
-    ApiKeys {
-        /// The file.
-        path: String,
-        /// What is wrong.
-        reason: String,
-    },
+    #[error(transparent)]
+    ApiKeys(#[from] auth::KeyFileError),
 }
 
 /// What the handlers share.
@@ -349,7 +362,7 @@ struct Inner {
     max_batch_events: usize,
     max_connections: usize,
     work_max_ms: u64,
-    api_keys: Vec<Vec<u8>>,
+    api_keys: Arc<auth::ApiKeys>,
     kafka_ready: AtomicBool,
     draining: AtomicBool,
     metrics: Arc<Metrics>,
@@ -357,6 +370,7 @@ struct Inner {
     closing: CancellationToken,
     tcp_stream: String,
     tcp: Option<Arc<tcp::Buffer>>,
+    tcp_read_dump: bool,
     sql: Option<records::SqlStore>,
     sink_ack_timeout: Duration,
     sink_ack_max_timeout: Duration,
@@ -403,31 +417,6 @@ fn sql_store(
     Ok(Some(store))
 }
 
-/// Reads an API key file: one key per line; blank lines and `#` comments are skipped.
-pub fn read_api_keys(path: &Path) -> Result<Vec<Vec<u8>>, StartError> {
-    let error = |reason: String| StartError::ApiKeys {
-        path: path.display().to_string(),
-        reason,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
-    let keys: Vec<Vec<u8>> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| l.as_bytes().to_vec())
-        .collect();
-    if keys.is_empty() {
-        return Err(error("holds no key".to_owned()));
-    }
-    if let Some(short) = keys.iter().find(|k| k.len() < 16) {
-        return Err(error(format!(
-            "a key of {} characters is too short to be safe; use at least 16",
-            short.len()
-        )));
-    }
-    Ok(keys)
-}
-
 impl App {
     /// Reads the settings, creates the Kafka producer and connects to Redis.
     pub async fn connect(args: &Args) -> Result<Self, StartError> {
@@ -443,12 +432,14 @@ impl App {
             None => None,
         };
         let sql = sql_store(args, &settings)?;
-        let api_keys = match &args.api_keys_file {
-            Some(path) => read_api_keys(path)?,
-            None => Vec::new(),
-        };
+        let api_keys = Arc::new(auth::ApiKeys::load(args.api_keys_file.as_deref())?);
         let metrics = Arc::new(Metrics::new());
         let closing = CancellationToken::new();
+        tokio::spawn(api_keys.clone().watch(
+            args.api_keys_reload,
+            metrics.clone(),
+            closing.clone(),
+        ));
         let instance = args.instance_name()?;
         let sink_acks = confirm::SinkAcks::new(
             instance.clone(),
@@ -496,6 +487,7 @@ impl App {
                 closing,
                 tcp_stream: args.tcp_stream.clone(),
                 tcp,
+                tcp_read_dump: args.tcp_read_dump,
                 sql,
                 sink_ack_timeout: args.sink_ack_timeout,
                 sink_ack_max_timeout: args.sink_ack_max_timeout,
@@ -553,6 +545,11 @@ impl App {
         }
     }
 
+    /// The API keys the doors ask for.
+    pub fn api_keys(&self) -> &auth::ApiKeys {
+        &self.inner.api_keys
+    }
+
     /// The TCP write buffer, when the TCP stream is in the settings.
     pub fn tcp_buffer(&self) -> Option<&Arc<tcp::Buffer>> {
         self.inner.tcp.as_ref()
@@ -581,6 +578,7 @@ impl App {
 
 /// Serves HTTP and WebSocket on `listener` until `shutdown` is cancelled; then stops
 /// accepting, finishes the requests in flight and waits for their events to be acknowledged.
+/// Keeps the Kafka state up to date meanwhile.
 pub async fn run(
     listener: TcpListener,
     app: App,
@@ -591,6 +589,7 @@ pub async fn run(
         app.clone()
             .watch_kafka(Duration::from_secs(1), shutdown.clone()),
     );
+
     let closing = app.inner.closing.clone();
     let on_shutdown = shutdown.clone();
     tokio::spawn(async move {
@@ -604,6 +603,18 @@ pub async fn run(
     app.flush(Duration::from_secs(10));
     tracing::info!("ingest stopped");
     Ok(())
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` is cancelled.
+pub async fn serve_admin(
+    listener: TcpListener,
+    app: App,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "metrics and health listening");
+    axum::serve(listener, http::admin_router(app))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
 }
 
 #[cfg(test)]

@@ -27,6 +27,17 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {address}"))?;
     let mut doors = tokio::task::JoinSet::new();
+    if let Some(addr) = args.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let (app, shutdown) = (app.clone(), shutdown.clone());
+        doors.spawn(async move {
+            if let Err(e) = sluice_ingest::serve_admin(l, app, shutdown).await {
+                tracing::error!(error = %e, "the metrics and health server stopped");
+            }
+        });
+    }
     if let Some(addr) = args.tcp_write_listen {
         let l = tokio::net::TcpListener::bind(addr)
             .await

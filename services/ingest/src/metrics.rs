@@ -63,6 +63,13 @@ pub struct Metrics {
     draining: Gauge<i64, AtomicI64>,
     sink_acks: Family<SinkAckLabels, Counter>,
     sink_acks_waiting: Gauge<i64, AtomicI64>,
+    unauthorized: Family<DoorLabels, Counter>,
+    api_key_reloads: Family<ResultLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
 }
 
 impl Default for Metrics {
@@ -149,6 +156,18 @@ impl Metrics {
             "Events of ack=sink requests waiting for their collectors now",
             sink_acks_waiting.clone(),
         );
+        let unauthorized = Family::<DoorLabels, Counter>::default();
+        registry.register(
+            "unauthorized",
+            "Requests and connections refused for a missing or unknown API key, by door (http, ws, tcp-write, tcp-read)",
+            unauthorized.clone(),
+        );
+        let api_key_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "api_key_reloads",
+            "Reloads of the API key file that changed the keys (ok) or could not read it (error; the keys in force stay)",
+            api_key_reloads.clone(),
+        );
         Self {
             registry,
             requests,
@@ -163,7 +182,27 @@ impl Metrics {
             draining,
             sink_acks,
             sink_acks_waiting,
+            unauthorized,
+            api_key_reloads,
         }
+    }
+
+    /// Counts a caller refused at `door` for a missing or unknown API key.
+    pub fn unauthorized(&self, door: &str) {
+        self.unauthorized
+            .get_or_create(&DoorLabels {
+                door: door.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a reload of the API key file by `result` (`ok`, `error`).
+    pub fn api_key_reload(&self, result: &str) {
+        self.api_key_reloads
+            .get_or_create(&ResultLabels {
+                result: result.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts an `ack=sink` event by how its wait ended.

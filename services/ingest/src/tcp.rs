@@ -18,21 +18,29 @@
 //! acknowledgement. Both are answered `ok ack <level>`.
 //!
 //! **Read port** (`--tcp-read-listen`, 2526): a request line `get <id>` is answered with the
-//! record's line, or `error not found <id>`; `all` (or `get data`) dumps every record, one
-//! per line, then `end <count>`. Records come from the buffer of recent writes where
+//! record's line, or `error not found <id>`; with `--tcp-read-dump`, `all` (or `get data`)
+//! dumps every record, one per line, then `end <count>` (without it, `all` is refused: the
+//! whole store is not for anyone who can reach the port). Records come from the buffer of recent writes where
 //! present, else from the store the stream's collector writes: Redis (read a page of keys at
 //! a time), or the stream's PostgreSQL or MySQL table (`store` in its settings, rows
 //! streamed as the database sends them); never held whole in memory.
+//!
+//! **API keys**: when ingest has keys (`--api-keys-file`), the first line on either port
+//! must be `auth <key>`, answered `ok auth`; anything else, a wrong key, or no line within
+//! ten seconds is answered `error unauthorized: <why>` and the connection is closed. The
+//! line `auth <key>` is also accepted (and checked) when no key is required, so that one
+//! client works with both.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
 use redis::AsyncCommands;
 use serde_json::Value;
 use sluice_core::{Envelope, store};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{Decoder, Encoder, Framed, LinesCodec, LinesCodecError};
@@ -270,13 +278,103 @@ async fn serve<H, F>(
         let (app, shutdown) = (app.clone(), shutdown.clone());
         connections.spawn(async move {
             app.inner.metrics.connection_opened(door);
-            handle(app.clone(), framed, shutdown).await;
+            let mut framed = framed;
+            match authenticate(&app, &mut framed, &shutdown).await {
+                Ok(()) => handle(app.clone(), framed, shutdown).await,
+                Err(Some(answer)) => {
+                    app.inner.metrics.unauthorized(door);
+                    refuse(framed, answer).await;
+                }
+                Err(None) => {}
+            }
             app.inner.metrics.connection_closed(door);
         });
         while connections.try_join_next().is_some() {}
     }
     // Connections finish the line in hand and close.
     while connections.join_next().await.is_some() {}
+}
+
+/// How long a connection may take to send its `auth` line when keys are required.
+const AUTH_WAIT: Duration = Duration::from_secs(10);
+
+/// Lets the connection in: at once without API keys, else after a first line
+/// `auth <key>` with a valid key (answered `ok auth`). `Err` with the answer that refuses
+/// it, or `Err(None)` when it ended or the server stops first.
+async fn authenticate<T: AsyncRead + AsyncWrite + Unpin>(
+    app: &App,
+    framed: &mut Lines<T>,
+    shutdown: &CancellationToken,
+) -> Result<(), Option<String>> {
+    if !app.api_keys().required() {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + AUTH_WAIT;
+    loop {
+        let line = tokio::select! {
+            () = shutdown.cancelled() => return Err(None),
+            line = tokio::time::timeout_at(deadline, framed.next()) => line,
+        };
+        let line = match line {
+            Err(_) => {
+                return Err(Some(format!(
+                    "error unauthorized: no `auth <key>` line within {}s",
+                    AUTH_WAIT.as_secs()
+                )));
+            }
+            Ok(None | Some(Err(_))) => return Err(None),
+            Ok(Some(Ok(Line::Text(line)))) if line.trim().is_empty() => continue,
+            Ok(Some(Ok(line))) => line,
+        };
+        let answer = match line {
+            Line::Text(line) => auth_line(app, &line),
+            _ => None,
+        };
+        return match answer {
+            Some(Ok(ok)) => framed.send(ok).await.map_err(|_| None),
+            Some(Err(refused)) => Err(Some(refused)),
+            None => Err(Some(
+                "error unauthorized: an API key is required; send `auth <key>` first".to_owned(),
+            )),
+        };
+    }
+}
+
+/// The answer to a line `auth <key>`: `ok auth`, or the refusal that ends the connection;
+/// `None` for any other line.
+fn auth_line(app: &App, line: &str) -> Option<Result<String, String>> {
+    let line = line.trim();
+    let key = match line.split_once(char::is_whitespace) {
+        Some(("auth", key)) => key.trim(),
+        None if line == "auth" => "",
+        _ => return None,
+    };
+    Some(if app.api_keys().accepts(key.as_bytes()) {
+        Ok("ok auth".to_owned())
+    } else {
+        Err("error unauthorized: the API key is not valid".to_owned())
+    })
+}
+
+/// Sends `answer` and closes the connection, reading (and dropping) what the client still
+/// sends for a moment so that the answer is not lost to a reset.
+async fn refuse<T: AsyncRead + AsyncWrite + Unpin>(mut framed: Lines<T>, answer: String) {
+    if framed.send(answer).await.is_err() {
+        return;
+    }
+    let mut stream = framed.into_inner();
+    let _ = stream.shutdown().await;
+    let drain = async {
+        let mut buf = [0u8; 4096];
+        let mut left = 1024 * 1024usize;
+        while left > 0 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 /// Reads the next line; `None` at the end of the connection or on shutdown.
@@ -299,6 +397,16 @@ async fn handle_write<T: AsyncRead + AsyncWrite + Unpin>(
     while let Some(line) = next_line(&mut framed, &shutdown).await {
         let answer = match line {
             Ok(Line::Text(line)) if line.trim().is_empty() => continue,
+            Ok(Line::Text(line)) if auth_line(&app, &line).is_some() => {
+                match auth_line(&app, &line) {
+                    Some(Err(refused)) => {
+                        app.inner.metrics.unauthorized("tcp-write");
+                        refuse(framed, refused).await;
+                        return;
+                    }
+                    _ => "ok auth".to_owned(),
+                }
+            }
             Ok(Line::Text(line)) if line.trim_start().starts_with("ack") => {
                 let mut words = line.split_whitespace();
                 let level = words.next().filter(|w| *w == "ack").and(words.next());
@@ -420,8 +528,31 @@ async fn handle_read<T: AsyncRead + AsyncWrite + Unpin>(
             Err(_) => break,
         };
         let request = request.trim();
+        if let Some(auth) = auth_line(&app, request) {
+            match auth {
+                Ok(ok) => {
+                    if framed.send(ok).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                Err(refused) => {
+                    app.inner.metrics.unauthorized("tcp-read");
+                    refuse(framed, refused).await;
+                    return;
+                }
+            }
+        }
         let result = match request {
             "" => continue,
+            "all" | "get data" if !app.inner.tcp_read_dump => framed
+                .send(
+                    "error the full dump is off on this port; ask for one record with `get <id>` \
+                     (ingest's --tcp-read-dump, or tcp.dump in the PipelineConfig, turns it on)"
+                        .to_owned(),
+                )
+                .await
+                .map_err(|_| ()),
             "all" | "get data" => dump(&app, &mut framed).await,
             _ => match request.strip_prefix("get ").map(str::trim) {
                 Some(id) if !id.is_empty() => {

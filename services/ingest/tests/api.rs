@@ -184,9 +184,22 @@ async fn unknown_records_and_paths_are_404_problems() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(problem["type"], "https://sluice.dev/problems/no-route");
 
-    let (status, _, health) = call(&app, "GET", "/healthz", "").await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(health["status"], "ok");
+    // Health and metrics are on their own port, not the API's.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let (status, _, problem) = call(&app, "GET", path, "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(problem["type"], "https://sluice.dev/problems/no-route");
+        let response = sluice_ingest::http::admin_router(app.clone())
+            .oneshot(
+                Request::builder()
+                    .uri(path)
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("response");
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+    }
 }
 
 #[tokio::test]

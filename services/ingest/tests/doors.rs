@@ -18,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 /// A running ingest server for one test; stopped when dropped.
 struct Server {
     base: String,
+    /// Base of `/metrics`, `/healthz` and `/readyz`.
+    admin: String,
     client: reqwest::Client,
     app: App,
     stop: CancellationToken,
@@ -54,7 +56,16 @@ async fn start_with(
         .await
         .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let admin = format!("http://{}", admin_listener.local_addr().expect("addr"));
     let stop = CancellationToken::new();
+    tokio::spawn(sluice_ingest::serve_admin(
+        admin_listener,
+        app.clone(),
+        stop.clone(),
+    ));
     if watch_kafka {
         tokio::spawn(run(listener, app.clone(), stop.clone()));
     } else {
@@ -64,6 +75,7 @@ async fn start_with(
     }
     Server {
         base,
+        admin,
         client: reqwest::Client::new(),
         app,
         stop,
@@ -89,9 +101,18 @@ impl Server {
     }
 
     async fn get(&self, path: &str) -> (StatusCode, String) {
+        self.get_from(&self.base, path).await
+    }
+
+    /// A GET on the metrics and health port.
+    async fn admin_get(&self, path: &str) -> (StatusCode, String) {
+        self.get_from(&self.admin, path).await
+    }
+
+    async fn get_from(&self, base: &str, path: &str) -> (StatusCode, String) {
         let r = self
             .client
-            .get(format!("{}{path}", self.base))
+            .get(format!("{base}{path}"))
             .send()
             .await
             .expect("request");
@@ -600,7 +621,7 @@ async fn work_endpoint_runs_requests_concurrently() {
 }
 
 #[tokio::test]
-async fn api_keys_guard_the_api_but_not_health() {
+async fn api_keys_guard_the_api_and_websocket_and_follow_the_key_file() {
     let stack = Stack::from_env();
     let s = stream("auth");
     let name = s.name.clone();
@@ -612,36 +633,106 @@ async fn api_keys_guard_the_api_but_not_health() {
         "# keys\nfirst-key-0123456789\n\nsecond-key-0123456789\n",
     )
     .expect("write");
-    let server = start(&stack, &pipeline, |a| a.api_keys_file = Some(keys.clone())).await;
+    let server = start(&stack, &pipeline, |a| {
+        a.api_keys_file = Some(keys.clone());
+        a.api_keys_reload = Duration::from_millis(100);
+    })
+    .await;
     let url = format!("{}/v1/streams/{name}/events", server.base);
-
-    let cases = [
-        (None, StatusCode::UNAUTHORIZED),
-        (
-            Some(("authorization", "Bearer wrong-key-0123456789")),
-            StatusCode::UNAUTHORIZED,
-        ),
-        (
-            Some(("authorization", "Bearer second-key-0123456789")),
-            StatusCode::ACCEPTED,
-        ),
-        (
-            Some(("x-api-key", "first-key-0123456789")),
-            StatusCode::ACCEPTED,
-        ),
-    ];
-    for (auth, want) in cases {
+    let post = |auth: Option<(&'static str, String)>| {
         let mut request = server.client.post(&url).json(&json!({}));
         if let Some((name, value)) = auth {
             request = request.header(name, value);
         }
-        let r = request.send().await.expect("request");
+        async move { request.send().await.expect("request") }
+    };
+
+    let cases = [
+        (None, StatusCode::UNAUTHORIZED),
+        (
+            Some(("authorization", "Bearer wrong-key-0123456789".to_owned())),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            Some(("authorization", "Bearer second-key-0123456789".to_owned())),
+            StatusCode::ACCEPTED,
+        ),
+        (
+            Some(("x-api-key", "first-key-0123456789".to_owned())),
+            StatusCode::ACCEPTED,
+        ),
+    ];
+    for (auth, want) in cases {
+        let r = post(auth.clone()).await;
         assert_eq!(r.status(), want, "{auth:?}");
         if want == StatusCode::UNAUTHORIZED {
             assert_eq!(r.headers()["www-authenticate"], "Bearer");
         }
     }
-    assert_eq!(server.get("/healthz").await.0, StatusCode::OK);
+    // The WebSocket door: the upgrade is refused without a key.
+    let ws = format!(
+        "{}/v1/streams/{name}/ws",
+        server.base.replace("http://", "ws://")
+    );
+    match tokio_tungstenite::connect_async(&ws).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED.as_u16())
+        }
+        other => panic!("a WebSocket without a key: {:?}", other.map(|(_, r)| r)),
+    }
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(&ws)
+            .expect("request");
+    request.headers_mut().insert(
+        "authorization",
+        "Bearer first-key-0123456789".parse().expect("header"),
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("a WebSocket with a key");
+    socket
+        .send(Message::text(json!({"n": 1}).to_string()))
+        .await
+        .expect("send");
+    let ack = socket.next().await.expect("frame").expect("frame");
+    assert!(ack.to_text().expect("text").contains("\"ids\""), "{ack:?}");
+    // Health and metrics need no key, on their own port.
+    assert_eq!(server.admin_get("/healthz").await.0, StatusCode::OK);
+    let (_, metrics) = server.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("sluice_ingest_unauthorized_total{door=\"http\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sluice_ingest_unauthorized_total{door=\"ws\"} 1"),
+        "{metrics}"
+    );
+
+    // A rotated file: the new key is taken without a restart, the old ones refused.
+    std::fs::write(&keys, "third-key-0123456789\n").expect("write");
+    wait_for("the rotated key", Duration::from_secs(30), || async {
+        let r = post(Some(("x-api-key", "third-key-0123456789".to_owned()))).await;
+        Ok((r.status() == StatusCode::ACCEPTED).then_some(()))
+    })
+    .await
+    .expect("rotated");
+    for old in ["first-key-0123456789", "second-key-0123456789"] {
+        let r = post(Some(("x-api-key", old.to_owned()))).await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{old}");
+    }
+    // A broken file keeps the keys in force.
+    std::fs::write(&keys, "").expect("write");
+    wait_for("the failed reload", Duration::from_secs(30), || async {
+        let (_, metrics) = server.admin_get("/metrics").await;
+        Ok(metrics
+            .contains("sluice_ingest_api_key_reloads_total{result=\"error\"}")
+            .then_some(()))
+    })
+    .await
+    .expect("reload failed");
+    let r = post(Some(("x-api-key", "third-key-0123456789".to_owned()))).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert_eq!(post(None).await.status(), StatusCode::UNAUTHORIZED);
 
     std::fs::write(&keys, "short\n").expect("write");
     let mut args = Args::new(
@@ -668,7 +759,7 @@ async fn own_broker() -> (sluice_testkit::OwnBroker, Stack) {
 
 /// What `/readyz` says of Kafka (`reachable` or `unreachable`), with its status.
 async fn readiness(server: &Server) -> (StatusCode, String) {
-    let (status, text) = server.get("/readyz").await;
+    let (status, text) = server.admin_get("/readyz").await;
     let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
     (
         status,
@@ -699,7 +790,7 @@ async fn unreachable_kafka_answers_503_at_once_and_ingest_stays_ready() {
     // Still ready: a Service keeps the instance, and clients get 503 rather than a
     // refused connection.
     assert_eq!(readiness(&server).await.0, StatusCode::OK);
-    let (status, metrics) = server.get("/metrics").await;
+    let (status, metrics) = server.admin_get("/metrics").await;
     assert_eq!(status, StatusCode::OK);
     assert!(
         metrics.contains("sluice_ingest_kafka_reachable 0"),
@@ -987,7 +1078,7 @@ async fn draining_fails_readiness_and_closes_each_connection_after_its_answer() 
         .await
         .expect("connect");
     server.app.start_draining();
-    let (status, text) = server.get("/readyz").await;
+    let (status, text) = server.admin_get("/readyz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
     assert!(text.contains("/problems/draining"), "{text}");
 
@@ -1045,7 +1136,7 @@ async fn connections_over_the_limit_wait_for_a_free_slot() {
         .pool_max_idle_per_host(0)
         .build()
         .expect("client");
-    let request = client.get(format!("{}/healthz", server.base)).send();
+    let request = client.get(format!("{}/openapi.json", server.base)).send();
     tokio::pin!(request);
     assert!(
         tokio::time::timeout(Duration::from_millis(500), &mut request)
@@ -1080,7 +1171,7 @@ async fn shutdown_finishes_requests_in_flight_then_stops_accepting() {
         "the request to be in flight",
         Duration::from_secs(30),
         || async {
-            let (_, text) = server.get("/metrics").await;
+            let (_, text) = server.admin_get("/metrics").await;
             Ok(text
                 .contains("sluice_ingest_http_requests_in_flight{route=\"/v1/work\"} 1")
                 .then_some(()))
@@ -1095,7 +1186,7 @@ async fn shutdown_finishes_requests_in_flight_then_stops_accepting() {
         .expect("the request in flight is answered");
     assert_eq!(status, StatusCode::OK);
     let refused = reqwest::Client::new()
-        .get(format!("{}/healthz", server.base))
+        .get(format!("{}/openapi.json", server.base))
         .timeout(Duration::from_secs(5))
         .send()
         .await;
@@ -1127,9 +1218,9 @@ async fn metrics_and_openapi_describe_the_service() {
             .0,
         StatusCode::BAD_REQUEST
     );
-    assert_eq!(server.get("/readyz").await.0, StatusCode::OK);
+    assert_eq!(server.admin_get("/readyz").await.0, StatusCode::OK);
 
-    let (status, text) = server.get("/metrics").await;
+    let (status, text) = server.admin_get("/metrics").await;
     assert_eq!(status, StatusCode::OK);
     assert!(text.contains("sluice_ingest_http_requests_total{route=\"/v1/streams/{stream}/events\",method=\"POST\",status=\"202\"} 1"), "{text}");
     assert!(

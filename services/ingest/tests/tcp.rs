@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use sluice_core::StreamSettings;
 use sluice_ingest::{App, Args};
-use sluice_testkit::{Pipeline, Stack, unique, wait_for};
+use sluice_testkit::{Pipeline, Stack, topic_len, unique, wait_for};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -176,6 +176,7 @@ async fn a_thousand_connections_write_and_the_read_port_returns_every_record() {
         args.queue_size = 500;
         args.worker_size = 4;
         args.max_line_bytes = 1024;
+        args.tcp_read_dump = true;
     })
     .await;
 
@@ -281,5 +282,133 @@ async fn a_thousand_connections_write_and_the_read_port_returns_every_record() {
         assert_eq!(unique_ids.len(), dumped.len(), "no record twice");
         assert_eq!(unique_ids, acknowledged, "every acknowledged record");
     }
+    stop.cancel();
+}
+
+/// A connection to a TCP port, a line at a time.
+struct Conn {
+    lines: tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    write: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl Conn {
+    async fn open(addr: &str) -> Self {
+        let (r, write) = TcpStream::connect(addr)
+            .await
+            .expect("connect")
+            .into_split();
+        Self {
+            lines: BufReader::new(r).lines(),
+            write,
+        }
+    }
+
+    /// Sends `line`; the answer, or `None` when the server closed the connection.
+    async fn ask(&mut self, line: &str) -> Option<String> {
+        // A refused connection may already be closed for writing.
+        let _ = self.write.write_all(format!("{line}\n").as_bytes()).await;
+        self.next().await
+    }
+
+    async fn next(&mut self) -> Option<String> {
+        tokio::time::timeout(Duration::from_secs(30), self.lines.next_line())
+            .await
+            .expect("an answer or the end")
+            .unwrap_or(None)
+    }
+}
+
+#[tokio::test]
+async fn with_api_keys_both_ports_want_auth_first_and_refuse_everything_else() {
+    let stack = Stack::from_env();
+    let stream = StreamSettings::new(unique("tcpauth"));
+    let name = stream.name.clone();
+    let pipeline = Pipeline::create(&stack, vec![stream])
+        .await
+        .expect("pipeline");
+    let dir = tempfile::tempdir().expect("dir");
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "first-key-0123456789\n").expect("write");
+    let (write_addr, read_addr, stop) = start_ports(&stack, &pipeline, &name, |args| {
+        args.api_keys_file = Some(keys.clone());
+        args.api_keys_reload = Duration::from_millis(100);
+    })
+    .await;
+
+    for addr in [&write_addr, &read_addr] {
+        // No auth line: refused and closed, the line never published.
+        let mut c = Conn::open(addr).await;
+        let answer = c.ask(r#"{"id":"no-auth"}"#).await.expect("answer");
+        assert_eq!(
+            answer,
+            "error unauthorized: an API key is required; send `auth <key>` first"
+        );
+        assert_eq!(c.next().await, None, "closed after the refusal");
+        // A wrong key: refused and closed.
+        let mut c = Conn::open(addr).await;
+        let answer = c.ask("auth wrong-key-0123456789").await.expect("answer");
+        assert_eq!(answer, "error unauthorized: the API key is not valid");
+        assert_eq!(c.next().await, None);
+    }
+
+    let mut w = Conn::open(&write_addr).await;
+    assert_eq!(
+        w.ask("auth first-key-0123456789").await.as_deref(),
+        Some("ok auth")
+    );
+    assert_eq!(
+        w.ask(r#"{"id":"with-auth"}"#).await.as_deref(),
+        Some("ok with-auth")
+    );
+    let mut r = Conn::open(&read_addr).await;
+    assert_eq!(
+        r.ask("auth first-key-0123456789").await.as_deref(),
+        Some("ok auth")
+    );
+    let record: Value =
+        serde_json::from_str(&r.ask("get with-auth").await.expect("record")).expect("json");
+    assert_eq!(record["id"], "with-auth");
+    // The full dump is off unless ingest is told otherwise.
+    let answer = r.ask("all").await.expect("answer");
+    assert!(answer.starts_with("error the full dump is off"), "{answer}");
+    assert_eq!(
+        topic_len(&stack, &name).expect("len"),
+        1,
+        "only the authenticated line reached Kafka"
+    );
+
+    // The key rotated in the file: the new one is taken, the old one refused; connections
+    // already in are kept.
+    std::fs::write(&keys, "second-key-0123456789\n").expect("write");
+    wait_for("the rotated key", Duration::from_secs(30), || {
+        let addr = write_addr.clone();
+        async move {
+            let mut c = Conn::open(&addr).await;
+            Ok(
+                (c.ask("auth second-key-0123456789").await.as_deref() == Some("ok auth"))
+                    .then_some(()),
+            )
+        }
+    })
+    .await
+    .expect("rotated");
+    let mut old = Conn::open(&read_addr).await;
+    assert_eq!(
+        old.ask("auth first-key-0123456789").await.as_deref(),
+        Some("error unauthorized: the API key is not valid")
+    );
+    assert_eq!(
+        w.ask(r#"{"id":"still-in"}"#).await.as_deref(),
+        Some("ok still-in")
+    );
+
+    // A connection that says nothing is closed after ten seconds.
+    let mut silent = Conn::open(&write_addr).await;
+    let answer = silent.next().await.expect("answer");
+    assert!(
+        answer.starts_with("error unauthorized: no `auth <key>` line"),
+        "{answer}"
+    );
+    assert_eq!(silent.next().await, None);
     stop.cancel();
 }
