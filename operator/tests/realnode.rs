@@ -127,6 +127,18 @@ fn chart_installed(node: &RealNode) {
             .join("../charts/sluice")
             .display()
             .to_string();
+        // helm upgrade leaves a CRD it installed before as it was.
+        run(
+            node,
+            "kubectl",
+            &[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "-f",
+                &format!("{chart}/crds/pipelineconfigs.yaml"),
+            ],
+        )?;
         run(
             node,
             "helm",
