@@ -71,6 +71,10 @@ pub struct PipelineConfigSpec {
 /// The Kafka connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.sasl) || self.sasl.mechanism != 'PLAIN' || has(self.tls) || (has(self.sasl.allowPlaintext) && self.sasl.allowPlaintext)",
+     "message": "kafka.sasl.mechanism PLAIN without kafka.tls sends the password in clear text: add kafka.tls, use SCRAM-SHA-256 or SCRAM-SHA-512, or set kafka.sasl.allowPlaintext: true to accept it"}
+]))]
 pub struct KafkaSpec {
     /// Bootstrap servers, comma separated, for example `kafka.kafka:9092`.
     #[schemars(length(min = 1))]
@@ -104,6 +108,10 @@ pub struct KafkaSasl {
     pub mechanism: SaslMechanism,
     /// Secret holding `username` and `password`.
     pub secret_name: String,
+    /// Accept `PLAIN` without `tls`, which sends the password in clear text to anyone on
+    /// the network path; refused unless set.
+    #[serde(default)]
+    pub allow_plaintext: bool,
 }
 
 /// SASL mechanisms.

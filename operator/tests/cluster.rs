@@ -7,7 +7,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use serde_json::json;
+use serde_json::{Value, json};
 use sluice_operator::crd::PipelineConfig;
 use sluice_operator::plan::Workload;
 
@@ -151,6 +151,52 @@ async fn the_crd_installs_defaults_and_rejects_nonsense_with_readable_messages()
         message.contains("spec.streams[0].topic.partitions"),
         "{message}"
     );
+
+    // PLAIN credentials in clear text only when the spec says so.
+    let plain = |sasl: Value, tls: Option<Value>| {
+        let mut kafka = json!({"bootstrapServers": "k:9092", "sasl": sasl});
+        if let Some(tls) = tls {
+            kafka["tls"] = tls;
+        }
+        serde_json::from_value::<PipelineConfig>(json!({
+            "apiVersion": "sluice.dev/v1alpha1", "kind": "PipelineConfig",
+            "metadata": {"name": "plain"},
+            "spec": {"kafka": kafka, "streams": [{"name": "a"}]}
+        }))
+        .expect("resource")
+    };
+    let err = api
+        .create(
+            &dry,
+            &plain(json!({"mechanism": "PLAIN", "secretName": "u"}), None),
+        )
+        .await
+        .expect_err("PLAIN without TLS is refused");
+    let message = err.to_string();
+    assert!(
+        message.contains(
+            "kafka.sasl.mechanism PLAIN without kafka.tls sends the password in clear text"
+        ),
+        "{message}"
+    );
+    for (sasl, tls) in [
+        (
+            json!({"mechanism": "PLAIN", "secretName": "u", "allowPlaintext": true}),
+            None,
+        ),
+        (
+            json!({"mechanism": "PLAIN", "secretName": "u"}),
+            Some(json!({"secretName": "ca"})),
+        ),
+        (
+            json!({"mechanism": "SCRAM-SHA-512", "secretName": "u"}),
+            None,
+        ),
+    ] {
+        api.create(&dry, &plain(sasl.clone(), tls.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("{sasl} with TLS {tls:?} refused: {e}"));
+    }
 
     let namespaces: Api<Namespace> = Api::all(client);
     namespaces
@@ -431,7 +477,7 @@ async fn kafka_sasl_credentials_come_from_a_secret() {
         "kind": "PipelineConfig",
         "metadata": {"name": "secured"},
         "spec": {
-            "kafka": {"bootstrapServers": brokers, "sasl": {"mechanism": "PLAIN", "secretName": "kafka-user"}},
+            "kafka": {"bootstrapServers": brokers, "sasl": {"mechanism": "PLAIN", "secretName": "kafka-user", "allowPlaintext": true}},
             "streams": [{"name": stream, "topic": {"partitions": 2}}],
             "collectors": [{"name": "store", "streams": [stream], "sink": {"redis": {}}}]
         }
