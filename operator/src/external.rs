@@ -8,21 +8,23 @@
 //! so the HPA keeps the replicas it has instead of scaling on a made-up zero.
 //!
 //! Every answer is JSON with `Content-Type: application/json`; the apiserver's clients
-//! otherwise assume protobuf.
+//! otherwise assume protobuf. Only the apiserver's front proxy gets an answer, for a user
+//! RBAC lets list the metric (see [`crate::front_proxy`]).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use kube::{Api, Client};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::crd::PipelineConfig;
+use crate::front_proxy::{Authorizer, FrontProxy, User};
 use crate::kafka::{self, LagError, LagReader};
 use crate::metrics::Metrics;
 
@@ -40,6 +42,30 @@ pub struct ExternalMetrics {
     pub lag: LagReader,
     /// Counts requests.
     pub metrics: Arc<Metrics>,
+    /// The apiserver's front proxy, once known: which headers name the user.
+    pub front_proxy: Arc<RwLock<Option<FrontProxy>>>,
+    /// Asks the apiserver whether a user may read a metric.
+    pub authorizer: Authorizer,
+}
+
+impl ExternalMetrics {
+    /// The user the front proxy sent the request for.
+    fn user(&self, headers: &HeaderMap) -> Option<User> {
+        self.front_proxy
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .and_then(|p| p.user(headers))
+    }
+}
+
+/// The answer to a request that names no user.
+fn no_user() -> Response {
+    status(
+        StatusCode::UNAUTHORIZED,
+        "Unauthorized",
+        "no user: this API answers the kube-apiserver's front proxy only".into(),
+    )
 }
 
 /// The routes of the API.
@@ -55,7 +81,10 @@ pub fn router(state: ExternalMetrics) -> Router {
         .with_state(state)
 }
 
-async fn resources() -> Json<Value> {
+async fn resources(State(state): State<ExternalMetrics>, headers: HeaderMap) -> Response {
+    if state.user(&headers).is_none() {
+        return no_user();
+    }
     Json(json!({
         "kind": "APIResourceList",
         "apiVersion": "v1",
@@ -68,6 +97,7 @@ async fn resources() -> Json<Value> {
             "verbs": ["get"],
         }],
     }))
+    .into_response()
 }
 
 /// A `metav1.Status` failure, as the apiserver passes it on to the HPA.
@@ -119,7 +149,37 @@ async fn value(
     State(state): State<ExternalMetrics>,
     Path((namespace, metric)): Path<(String, String)>,
     Query(params): Query<Params>,
+    headers: HeaderMap,
 ) -> Response {
+    let Some(user) = state.user(&headers) else {
+        state.metrics.lag_query("unauthorized");
+        return no_user();
+    };
+    match state.authorizer.allowed(&user, &namespace, &metric).await {
+        Ok(true) => {}
+        Ok(false) => {
+            state.metrics.lag_query("forbidden");
+            return status(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                format!(
+                    "user {:?} may not list {metric} of external.metrics.k8s.io in namespace {namespace:?}",
+                    user.name
+                ),
+            );
+        }
+        Err(e) => {
+            state.metrics.lag_query("error");
+            return status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                format!(
+                    "cannot ask the apiserver whether {:?} may read the metric: {e}",
+                    user.name
+                ),
+            );
+        }
+    }
     if metric != LAG_METRIC {
         state.metrics.lag_query("not_found");
         return status(

@@ -9,6 +9,7 @@
 
 pub mod crd;
 pub mod external;
+pub mod front_proxy;
 pub mod kafka;
 pub mod metrics;
 pub mod plan;

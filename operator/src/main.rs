@@ -2,14 +2,15 @@
 //! SIGINT or SIGTERM.
 //!
 //! Every replica serves `/metrics`, `/healthz` and `/readyz` (`--metrics-listen`) and the
-//! external metrics API over HTTPS (`--external-metrics-listen`); only the replica holding
+//! external metrics API over HTTPS (`--external-metrics-listen`, to the apiserver's front
+//! proxy only); only the replica holding
 //! the Lease (`--lease-name`) runs the controller, so two or more replicas are safe. A
 //! replica that stops releases the Lease, and another takes over at once; one that dies
 //! is replaced when the Lease expires (`--lease-duration`).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -18,6 +19,7 @@ use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
 use sluice_operator::crd::PipelineConfig;
 use sluice_operator::external::{self, ExternalMetrics};
+use sluice_operator::front_proxy::{self, Authorizer, FrontProxy};
 use sluice_operator::kafka::LagReader;
 use sluice_operator::metrics::Metrics;
 use sluice_operator::plan::Images;
@@ -65,7 +67,7 @@ struct Args {
     #[arg(long, env = "SLUICE_TLS_KEY_FILE", requires = "tls_cert_file")]
     tls_key_file: Option<PathBuf>,
     /// Seconds between checks of `--tls-cert-file` and `--tls-key-file` for a renewed
-    /// certificate.
+    /// certificate, and of the apiserver's front-proxy CA.
     #[arg(long, env = "SLUICE_TLS_RELOAD_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     tls_reload_seconds: u64,
     /// Names in the self-signed certificate, comma separated.
@@ -126,32 +128,41 @@ async fn operate(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
             .await
     });
 
-    let tls = match (&args.tls_cert_file, &args.tls_key_file) {
-        (Some(cert), Some(key)) => axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
-            .await
-            .with_context(|| format!("cannot load {} and {}", cert.display(), key.display()))?,
+    // The server's certificate: the files given, or a self-signed one made now.
+    let own = match (&args.tls_cert_file, &args.tls_key_file) {
+        (Some(cert), Some(key)) => read_pair(cert, key)
+            .with_context(|| format!("cannot read {} and {}", cert.display(), key.display()))?,
         _ => {
             let own = external::self_signed(args.tls_name.clone())
                 .context("cannot make a self-signed certificate")?;
-            axum_server::tls_rustls::RustlsConfig::from_pem(
-                own.cert_pem.into_bytes(),
-                own.key_pem.into_bytes(),
-            )
-            .await
-            .context("cannot use the self-signed certificate")?
+            (own.cert_pem.into_bytes(), own.key_pem.into_bytes())
         }
     };
-    if let (Some(cert), Some(key)) = (args.tls_cert_file.clone(), args.tls_key_file.clone()) {
-        let every = Duration::from_secs(args.tls_reload_seconds);
-        tokio::spawn(reload_certificate(
-            tls.clone(),
-            cert,
-            key,
-            every,
-            metrics.clone(),
-            shutdown.clone(),
-        ));
-    }
+    // Clients: the apiserver's front proxy only; refused by all until its CA is known.
+    let proxy = match FrontProxy::read(&client).await {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::error!(error = %e, "the external metrics API refuses every client until the front proxy is known");
+            None
+        }
+    };
+    let config = front_proxy::server_config(&own.0, &own.1, proxy.as_ref())
+        .map_err(anyhow::Error::msg)
+        .context("cannot use the external metrics API's certificate")?;
+    let tls = axum_server::tls_rustls::RustlsConfig::from_config(config);
+    let front_proxy = Arc::new(RwLock::new(proxy));
+    tokio::spawn(reload_tls(
+        TlsSource {
+            files: args.tls_cert_file.clone().zip(args.tls_key_file.clone()),
+            served: own,
+            client: client.clone(),
+        },
+        tls.clone(),
+        front_proxy.clone(),
+        Duration::from_secs(args.tls_reload_seconds),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let std_listener = std::net::TcpListener::bind(args.external_metrics_listen)
         .with_context(|| format!("cannot listen on {}", args.external_metrics_listen))?;
     std_listener.set_nonblocking(true)?;
@@ -160,6 +171,8 @@ async fn operate(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         client: client.clone(),
         lag: LagReader::default(),
         metrics: metrics.clone(),
+        front_proxy,
+        authorizer: Authorizer::new(client.clone()),
     });
     let server = axum_server::from_tcp_rustls(std_listener, tls)?.handle(handle.clone());
     let external_server =
@@ -269,44 +282,86 @@ async fn lead(
     Ok(())
 }
 
-/// Serves a renewed certificate (cert-manager rotates the Secret; the kubelet updates the
-/// mounted files) without a restart: the files are read `every` so often and the server's
-/// certificate replaced when they changed. A pair that cannot be loaded keeps the old one;
-/// each attempt is counted in `sluice_operator_certificate_reloads_total{result}`.
-async fn reload_certificate(
+fn read_pair(cert: &Path, key: &Path) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+    Ok((std::fs::read(cert)?, std::fs::read(key)?))
+}
+
+/// Where the external metrics API's TLS settings come from.
+struct TlsSource {
+    /// The certificate and key files, when given (else the self-signed pair stays).
+    files: Option<(PathBuf, PathBuf)>,
+    /// The certificate and key served now.
+    served: (Vec<u8>, Vec<u8>),
+    /// Reads the apiserver's front-proxy settings.
+    client: Client,
+}
+
+/// Follows renewed TLS settings without a restart: the certificate files (cert-manager
+/// rotates the Secret; the kubelet updates the mounted files) and the apiserver's
+/// front-proxy CA, read `every` so often; the server's settings are replaced when either
+/// changed. What cannot be loaded keeps what is served; each attempt is counted in
+/// `sluice_operator_certificate_reloads_total{result}`.
+async fn reload_tls(
+    mut source: TlsSource,
     tls: axum_server::tls_rustls::RustlsConfig,
-    cert: PathBuf,
-    key: PathBuf,
+    front_proxy: Arc<RwLock<Option<FrontProxy>>>,
     every: Duration,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let read =
-        |cert: &PathBuf, key: &PathBuf| Some((std::fs::read(cert).ok()?, std::fs::read(key).ok()?));
-    let mut served = read(&cert, &key);
     let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    let mut failed: Option<(Vec<u8>, Vec<u8>, Option<FrontProxy>)> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let Some(now) = read(&cert, &key) else {
-            continue;
+        let pair = match &source.files {
+            Some((cert, key)) => match read_pair(cert, key) {
+                Ok(pair) => pair,
+                Err(_) => continue,
+            },
+            None => source.served.clone(),
         };
-        if served.as_ref() == Some(&now) {
+        let proxy = match FrontProxy::read(&source.client).await {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the apiserver's front-proxy settings; keeping the ones in use");
+                front_proxy
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone()
+            }
+        };
+        let current = front_proxy
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let candidate = (pair.0.clone(), pair.1.clone(), proxy.clone());
+        // A set that failed is tried again only once something changes.
+        if (pair == source.served && proxy == current) || failed.as_ref() == Some(&candidate) {
             continue;
         }
-        match tls.reload_from_pem(now.0.clone(), now.1.clone()).await {
-            Ok(()) => {
-                tracing::info!(cert = %cert.display(), "serving the renewed certificate");
+        match front_proxy::server_config(&pair.0, &pair.1, proxy.as_ref()) {
+            Ok(config) => {
+                tls.reload_from_config(config);
+                if pair != source.served {
+                    tracing::info!("serving the renewed certificate");
+                }
+                if proxy != current {
+                    tracing::info!("following the apiserver's front-proxy settings");
+                }
+                source.served = pair;
+                *front_proxy.write().unwrap_or_else(PoisonError::into_inner) = proxy;
                 metrics.certificate_reload("ok");
+                failed = None;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot load the renewed certificate; keeping the old one");
+                tracing::warn!(error = %e, "cannot load the renewed TLS settings; keeping the old ones");
                 metrics.certificate_reload("error");
+                failed = Some(candidate);
             }
         }
-        // A pair that failed is tried again only once the files change.
-        served = Some(now);
     }
 }

@@ -77,13 +77,13 @@ impl Metrics {
         let lag_queries = Family::<ResultLabels, Counter>::default();
         registry.register(
             "external_metric_requests",
-            "Requests to the external metrics API, by result (ok, not_found, error)",
+            "Requests to the external metrics API, by result (ok, not_found, error; unauthorized without a user from the front proxy, forbidden when RBAC refuses the user)",
             lag_queries.clone(),
         );
         let certificate_reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
             "certificate_reloads",
-            "Renewed certificates of the external metrics API, by result (ok, error)",
+            "Reloads of the external metrics API's TLS settings (a renewed certificate, or a changed front-proxy CA from the apiserver), by result (ok, error)",
             certificate_reloads.clone(),
         );
         Self {

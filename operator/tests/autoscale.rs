@@ -41,6 +41,43 @@ impl Drop for Registration {
     }
 }
 
+/// An operator process for `ns` without leader election, and the port of its external
+/// metrics API.
+fn operator(ns: &str) -> (Operator, u16) {
+    let (port, metrics) = (free_port().expect("port"), free_port().expect("port"));
+    let process = Process::spawn(
+        "sluice-operator",
+        &[
+            "--namespace",
+            ns,
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics}"),
+            "--external-metrics-listen",
+            &format!("127.0.0.1:{port}"),
+            "--leader-election",
+            "false",
+        ],
+        &[],
+    )
+    .expect("operator");
+    (
+        Operator {
+            _process: process,
+            metrics,
+        },
+        port,
+    )
+}
+
+/// A running operator and the port of its `/metrics`.
+struct Operator {
+    _process: Process,
+    metrics: u16,
+}
+
+/// One test at a time owns the cluster's one external metrics APIService.
+static APISERVICE_OWNER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn register(client: &kube::Client, ns: &str, port: u16) -> Registration {
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
     let service = serde_json::from_value(json!({
@@ -112,27 +149,12 @@ async fn reported_lag(client: &kube::Client, ns: &str) -> anyhow::Result<String>
 
 #[tokio::test]
 async fn the_hpa_scales_a_collector_on_lag_up_to_its_partitions_and_back() {
+    let _owner = APISERVICE_OWNER.lock().await;
     let stack = sluice_testkit::Stack::from_env();
     let client = client().await;
     install_crd(&client).await;
     let ns = namespace(&client).await;
-    let port = free_port().expect("port");
-    let metrics = free_port().expect("port");
-    let _operator = Process::spawn(
-        "sluice-operator",
-        &[
-            "--namespace",
-            &ns,
-            "--metrics-listen",
-            &format!("127.0.0.1:{metrics}"),
-            "--external-metrics-listen",
-            &format!("127.0.0.1:{port}"),
-            "--leader-election",
-            "false",
-        ],
-        &[],
-    )
-    .expect("operator");
+    let (_operator, port) = operator(&ns);
     let registration = register(&client, &ns, port).await;
 
     let api: Api<PipelineConfig> = Api::namespaced(client.clone(), &ns);
@@ -282,4 +304,183 @@ async fn the_hpa_scales_a_collector_on_lag_up_to_its_partitions_and_back() {
         .delete(&ns, &DeleteParams::default())
         .await
         .expect("namespace deleted");
+}
+
+/// The HTTP status of a GET on the operator's external metrics port with curl, as
+/// `client_cert` (certificate and key files) with `headers`; `Err` when the TLS handshake
+/// or the connection failed.
+fn direct_get(
+    port: u16,
+    path: &str,
+    client_cert: Option<(&std::path::Path, &std::path::Path)>,
+    headers: &[&str],
+) -> Result<u16, String> {
+    let mut command = std::process::Command::new("curl");
+    command.args([
+        "-sk",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "10",
+    ]);
+    if let Some((cert, key)) = client_cert {
+        command.arg("--cert").arg(cert).arg("--key").arg(key);
+    }
+    for h in headers {
+        command.args(["-H", h]);
+    }
+    let out = command
+        .arg(format!("https://127.0.0.1:{port}{path}"))
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!("curl exited with {}", out.status));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|e| format!("{e}"))
+}
+
+/// `kubectl get --raw` through the apiserver as `user`: the body, or the error kubectl
+/// printed.
+fn raw_as(user: &str, path: &str) -> Result<String, String> {
+    let out = std::process::Command::new("kubectl")
+        .args(["get", "--raw", path, "--as", user])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[tokio::test]
+async fn the_external_metrics_api_answers_the_front_proxy_for_users_rbac_allows() {
+    let _owner = APISERVICE_OWNER.lock().await;
+    let client = client().await;
+    install_crd(&client).await;
+    let ns = namespace(&client).await;
+    let (operator, port) = operator(&ns);
+    let _registration = register(&client, &ns, port).await;
+
+    // A user RBAC lets list the metric in this namespace, and one it does not.
+    let reader = format!("metrics-reader-{ns}");
+    let roles: Api<k8s_openapi::api::rbac::v1::Role> = Api::namespaced(client.clone(), &ns);
+    roles
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "lag-reader"},
+                "rules": [{"apiGroups": ["external.metrics.k8s.io"], "resources": ["sluice_consumer_lag"], "verbs": ["list"]}]
+            }))
+            .expect("role"),
+        )
+        .await
+        .expect("role created");
+    let bindings: Api<k8s_openapi::api::rbac::v1::RoleBinding> =
+        Api::namespaced(client.clone(), &ns);
+    bindings
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "lag-reader"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "lag-reader"},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": reader}]
+            }))
+            .expect("binding"),
+        )
+        .await
+        .expect("binding created");
+    let path = format!(
+        "/apis/external.metrics.k8s.io/v1beta1/namespaces/{ns}/sluice_consumer_lag?labelSelector=pipeline%3Dabsent%2Ccollector%3Dc"
+    );
+
+    // Through the apiserver: the allowed user reaches the operator (which knows no such
+    // pipeline); the other is refused.
+    let answer = wait_for(
+        "the reader to get an answer",
+        Duration::from_secs(30),
+        || async {
+            Ok(match raw_as(&reader, &path) {
+                Err(e) if e.contains("does not exist") => Some(e),
+                _ => None,
+            })
+        },
+    )
+    .await
+    .expect("the operator answered the reader");
+    assert!(
+        answer.contains(&format!("PipelineConfig {ns}/absent does not exist")),
+        "{answer}"
+    );
+    let refused = raw_as("nobody", &path).expect_err("refused");
+    assert!(
+        refused.contains("forbidden") || refused.contains("Forbidden"),
+        "{refused}"
+    );
+
+    // Directly on the operator's port: without a client certificate the handshake fails,
+    // and with one from another CA too.
+    assert!(
+        direct_get(port, &path, None, &[]).is_err(),
+        "no client certificate"
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let other = sluice_operator::external::self_signed(vec!["front-proxy-client".into()])
+        .expect("certificate");
+    let (other_cert, other_key) = (dir.path().join("other.crt"), dir.path().join("other.key"));
+    std::fs::write(&other_cert, other.cert_pem).expect("write");
+    std::fs::write(&other_key, other.key_pem).expect("write");
+    assert!(
+        direct_get(port, &path, Some((&other_cert, &other_key)), &[]).is_err(),
+        "a certificate of another CA"
+    );
+    // With the front proxy's own certificate, the user it names decides.
+    let kubeconfig = std::env::var("KUBECONFIG").expect("KUBECONFIG");
+    let pki = std::path::Path::new(&kubeconfig)
+        .parent()
+        .expect("cluster directory")
+        .join("pki");
+    let proxy = Some((pki.join("admin.crt"), pki.join("admin.key")));
+    let proxy = proxy.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+    assert_eq!(
+        direct_get(port, &path, proxy, &[]),
+        Ok(401),
+        "no user named"
+    );
+    assert_eq!(
+        direct_get(port, &path, proxy, &["X-Remote-User: nobody"]),
+        Ok(403),
+        "a user RBAC refuses"
+    );
+    let named = format!("X-Remote-User: {reader}");
+    assert_eq!(
+        direct_get(port, &path, proxy, &[&named]),
+        Ok(404),
+        "a user RBAC allows"
+    );
+    assert_eq!(
+        direct_get(
+            port,
+            "/apis/external.metrics.k8s.io/v1beta1",
+            proxy,
+            &["X-Remote-User: nobody"]
+        ),
+        Ok(200),
+        "discovery, for any user the front proxy names"
+    );
+    let forbidden = common::metric(
+        operator.metrics,
+        "sluice_operator_external_metric_requests_total{result=\"forbidden\"}",
+    )
+    .await
+    .unwrap_or_default();
+    assert!(forbidden >= 1.0, "refusals are counted: {forbidden}");
+
+    let namespaces: Api<Namespace> = Api::all(client);
+    let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
 }

@@ -181,6 +181,17 @@ fn default_values_render_a_restricted_leader_elected_operator_with_a_verified_ap
         "no dashboard unless asked"
     );
 
+    // The external metrics API reads the apiserver's front-proxy settings through the
+    // built-in Role for them.
+    let reader = of_kind(&docs, "RoleBinding")
+        .into_iter()
+        .find(|b| b["metadata"]["namespace"] == "kube-system")
+        .expect("a RoleBinding in kube-system");
+    assert_eq!(
+        reader["roleRef"]["name"],
+        "extension-apiserver-authentication-reader"
+    );
+
     let deployment = one(&docs, "Deployment");
     assert_eq!(deployment["spec"]["replicas"], 2);
     let pod = &deployment["spec"]["template"]["spec"];
@@ -282,9 +293,15 @@ fn other_values_change_what_they_say_and_nothing_else() {
         )
         .expect("renders"),
     );
-    // One namespace watched: a Role there instead of a ClusterRole.
-    assert!(of_kind(&docs, "ClusterRole").is_empty());
-    assert!(of_kind(&docs, "ClusterRoleBinding").is_empty());
+    // One namespace watched: a Role there instead of a ClusterRole. The one cluster-wide
+    // permission left is the external metrics API's: asking for access reviews.
+    let cluster_roles = of_kind(&docs, "ClusterRole");
+    assert_eq!(cluster_roles.len(), 1, "{cluster_roles:?}");
+    assert_eq!(
+        cluster_roles[0]["rules"],
+        json!([{"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]}])
+    );
+    assert_eq!(of_kind(&docs, "ClusterRoleBinding").len(), 1);
     let roles = of_kind(&docs, "Role");
     assert!(
         roles.iter().any(|r| r["metadata"]["namespace"] == "team-a"
