@@ -298,7 +298,8 @@ struct TlsSource {
 
 /// Follows renewed TLS settings without a restart: the certificate files (cert-manager
 /// rotates the Secret; the kubelet updates the mounted files) and the apiserver's
-/// front-proxy CA, read `every` so often; the server's settings are replaced when either
+/// front-proxy CA, read `every` so often (every 5 s at most while the front proxy is not
+/// known yet); the server's settings are replaced when either
 /// changed. What cannot be loaded keeps what is served; each attempt is counted in
 /// `sluice_operator_certificate_reloads_total{result}`.
 async fn reload_tls(
@@ -309,13 +310,21 @@ async fn reload_tls(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.tick().await;
     let mut failed: Option<(Vec<u8>, Vec<u8>, Option<FrontProxy>)> = None;
     loop {
+        // While every client is refused for want of the front proxy, it is looked for sooner.
+        let unknown = front_proxy
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none();
+        let wait = if unknown {
+            every.min(Duration::from_secs(5))
+        } else {
+            every
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            () = tokio::time::sleep(wait) => {}
         }
         let pair = match &source.files {
             Some((cert, key)) => match read_pair(cert, key) {
