@@ -238,6 +238,37 @@ fn default_values_render_a_restricted_leader_elected_operator_with_a_verified_ap
     assert!(wildcards(&docs).is_empty(), "{:?}", wildcards(&docs));
 }
 
+/// The TCP ports the operator's NetworkPolicy lets it reach.
+fn egress_ports(docs: &[Value]) -> Vec<i64> {
+    one(docs, "NetworkPolicy")["spec"]["egress"]
+        .as_array()
+        .expect("egress rules")
+        .iter()
+        .flat_map(|rule| rule["ports"].as_array().cloned().unwrap_or_default())
+        .filter(|p| p["protocol"] == "TCP")
+        .filter_map(|p| p["port"].as_i64())
+        .collect()
+}
+
+#[test]
+fn the_operators_egress_admits_the_otlp_endpoint_it_is_given() {
+    let plain = egress_ports(&documents(
+        &template("sluice-system", &[]).expect("renders"),
+    ));
+    for (endpoint, port) in [
+        ("http://otel.observability:4318", 4318),
+        ("https://otel.example.com/v1/traces", 443),
+        ("http://otel:4317/", 4317),
+    ] {
+        let with = egress_ports(&documents(
+            &template("sluice-system", &[&format!("otlp.endpoint={endpoint}")]).expect("renders"),
+        ));
+        // One rule more, for the endpoint's port.
+        assert_eq!(with.len(), plain.len() + 1, "{endpoint}: {with:?}");
+        assert_eq!(with.last(), Some(&port), "{endpoint}: {with:?}");
+    }
+}
+
 /// Checks with openssl that the Secret's certificate chains to its CA and names `host`.
 fn verify_certificate(secret: &Value, host: &str) {
     use base64::Engine as _;
