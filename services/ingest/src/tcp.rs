@@ -20,10 +20,10 @@
 //! **Read port** (`--tcp-read-listen`, 2526): a request line `get <id>` is answered with the
 //! record's line, or `error not found <id>`; with `--tcp-read-dump`, `all` (or `get data`)
 //! dumps every record, one per line, then `end <count>` (without it, `all` is refused: the
-//! whole store is not for anyone who can reach the port). Records come from the buffer of recent writes where
-//! present, else from the store the stream's collector writes: Redis (read a page of keys at
-//! a time), or the stream's PostgreSQL or MySQL table (`store` in its settings, rows
-//! streamed as the database sends them); never held whole in memory.
+//! whole store is not for anyone who can reach the port). Records come from the buffer of
+//! recent writes where present, else from the store the stream's collector writes: Redis
+//! (read a page of keys at a time), or the stream's PostgreSQL or MySQL table (`store` in
+//! its settings, rows streamed as the database sends them); never held whole in memory.
 //!
 //! **API keys**: when ingest has keys (`--api-keys-file`), the first line on either port
 //! must be `auth <key>`, answered `ok auth`; anything else, a wrong key, or no line within
