@@ -16,9 +16,9 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use sluice_core::Envelope;
 use sluice_operator::crd::PipelineConfig;
-use sluice_testkit::{Process, free_port, wait_for};
+use sluice_testkit::wait_for;
 
-use common::{client, condition, install_crd, namespace};
+use common::{Operator, client, condition, install_crd, namespace, spawn_operator};
 
 const APISERVICE: &str = "v1beta1.external.metrics.k8s.io";
 
@@ -41,38 +41,9 @@ impl Drop for Registration {
     }
 }
 
-/// An operator process for `ns` without leader election, and the port of its external
-/// metrics API.
-fn operator(ns: &str) -> (Operator, u16) {
-    let (port, metrics) = (free_port().expect("port"), free_port().expect("port"));
-    let process = Process::spawn(
-        "sluice-operator",
-        &[
-            "--namespace",
-            ns,
-            "--metrics-listen",
-            &format!("127.0.0.1:{metrics}"),
-            "--external-metrics-listen",
-            &format!("127.0.0.1:{port}"),
-            "--leader-election",
-            "false",
-        ],
-        &[],
-    )
-    .expect("operator");
-    (
-        Operator {
-            _process: process,
-            metrics,
-        },
-        port,
-    )
-}
-
-/// A running operator and the port of its `/metrics`.
-struct Operator {
-    _process: Process,
-    metrics: u16,
+/// An operator process for `ns` without leader election.
+fn operator(ns: &str) -> Operator {
+    spawn_operator(ns, &["--leader-election", "false"])
 }
 
 /// One test at a time owns the cluster's one external metrics APIService.
@@ -154,7 +125,8 @@ async fn the_hpa_scales_a_collector_on_lag_up_to_its_partitions_and_back() {
     let client = client().await;
     install_crd(&client).await;
     let ns = namespace(&client).await;
-    let (_operator, port) = operator(&ns);
+    let operator = operator(&ns);
+    let port = operator.external;
     let registration = register(&client, &ns, port).await;
 
     let api: Api<PipelineConfig> = Api::namespaced(client.clone(), &ns);
@@ -364,7 +336,8 @@ async fn the_external_metrics_api_answers_the_front_proxy_for_users_rbac_allows(
     let client = client().await;
     install_crd(&client).await;
     let ns = namespace(&client).await;
-    let (operator, port) = operator(&ns);
+    let operator = operator(&ns);
+    let port = operator.external;
     let _registration = register(&client, &ns, port).await;
 
     // A user RBAC lets list the metric in this namespace, and one it does not.

@@ -10,27 +10,14 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 use sluice_operator::crd::PipelineConfig;
-use sluice_testkit::{Process, free_port, wait_for};
+use sluice_testkit::wait_for;
 
-use common::{client, condition, install_crd, metric, namespace};
-
-struct Operator {
-    process: Process,
-    metrics: u16,
-}
+use common::{Operator, client, condition, install_crd, metric, namespace, spawn_operator};
 
 fn start(ns: &str, lease: &str, identity: &str) -> Operator {
-    let metrics = free_port().expect("port");
-    let external = free_port().expect("port");
-    let process = Process::spawn(
-        "sluice-operator",
+    spawn_operator(
+        ns,
         &[
-            "--namespace",
-            ns,
-            "--metrics-listen",
-            &format!("127.0.0.1:{metrics}"),
-            "--external-metrics-listen",
-            &format!("127.0.0.1:{external}"),
             "--lease-name",
             lease,
             "--lease-namespace",
@@ -40,10 +27,7 @@ fn start(ns: &str, lease: &str, identity: &str) -> Operator {
             "--identity",
             identity,
         ],
-        &[],
     )
-    .expect("operator started");
-    Operator { process, metrics }
 }
 
 async fn leader_of(ops: &[&Operator]) -> Option<usize> {

@@ -9,9 +9,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use sluice_operator::external::self_signed;
-use sluice_testkit::{Process, free_port, wait_for};
+use sluice_testkit::wait_for;
 
-use common::{client, metric, namespace};
+use common::{Operator, client, metric, namespace, spawn_operator};
 
 /// The SHA-256 fingerprint of the certificate served on `port`, as openssl prints it.
 fn served_fingerprint(port: u16) -> Option<String> {
@@ -72,21 +72,17 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
     std::fs::write(&cert, &first.cert_pem).expect("write");
     std::fs::write(&key, &first.key_pem).expect("write");
 
-    let metrics = free_port().expect("port");
-    let external = free_port().expect("port");
     let cert_arg = cert.display().to_string();
     let key_arg = key.display().to_string();
-    let mut operator = Process::spawn(
-        "sluice-operator",
+    let Operator {
+        process: mut operator,
+        metrics,
+        external,
+    } = spawn_operator(
+        &ns,
         &[
-            "--namespace",
-            &ns,
             "--leader-election",
             "false",
-            "--metrics-listen",
-            &format!("127.0.0.1:{metrics}"),
-            "--external-metrics-listen",
-            &format!("127.0.0.1:{external}"),
             "--tls-cert-file",
             &cert_arg,
             "--tls-key-file",
@@ -94,9 +90,7 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
             "--tls-reload-seconds",
             "1",
         ],
-        &[],
-    )
-    .expect("operator started");
+    );
 
     let await_served = |what: &'static str, want: String| {
         wait_for(what, Duration::from_secs(30), move || {

@@ -184,3 +184,39 @@ pub fn run(
         ))
     }
 }
+
+/// A `sluice-operator` process, with the ports of its `/metrics` and external metrics API.
+pub struct Operator {
+    /// The process, stopped when dropped.
+    pub process: sluice_testkit::Process,
+    /// Port of `/metrics`, `/healthz` and `/readyz`.
+    pub metrics: u16,
+    /// Port of the external metrics API.
+    pub external: u16,
+}
+
+/// Starts `sluice-operator` for `namespace` on free ports, with `extra` flags.
+pub fn spawn_operator(namespace: &str, extra: &[&str]) -> Operator {
+    let metrics = sluice_testkit::free_port().expect("port");
+    let external = sluice_testkit::free_port().expect("port");
+    let (metrics_listen, external_listen) = (
+        format!("127.0.0.1:{metrics}"),
+        format!("127.0.0.1:{external}"),
+    );
+    let mut args = vec![
+        "--namespace",
+        namespace,
+        "--metrics-listen",
+        &metrics_listen,
+        "--external-metrics-listen",
+        &external_listen,
+    ];
+    args.extend(extra);
+    let process =
+        sluice_testkit::Process::spawn("sluice-operator", &args, &[]).expect("operator started");
+    Operator {
+        process,
+        metrics,
+        external,
+    }
+}
