@@ -66,6 +66,49 @@ pub struct PipelineConfigSpec {
     /// What happens to the topics when the PipelineConfig is deleted.
     #[serde(default)]
     pub topic_deletion_policy: TopicDeletionPolicy,
+    /// The NetworkPolicies of the pipeline's pods.
+    #[serde(default)]
+    pub network_policy: NetworkPolicySpec,
+}
+
+/// The NetworkPolicies the operator writes for a pipeline (enforced where the cluster's
+/// network plugin enforces NetworkPolicies). Ingest admits any source on its API and TCP
+/// ports; collectors admit only the metrics scraper; the managed Redis admits only the
+/// pipeline's own pods. Ingest and collectors may reach only DNS, Kafka (the ports of
+/// `kafka.bootstrapServers`), Redis, their SQL database (5432 for PostgreSQL, 3306 for
+/// MySQL) and the OTLP endpoint's port; `extraEgress` adds more (a database on another
+/// port, brokers that advertise other ports).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Write the NetworkPolicies; `false` removes them.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Who may reach ingest's API and TCP ports; any source when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingest_from: Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer>,
+    /// Who may scrape `/metrics` of ingest and collectors; any source when empty (on that
+    /// port only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics_from: Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer>,
+    /// Further destinations ingest and collectors may reach.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_egress: Vec<k8s_openapi::api::networking::v1::NetworkPolicyEgressRule>,
+}
+
+impl Default for NetworkPolicySpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ingest_from: Vec::new(),
+            metrics_from: Vec::new(),
+            extra_egress: Vec::new(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// The Kafka connection.
@@ -159,6 +202,29 @@ pub struct RedisSpec {
     /// the last second of writes (a Redis crash alone loses nothing).
     #[serde(default)]
     pub appendfsync: AppendFsync,
+    /// The Redis password. Managed: when absent, the operator generates one into the Secret
+    /// `<pipeline>-redis-auth` (key `password`) and keeps it; the primary and replicas
+    /// require it. External: the password ingest and collectors send, if the server wants
+    /// one (it may also be in the URL, which then shows wherever the URL does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret: Option<SecretKeySpec>,
+}
+
+/// One key of a Secret in the pipeline's namespace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeySpec {
+    /// The Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The key within it.
+    #[serde(default = "default_password_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_password_key() -> String {
+    "password".to_owned()
 }
 
 /// When Redis syncs its append-only file to disk.
@@ -218,6 +284,7 @@ impl Default for RedisSpec {
             replicas: default_redis_replicas(),
             url: None,
             replica_url: None,
+            password_secret: None,
             storage: StorageSpec::default(),
             appendfsync: AppendFsync::default(),
         }

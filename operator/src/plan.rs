@@ -18,7 +18,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, PodTemplateSpec, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::Resource;
 use kube::api::ObjectMeta;
 use serde_json::{Value, json};
@@ -59,6 +60,56 @@ impl Default for Images {
 pub const SETTINGS_PATH: &str = "/etc/sluice/pipeline.yaml";
 /// Pod annotation with the checksum of the settings.
 pub const CHECKSUM_ANNOTATION: &str = "sluice.dev/settings-checksum";
+/// Pod annotation with a checksum of the resource versions of the Secrets the pod reads at
+/// start: a changed Secret changes it, which rolls the pods.
+pub const SECRETS_ANNOTATION: &str = "sluice.dev/secrets-checksum";
+
+/// The Secrets whose values pods read when they start, by the components that read them:
+/// ingest and collectors read the Kafka credentials and certificates, the SQL URLs and the
+/// Redis password; the managed Redis reads its password. The API keys are not among them:
+/// ingest reads its key file again while running.
+pub fn referenced_secrets(pc: &PipelineConfig) -> (Vec<String>, Vec<String>) {
+    let mut services = Vec::new();
+    let kafka = &pc.spec.kafka;
+    services.extend(kafka.tls.iter().map(|t| t.secret_name.clone()));
+    services.extend(kafka.sasl.iter().map(|s| s.secret_name.clone()));
+    for c in &pc.spec.collectors {
+        services.extend(c.sink.postgres.iter().map(|s| s.secret_name.clone()));
+        services.extend(c.sink.mysql.iter().map(|s| s.secret_name.clone()));
+    }
+    let redis: Vec<String> = redis_password(pc)
+        .filter(|_| pc.spec.redis.mode == RedisMode::Managed)
+        .map(|(name, _)| name)
+        .into_iter()
+        .collect();
+    services.extend(redis_password(pc).map(|(name, _)| name));
+    services.sort();
+    services.dedup();
+    (services, redis)
+}
+
+/// The checksum of the resource versions of `secrets` (an absent Secret counts as such).
+fn secrets_checksum(secrets: &[String], versions: &BTreeMap<String, String>) -> String {
+    let text: Vec<String> = secrets
+        .iter()
+        .map(|s| {
+            let version = versions.get(s).map_or("absent", String::as_str);
+            format!("{s}={version}")
+        })
+        .collect();
+    checksum(&text.join("\n"))
+}
+
+/// Sets `SECRETS_ANNOTATION` on a pod template.
+fn annotate_pods(template: Option<&mut PodTemplateSpec>, value: &str) {
+    if let Some(t) = template {
+        t.metadata
+            .get_or_insert_with(ObjectMeta::default)
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(SECRETS_ANNOTATION.to_owned(), value.to_owned());
+    }
+}
 
 /// The pipeline settings rendered from the resource.
 pub fn settings(pc: &PipelineConfig) -> PipelineSettings {
@@ -216,6 +267,14 @@ pub mod names {
     pub fn redis_replica(pc: &PipelineConfig) -> String {
         format!("{}-redis-replica", name_of(pc))
     }
+    /// The Secret with the generated password of the managed Redis.
+    pub fn redis_auth(pc: &PipelineConfig) -> String {
+        format!("{}-redis-auth", name_of(pc))
+    }
+    /// The NetworkPolicy of a component: `ingest`, `collectors` or `redis`.
+    pub fn network_policy(pc: &PipelineConfig, component: &str) -> String {
+        format!("{}-{component}", name_of(pc))
+    }
 }
 
 /// The pods of one component: a Deployment, or a StatefulSet where each pod keeps a
@@ -248,6 +307,14 @@ impl Workload {
         match self {
             Self::Deployment(_) => "Deployment",
             Self::StatefulSet(_) => "StatefulSet",
+        }
+    }
+
+    /// Its pod template.
+    pub fn template_mut(&mut self) -> Option<&mut PodTemplateSpec> {
+        match self {
+            Self::Deployment(d) => d.spec.as_mut().map(|s| &mut s.template),
+            Self::StatefulSet(s) => s.spec.as_mut().map(|s| &mut s.template),
         }
     }
 
@@ -319,6 +386,12 @@ pub struct Children {
     /// The managed Redis primary (a StatefulSet) and replicas (a Deployment) with their
     /// Services; empty for External.
     pub redis: Vec<(Workload, Service)>,
+    /// The Secret with a generated Redis password, for a managed Redis without
+    /// `passwordSecret`. Created once and never replaced (see [`redis_auth_secret`]).
+    pub redis_auth: Option<String>,
+    /// The NetworkPolicies of ingest, the collectors and the managed Redis; none when
+    /// `networkPolicy.enabled` is false.
+    pub network_policies: Vec<NetworkPolicy>,
 }
 
 fn restricted_container() -> Value {
@@ -359,6 +432,47 @@ pub fn redis_urls(pc: &PipelineConfig) -> (String, String) {
             (primary, replica)
         }
     }
+}
+
+/// The Secret and key of the Redis password: the spec's `passwordSecret`, else, for a
+/// managed Redis, the generated `<pipeline>-redis-auth`; none for an external Redis
+/// without one.
+pub fn redis_password(pc: &PipelineConfig) -> Option<(String, String)> {
+    let r = &pc.spec.redis;
+    match (&r.password_secret, r.mode) {
+        (Some(s), _) => Some((s.name.clone(), s.key.clone())),
+        (None, RedisMode::Managed) => Some((names::redis_auth(pc), "password".to_owned())),
+        (None, RedisMode::External) => None,
+    }
+}
+
+/// The Secret the operator generates for the password of a managed Redis without
+/// `passwordSecret`.
+pub fn generated_redis_secret(pc: &PipelineConfig) -> Option<String> {
+    let r = &pc.spec.redis;
+    (r.mode == RedisMode::Managed && r.password_secret.is_none()).then(|| names::redis_auth(pc))
+}
+
+/// The Secret holding `password` as the generated password of the pipeline's managed
+/// Redis, owned by the resource (deleted with it).
+pub fn redis_auth_secret(pc: &PipelineConfig, password: &str) -> Secret {
+    Secret {
+        metadata: meta(pc, names::redis_auth(pc), "redis"),
+        string_data: Some(BTreeMap::from([(
+            "password".to_owned(),
+            password.to_owned(),
+        )])),
+        ..Secret::default()
+    }
+}
+
+/// The arguments that make a Redis server require `password` of its clients and send it
+/// to its primary. The pods pass `$(REDIS_PASSWORD)`, which the kubelet replaces with the
+/// Secret's value.
+pub fn redis_auth_args(password: &str) -> Vec<String> {
+    ["--requirepass", password, "--masterauth", password]
+        .map(str::to_owned)
+        .to_vec()
 }
 
 /// Where the Kafka TLS Secret is mounted in ingest and collector pods.
@@ -439,6 +553,9 @@ fn common_env(pc: &PipelineConfig, kafka_options: Vec<(String, String)>) -> Vec<
     let (primary, replica) = redis_urls(pc);
     let mut env = vec![json!({"name": "SLUICE_SETTINGS", "value": SETTINGS_PATH})];
     env.extend(kafka_client(&pc.spec.kafka, kafka_options).0);
+    if let Some((secret, key)) = redis_password(pc) {
+        env.push(json!({"name": "SLUICE_REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}));
+    }
     env.extend([
         json!({"name": "SLUICE_REDIS_URL", "value": primary}),
         json!({"name": "SLUICE_REDIS_REPLICA_URL", "value": replica}),
@@ -774,11 +891,20 @@ fn redis(pc: &PipelineConfig, images: &Images) -> Vec<(Workload, Service)> {
     if spec.mode != RedisMode::Managed {
         return Vec::new();
     }
-    let container = |args: Vec<String>| {
+    let password = redis_password(pc)
+        .map(|(secret, key)| json!({"secretKeyRef": {"name": secret, "key": key}}));
+    let container = |mut args: Vec<String>| {
+        // The password reaches the server as an argument expanded by the kubelet, and
+        // redis-cli (the readiness probe) through REDISCLI_AUTH.
+        args.extend(redis_auth_args("$(REDIS_PASSWORD)"));
         json!({
             "name": "redis",
             "image": images.redis,
             "args": args,
+            "env": [
+                {"name": "REDIS_PASSWORD", "valueFrom": password},
+                {"name": "REDISCLI_AUTH", "valueFrom": password},
+            ],
             "ports": [{"name": "redis", "containerPort": 6379}],
             "readinessProbe": {"exec": {"command": ["redis-cli", "ping"]}, "periodSeconds": 5},
             "volumeMounts": [{"name": "data", "mountPath": REDIS_DATA}],
@@ -854,6 +980,215 @@ fn redis(pc: &PipelineConfig, images: &Images) -> Vec<(Workload, Service)> {
     out
 }
 
+/// The port of `url` (`scheme://[user@]host[:port]/...`), else `default`.
+fn url_port(url: &str, default: u16) -> u16 {
+    url.parse::<http::Uri>()
+        .ok()
+        .and_then(|u| u.port_u16())
+        .unwrap_or(default)
+}
+
+/// The ports of a comma-separated `host:port` list (9092 where a port is missing).
+fn broker_ports(bootstrap_servers: &str) -> Vec<u16> {
+    let mut ports: Vec<u16> = bootstrap_servers
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.rsplit_once(':')
+                .filter(|(host, _)| !host.ends_with(':'))
+                .and_then(|(_, p)| p.parse().ok())
+                .unwrap_or(9092)
+        })
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+fn tcp_ports(ports: impl IntoIterator<Item = u16>) -> Vec<Value> {
+    ports
+        .into_iter()
+        .map(|p| json!({"port": p, "protocol": "TCP"}))
+        .collect()
+}
+
+/// A selector of the pipeline's pods of `components` (every pod of it when empty).
+fn pods_of(pc: &PipelineConfig, components: &[String]) -> Value {
+    let mut selector = json!({"matchLabels": {"app.kubernetes.io/instance": name_of(pc)}});
+    if !components.is_empty() {
+        selector["matchExpressions"] = json!([{
+            "key": "app.kubernetes.io/component",
+            "operator": "In",
+            "values": components,
+        }]);
+    }
+    selector
+}
+
+/// The managed Redis's components.
+fn redis_components() -> Vec<String> {
+    vec!["redis".to_owned(), "redis-replica".to_owned()]
+}
+
+/// Where ingest and collectors may connect: DNS, Kafka, Redis, their SQL databases, the
+/// OTLP endpoint and the spec's `extraEgress`.
+fn service_egress(pc: &PipelineConfig, images: &Images) -> Vec<Value> {
+    let mut rules = vec![json!({"ports": [
+        {"port": 53, "protocol": "UDP"},
+        {"port": 53, "protocol": "TCP"},
+    ]})];
+    rules.push(json!({"ports": tcp_ports(broker_ports(&pc.spec.kafka.bootstrap_servers))}));
+    let redis = &pc.spec.redis;
+    match redis.mode {
+        RedisMode::Managed => rules.push(json!({
+            "to": [{"podSelector": pods_of(pc, &redis_components())}],
+            "ports": tcp_ports([6379]),
+        })),
+        RedisMode::External => {
+            let mut ports: Vec<u16> = redis
+                .url
+                .iter()
+                .chain(&redis.replica_url)
+                .map(|u| url_port(u, 6379))
+                .collect();
+            ports.sort_unstable();
+            ports.dedup();
+            rules.push(json!({"ports": tcp_ports(ports)}));
+        }
+    }
+    let sinks = &pc.spec.collectors;
+    let mut sql = Vec::new();
+    if sinks.iter().any(|c| c.sink.postgres.is_some()) {
+        sql.push(5432);
+    }
+    if sinks.iter().any(|c| c.sink.mysql.is_some()) {
+        sql.push(3306);
+    }
+    if !sql.is_empty() {
+        rules.push(json!({"ports": tcp_ports(sql)}));
+    }
+    if let Some(endpoint) = &images.otlp_endpoint {
+        let default = if endpoint.starts_with("https://") {
+            443
+        } else {
+            80
+        };
+        rules.push(json!({"ports": tcp_ports([url_port(endpoint, default)])}));
+    }
+    rules.extend(
+        pc.spec
+            .network_policy
+            .extra_egress
+            .iter()
+            .map(|r| serde_json::to_value(r).unwrap_or_default()),
+    );
+    rules
+}
+
+/// An ingress rule for `ports` (named container ports) from `from` (any source when
+/// empty).
+fn ingress_rule(
+    ports: &[&str],
+    from: &[k8s_openapi::api::networking::v1::NetworkPolicyPeer],
+) -> Value {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|p| json!({"port": p, "protocol": "TCP"}))
+        .collect();
+    let mut rule = json!({"ports": ports});
+    if !from.is_empty() {
+        rule["from"] = serde_json::to_value(from).unwrap_or_default();
+    }
+    rule
+}
+
+/// The NetworkPolicies of the pipeline (see [`crate::crd::NetworkPolicySpec`]): ingest
+/// admits its doors and the scraper; collectors admit only the scraper; the managed Redis
+/// admits only the pipeline's own pods and reaches only its primary. Kubelet probes are not
+/// subject to NetworkPolicies.
+pub fn network_policies(pc: &PipelineConfig, images: &Images) -> Vec<NetworkPolicy> {
+    let spec = &pc.spec.network_policy;
+    if !spec.enabled {
+        return Vec::new();
+    }
+    let policy = |component: &str, selector: Value, ingress: Vec<Value>, egress: Vec<Value>| {
+        let mut p: NetworkPolicy = serde_json::from_value(json!({"spec": {
+            "podSelector": selector,
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": ingress,
+            "egress": egress,
+        }}))
+        .unwrap_or_default();
+        p.metadata = meta(pc, names::network_policy(pc, component), component);
+        p
+    };
+    let metrics = ingress_rule(&["metrics"], &spec.metrics_from);
+    let mut doors = vec!["http"];
+    if pc.spec.ingest.tcp.is_some() {
+        doors.extend(["tcp-write", "tcp-read"]);
+    }
+    let mut out = vec![policy(
+        "ingest",
+        pods_of(pc, &["ingest".to_owned()]),
+        vec![ingress_rule(&doors, &spec.ingest_from), metrics.clone()],
+        service_egress(pc, images),
+    )];
+    if !pc.spec.collectors.is_empty() {
+        let components: Vec<String> = pc
+            .spec
+            .collectors
+            .iter()
+            .map(|c| format!("collector-{}", c.name))
+            .collect();
+        out.push(policy(
+            "collectors",
+            pods_of(pc, &components),
+            vec![metrics],
+            service_egress(pc, images),
+        ));
+    }
+    if pc.spec.redis.mode == RedisMode::Managed {
+        let own = json!([{"podSelector": pods_of(pc, &[])}]);
+        out.push(policy(
+            "redis",
+            pods_of(pc, &redis_components()),
+            vec![json!({"from": own, "ports": tcp_ports([6379])})],
+            vec![
+                json!({"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}),
+                json!({"to": [{"podSelector": pods_of(pc, &["redis".to_owned()])}], "ports": tcp_ports([6379])}),
+            ],
+        ));
+    }
+    out
+}
+
+/// Every child of the resource, with the pods of each component annotated with the
+/// checksum of the `versions` (name to resource version) of the Secrets it reads (see
+/// [`referenced_secrets`]), so that a changed Secret rolls exactly the pods that read it.
+pub fn children_with_secrets(
+    pc: &PipelineConfig,
+    images: &Images,
+    versions: &BTreeMap<String, String>,
+) -> Children {
+    let mut c = children(pc, images);
+    let (services, redis) = referenced_secrets(pc);
+    if !services.is_empty() {
+        let sum = secrets_checksum(&services, versions);
+        annotate_pods(c.ingest.spec.as_mut().map(|s| &mut s.template), &sum);
+        for w in &mut c.collectors {
+            annotate_pods(w.template_mut(), &sum);
+        }
+    }
+    if !redis.is_empty() {
+        let sum = secrets_checksum(&redis, versions);
+        for (w, _) in &mut c.redis {
+            annotate_pods(w.template_mut(), &sum);
+        }
+    }
+    c
+}
+
 /// Every child of the resource.
 pub fn children(pc: &PipelineConfig, images: &Images) -> Children {
     let settings_text = settings(pc).to_yaml();
@@ -887,6 +1222,8 @@ pub fn children(pc: &PipelineConfig, images: &Images) -> Children {
             .collect(),
         collectors,
         redis: redis(pc, images),
+        redis_auth: generated_redis_secret(pc),
+        network_policies: network_policies(pc, images),
     }
 }
 
@@ -1093,6 +1430,300 @@ spec:
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn a_managed_redis_requires_a_generated_password_that_every_pod_sends() {
+        let c = children(&pc(BASIC), &Images::default());
+        assert_eq!(c.redis_auth.as_deref(), Some("shop-redis-auth"));
+        let from_secret = json!({"secretKeyRef": {"name": "shop-redis-auth", "key": "password"}});
+        assert_eq!(env_of(&c.ingest)["SLUICE_REDIS_PASSWORD"], from_secret);
+        for w in &c.collectors {
+            assert_eq!(env_of(w)["SLUICE_REDIS_PASSWORD"], from_secret);
+        }
+        // The URLs carry no password: it stays out of logs.
+        assert_eq!(
+            env_of(&c.ingest)["SLUICE_REDIS_URL"],
+            "redis://shop-redis:6379"
+        );
+        for (w, _) in &c.redis {
+            let v = serde_json::to_value(w).expect("json");
+            let container = &v["spec"]["template"]["spec"]["containers"][0];
+            let args: Vec<&str> = container["args"]
+                .as_array()
+                .expect("args")
+                .iter()
+                .map(|a| a.as_str().expect("text"))
+                .collect();
+            let requires = args
+                .windows(2)
+                .any(|w| w == ["--requirepass", "$(REDIS_PASSWORD)"]);
+            let sends = args
+                .windows(2)
+                .any(|w| w == ["--masterauth", "$(REDIS_PASSWORD)"]);
+            assert!(requires && sends, "{args:?}");
+            assert_eq!(env_of(w)["REDIS_PASSWORD"], from_secret);
+            // The readiness probe's redis-cli authenticates from REDISCLI_AUTH.
+            assert_eq!(env_of(w)["REDISCLI_AUTH"], from_secret);
+        }
+        let secret = serde_json::to_value(redis_auth_secret(&pc(BASIC), "pw")).expect("json");
+        assert_eq!(secret["metadata"]["name"], "shop-redis-auth");
+        assert_eq!(secret["stringData"]["password"], "pw");
+        assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], "0b1c");
+
+        // A Secret the spec names is used as it is, and none is generated.
+        let named = pc(&BASIC.replace(
+            "  kafka: {bootstrapServers: 'kafka:9092'}",
+            "  kafka: {bootstrapServers: 'kafka:9092'}\n  redis: {passwordSecret: {name: mine, key: pass}}",
+        ));
+        let c = children(&named, &Images::default());
+        assert_eq!(c.redis_auth, None);
+        let mine = json!({"secretKeyRef": {"name": "mine", "key": "pass"}});
+        assert_eq!(env_of(&c.ingest)["SLUICE_REDIS_PASSWORD"], mine);
+        assert_eq!(env_of(&c.redis[0].0)["REDIS_PASSWORD"], mine);
+
+        // External: a password only when the spec names its Secret.
+        let external = |extra: &str| {
+            pc(&BASIC.replace(
+                "  kafka: {bootstrapServers: 'kafka:9092'}",
+                &format!("  kafka: {{bootstrapServers: 'kafka:9092'}}\n  redis: {{mode: External, url: 'redis://r:6379'{extra}}}"),
+            ))
+        };
+        let c = children(&external(""), &Images::default());
+        assert_eq!(c.redis_auth, None);
+        assert!(!env_of(&c.ingest).contains_key("SLUICE_REDIS_PASSWORD"));
+        let c = children(
+            &external(", passwordSecret: {name: ext}"),
+            &Images::default(),
+        );
+        assert_eq!(
+            env_of(&c.ingest)["SLUICE_REDIS_PASSWORD"],
+            json!({"secretKeyRef": {"name": "ext", "key": "password"}})
+        );
+    }
+
+    #[test]
+    fn a_changed_secret_rolls_exactly_the_pods_that_read_it() {
+        let sasl = pc(&BASIC.replace(
+            "  kafka: {bootstrapServers: 'kafka:9092'}",
+            "  kafka: {bootstrapServers: 'kafka:9092', sasl: {mechanism: SCRAM-SHA-512, secretName: kafka-user}}\n  ingest: {apiKeys: {secretName: keys}}",
+        ).replace("  ingest: {replicas: {min: 2, max: 5}, tcp: {writePort: 2525, readPort: 2526, stream: visit}}\n", ""));
+        let (services, redis) = referenced_secrets(&sasl);
+        assert_eq!(services, ["kafka-user", "pg", "shop-redis-auth"]);
+        assert_eq!(redis, ["shop-redis-auth"], "Redis reads only its password");
+        let annotation = |c: &Children| {
+            (
+                secrets_sum(&c.ingest),
+                c.collectors.iter().map(secrets_sum).collect::<Vec<_>>(),
+                c.redis
+                    .iter()
+                    .map(|(w, _)| secrets_sum(w))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let versions = |kafka: &str, redis: &str| {
+            BTreeMap::from([
+                ("kafka-user".to_owned(), kafka.to_owned()),
+                ("pg".to_owned(), "7".to_owned()),
+                ("shop-redis-auth".to_owned(), redis.to_owned()),
+                ("keys".to_owned(), "1".to_owned()),
+            ])
+        };
+        let before = annotation(&children_with_secrets(
+            &sasl,
+            &Images::default(),
+            &versions("1", "1"),
+        ));
+        assert!(before.0.is_some());
+        let kafka_changed = annotation(&children_with_secrets(
+            &sasl,
+            &Images::default(),
+            &versions("2", "1"),
+        ));
+        assert_ne!(kafka_changed.0, before.0, "ingest rolls");
+        assert!(
+            kafka_changed.1.iter().zip(&before.1).all(|(a, b)| a != b),
+            "collectors roll"
+        );
+        assert_eq!(kafka_changed.2, before.2, "Redis does not");
+        let redis_changed = annotation(&children_with_secrets(
+            &sasl,
+            &Images::default(),
+            &versions("1", "2"),
+        ));
+        assert!(
+            redis_changed.2.iter().zip(&before.2).all(|(a, b)| a != b),
+            "Redis rolls"
+        );
+        // The API keys are read again by the running pods: a change rolls nothing.
+        let mut keys = versions("1", "1");
+        keys.insert("keys".to_owned(), "2".to_owned());
+        assert_eq!(
+            annotation(&children_with_secrets(&sasl, &Images::default(), &keys)),
+            before
+        );
+        // An absent Secret counts as such: its creation rolls the pods that wait for it.
+        let mut absent = versions("1", "1");
+        absent.remove("kafka-user");
+        assert_ne!(
+            annotation(&children_with_secrets(&sasl, &Images::default(), &absent)).0,
+            before.0
+        );
+    }
+
+    /// The secrets annotation of a workload's pods.
+    fn secrets_sum(w: &impl serde::Serialize) -> Option<String> {
+        serde_json::to_value(w).expect("json")["spec"]["template"]["metadata"]["annotations"]
+            [SECRETS_ANNOTATION]
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    fn policy(c: &Children, name: &str) -> Value {
+        let p = c
+            .network_policies
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("no NetworkPolicy {name}"));
+        serde_json::to_value(p).expect("json")
+    }
+
+    fn ports_of(rule: &Value) -> Vec<Value> {
+        rule["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .map(|p| p["port"].clone())
+            .collect()
+    }
+
+    #[test]
+    fn every_pipeline_gets_network_policies_that_admit_only_what_it_uses() {
+        let images = Images {
+            otlp_endpoint: Some("http://otel.observability:4318/".to_owned()),
+            ..Images::default()
+        };
+        let multi = pc(&BASIC.replace("'kafka:9092'", "'k-0.kafka:9092, k-1.kafka:9094,k-2'"));
+        let c = children(&multi, &images);
+        assert_eq!(c.network_policies.len(), 3);
+
+        let ingest = policy(&c, "shop-ingest");
+        assert_eq!(ingest["metadata"]["ownerReferences"][0]["uid"], "0b1c");
+        let spec = &ingest["spec"];
+        assert_eq!(spec["policyTypes"], json!(["Ingress", "Egress"]));
+        assert_eq!(
+            spec["podSelector"]["matchExpressions"][0]["values"],
+            json!(["ingest"])
+        );
+        // The doors from anywhere, the metrics port on its own rule.
+        assert_eq!(
+            ports_of(&spec["ingress"][0]),
+            [json!("http"), json!("tcp-write"), json!("tcp-read")]
+        );
+        assert!(spec["ingress"][0].get("from").is_none());
+        assert_eq!(ports_of(&spec["ingress"][1]), [json!("metrics")]);
+        let egress = spec["egress"].as_array().expect("egress");
+        assert_eq!(ports_of(&egress[0]), [json!(53), json!(53)], "DNS");
+        assert_eq!(
+            ports_of(&egress[1]),
+            [json!(9092), json!(9094)],
+            "every broker port"
+        );
+        assert_eq!(ports_of(&egress[2]), [json!(6379)]);
+        assert_eq!(
+            egress[2]["to"][0]["podSelector"]["matchExpressions"][0]["values"],
+            json!(["redis", "redis-replica"]),
+            "Redis only in the pipeline's own Redis pods"
+        );
+        assert_eq!(ports_of(&egress[3]), [json!(5432)], "the PostgreSQL sink");
+        assert_eq!(ports_of(&egress[4]), [json!(4318)], "the OTLP endpoint");
+        assert_eq!(egress.len(), 5);
+
+        let collectors = policy(&c, "shop-collectors");
+        let spec = &collectors["spec"];
+        assert_eq!(
+            spec["podSelector"]["matchExpressions"][0]["values"],
+            json!([
+                "collector-to-redis",
+                "collector-chat",
+                "collector-archive",
+                "collector-db"
+            ])
+        );
+        assert_eq!(spec["ingress"].as_array().expect("rules").len(), 1);
+        assert_eq!(ports_of(&spec["ingress"][0]), [json!("metrics")]);
+        assert_eq!(spec["egress"], ingest["spec"]["egress"]);
+
+        let redis = policy(&c, "shop-redis");
+        let spec = &redis["spec"];
+        assert_eq!(ports_of(&spec["ingress"][0]), [json!(6379)]);
+        assert_eq!(
+            spec["ingress"][0]["from"],
+            json!([{"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "shop"}}}]),
+            "only the pipeline's own pods"
+        );
+        assert_eq!(
+            spec["egress"][1]["to"][0]["podSelector"]["matchExpressions"][0]["values"],
+            json!(["redis"]),
+            "replicas reach their primary"
+        );
+    }
+
+    #[test]
+    fn network_policies_follow_the_spec() {
+        let custom = pc(&BASIC.replace(
+            "  kafka: {bootstrapServers: 'kafka:9092'}",
+            "  kafka: {bootstrapServers: 'kafka:9092'}
+  redis: {mode: External, url: 'redis://:pw@r.data:6380/1', replicaUrl: 'redis://r2.data'}
+  networkPolicy:
+    ingestFrom: [{namespaceSelector: {matchLabels: {edge: 'true'}}}]
+    metricsFrom: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}}]
+    extraEgress: [{ports: [{port: 15432, protocol: TCP}]}]",
+        ));
+        let c = children(&custom, &Images::default());
+        assert!(
+            c.network_policies
+                .iter()
+                .all(|p| p.metadata.name.as_deref() != Some("shop-redis")),
+            "no policy for a Redis it does not run"
+        );
+        let ingest = policy(&c, "shop-ingest");
+        assert_eq!(
+            ingest["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]["edge"],
+            "true"
+        );
+        assert_eq!(
+            ingest["spec"]["ingress"][1]["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+            "monitoring"
+        );
+        let egress = ingest["spec"]["egress"].as_array().expect("egress");
+        assert_eq!(
+            ports_of(&egress[2]),
+            [json!(6379), json!(6380)],
+            "the external Redis ports"
+        );
+        assert!(egress[2].get("to").is_none());
+        assert_eq!(ports_of(egress.last().expect("extra")), [json!(15432)]);
+
+        let off = pc(&BASIC.replace(
+            "  kafka: {bootstrapServers: 'kafka:9092'}",
+            "  kafka: {bootstrapServers: 'kafka:9092'}\n  networkPolicy: {enabled: false}",
+        ));
+        assert!(
+            children(&off, &Images::default())
+                .network_policies
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn ports_are_read_from_urls_and_broker_lists() {
+        assert_eq!(url_port("http://otel:4318/v1", 80), 4318);
+        assert_eq!(url_port("https://otel.example", 443), 443);
+        assert_eq!(url_port("redis://:p@r:6390/0", 6379), 6390);
+        assert_eq!(url_port("not a url", 6379), 6379);
+        assert_eq!(broker_ports("a:9093,b:9093, c"), [9092, 9093]);
+        assert_eq!(broker_ports("[::1]:19092"), [19092]);
     }
 
     #[test]
@@ -1473,7 +2104,11 @@ spec:
                 "--appendfsync",
                 "always",
                 "--save",
-                ""
+                "",
+                "--requirepass",
+                "$(REDIS_PASSWORD)",
+                "--masterauth",
+                "$(REDIS_PASSWORD)"
             ])
         );
         assert_eq!(

@@ -23,7 +23,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -584,6 +585,58 @@ impl Refusals {
     }
 }
 
+/// The resource versions of the Secrets the pipeline's pods read at start; an absent one
+/// is left out. A failed read fails the reconcile (to be retried) rather than being taken
+/// for a change that would roll the pods.
+async fn secret_versions(
+    client: &Client,
+    ns: &str,
+    pc: &PipelineConfig,
+) -> Result<BTreeMap<String, String>, kube::Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let (services, redis) = plan::referenced_secrets(pc);
+    let mut versions = BTreeMap::new();
+    for name in services.iter().chain(&redis) {
+        if let Some(meta) = api.get_metadata_opt(name).await?
+            && let Some(v) = meta.metadata.resource_version
+        {
+            versions.insert(name.clone(), v);
+        }
+    }
+    Ok(versions)
+}
+
+/// Creates the Secret with a generated password for the managed Redis when it does not
+/// exist. An existing one is never replaced: its password is what Redis and the pods use.
+async fn ensure_redis_auth(
+    client: &Client,
+    ns: &str,
+    pc: &PipelineConfig,
+    name: &str,
+) -> Result<(), kube::Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    if api.get_metadata_opt(name).await?.is_some() {
+        return Ok(());
+    }
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| {
+        kube::Error::Service(format!("no random bytes for the Redis password: {e}").into())
+    })?;
+    let password: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    match api
+        .create(&Default::default(), &plan::redis_auth_secret(pc, &password))
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(secret = %name, "generated the managed Redis password");
+            Ok(())
+        }
+        // Another reconcile made it first.
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Ready replicas of a Deployment that was just applied, and whether it has all it wants.
 fn readiness(d: &Deployment) -> (i32, bool) {
     let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
@@ -671,9 +724,18 @@ async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Err
         ctx.event(&pc, true, topics.reason, topics.message.clone())
             .await;
     }
-    let children = plan::children(&pc, &ctx.images);
     let mut refused = Refusals::default();
+    if let Some(name) = plan::generated_redis_secret(&pc)
+        && let Err(e) = ensure_redis_auth(client, &ns, &pc, &name).await
+    {
+        refused.0.push(format!("Secret {name}: {e}"));
+    }
+    let versions = secret_versions(client, &ns, &pc).await?;
+    let children = plan::children_with_secrets(&pc, &ctx.images, &versions);
     refused.apply(client, &ns, &children.config_map).await;
+    for policy in &children.network_policies {
+        refused.apply(client, &ns, policy).await;
+    }
     let mut redis_ready = true;
     for (w, s) in &children.redis {
         refused.apply(client, &ns, s).await;
@@ -977,8 +1039,9 @@ pub fn scale_to_zero(
     }
 }
 
-/// Deletes the Deployments, StatefulSets, Services and autoscalers of the resource that it
-/// no longer asks for: removed collectors, and the managed Redis once it is `External`.
+/// Deletes the Deployments, StatefulSets, Services, autoscalers and NetworkPolicies of the
+/// resource that it no longer asks for: removed collectors, the managed Redis once it is
+/// `External`, the policies once they are disabled.
 /// The volume claims of a deleted StatefulSet are kept.
 async fn prune(
     client: &Client,
@@ -1024,6 +1087,12 @@ async fn prune(
     prune_kind::<StatefulSet>(client, ns, &lp, &owned, &stateful_sets).await?;
     prune_kind::<Service>(client, ns, &lp, &owned, &services).await?;
     prune_kind::<HorizontalPodAutoscaler>(client, ns, &lp, &owned, &hpas).await?;
+    let policies: Vec<String> = children
+        .network_policies
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    prune_kind::<NetworkPolicy>(client, ns, &lp, &owned, &policies).await?;
     Ok(())
 }
 

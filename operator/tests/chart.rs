@@ -763,6 +763,7 @@ async fn the_installed_charts_identity_is_enough_to_take_an_example_to_ready() {
         &["create", "namespaces"][..],
         &["delete", "pipelineconfigs.sluice.dev", "--all-namespaces"],
         &["list", "secrets", "--all-namespaces"],
+        &["update", "secrets", "--all-namespaces"],
         &["create", "clusterroles"],
         &["delete", "configmaps", "--all-namespaces"],
     ] {

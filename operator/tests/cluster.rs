@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use sluice_operator::crd::PipelineConfig;
@@ -97,6 +98,43 @@ async fn the_crd_installs_defaults_and_rejects_nonsense_with_readable_messages()
             .await
             .unwrap_or_else(|e| panic!("{:?} rejected: {e}", hpa.metadata.name));
     }
+    // The NetworkPolicies of ingest, collectors and Redis, and the generated Redis password.
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
+    let names: Vec<String> = children
+        .network_policies
+        .iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "clickstream-ingest",
+            "clickstream-collectors",
+            "clickstream-redis"
+        ],
+        "a policy per component by default"
+    );
+    for p in &children.network_policies {
+        policies
+            .create(&dry, p)
+            .await
+            .unwrap_or_else(|e| panic!("{:?} rejected: {e}", p.metadata.name));
+    }
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    assert_eq!(
+        children.redis_auth.as_deref(),
+        Some("clickstream-redis-auth")
+    );
+    let secret = sluice_operator::plan::redis_auth_secret(&created, "generated");
+    let stored = secrets
+        .create(&dry, &secret)
+        .await
+        .expect("Secret accepted");
+    assert_eq!(
+        stored.data.expect("data")["password"].0,
+        b"generated",
+        "the password under the key every pod reads"
+    );
     assert_eq!(
         children.collectors[1].kind(),
         "StatefulSet",
@@ -554,6 +592,47 @@ async fn kafka_sasl_credentials_come_from_a_secret() {
         json!({"secretKeyRef": {"name": "kafka-user", "key": "password"}})
     );
     assert!(!serde_json::to_string(&d).expect("json").contains(&password));
+
+    // A change of the Secret rolls the pods that read it (a new checksum on their
+    // template), and not the managed Redis, which does not read it.
+    let sum = |v: &Value| {
+        v["spec"]["template"]["metadata"]["annotations"][sluice_operator::plan::SECRETS_ANNOTATION]
+            .as_str()
+            .map(str::to_owned)
+    };
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let redis_sum = || async {
+        let r = statefulsets.get("secured-redis").await.expect("redis");
+        sum(&serde_json::to_value(&r).expect("json"))
+    };
+    let before = sum(&serde_json::to_value(&d).expect("json")).expect("annotated");
+    let redis_before = redis_sum().await.expect("redis annotated");
+    secrets
+        .patch(
+            "kafka-user",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"rotated-at": "now"}})),
+        )
+        .await
+        .expect("secret changed");
+    // The operator looks at a ready pipeline again within a minute.
+    let rolled = sluice_testkit::wait_for("a new secrets checksum on the collector", limit, || {
+        let deployments = deployments.clone();
+        let before = before.clone();
+        async move {
+            let d = deployments.get("secured-collector-store").await?;
+            Ok(sum(&serde_json::to_value(&d)?).filter(|s| *s != before))
+        }
+    })
+    .await
+    .expect("the collector's pods roll");
+    assert_ne!(rolled, before);
+    let ingest = deployments.get("secured-ingest").await.expect("ingest");
+    assert_eq!(
+        sum(&serde_json::to_value(&ingest).expect("json")),
+        Some(rolled)
+    );
+    assert_eq!(redis_sum().await, Some(redis_before), "Redis does not roll");
     stop.cancel();
     let namespaces: Api<Namespace> = Api::all(client);
     namespaces

@@ -331,7 +331,7 @@ async fn remove(
 }
 
 /// The pipeline's managed Redis primary, through its ClusterIP (routed to the node's
-/// bridge).
+/// bridge), with the password the operator generated (Redis refuses commands without it).
 async fn pipeline_redis(
     client: &Client,
     namespace: &str,
@@ -345,11 +345,34 @@ async fn pipeline_redis(
         .spec
         .and_then(|s| s.cluster_ip)
         .expect("cluster IP");
-    redis::Client::open(format!("redis://{redis_ip}:6379"))
+    let url = format!("redis://{redis_ip}:6379");
+    let mut anonymous = redis::Client::open(url.as_str())
         .expect("redis url")
         .get_multiplexed_async_connection()
         .await
-        .expect("the pipeline's Redis through its ClusterIP")
+        .expect("the pipeline's Redis through its ClusterIP");
+    let refused = redis::cmd("GET")
+        .arg("sluice:any")
+        .query_async::<Option<String>>(&mut anonymous)
+        .await
+        .expect_err("the managed Redis answers no client without its password");
+    assert!(
+        refused.to_string().contains("NOAUTH"),
+        "refused for want of authentication: {refused}"
+    );
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = secrets
+        .get(&format!("{pipeline}-redis-auth"))
+        .await
+        .expect("the generated password's Secret");
+    let password =
+        String::from_utf8(secret.data.expect("data")["password"].0.clone()).expect("text");
+    assert_eq!(password.len(), 64, "256 random bits, hex");
+    sluice_core::store::redis_client(&url, Some(&password))
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("the pipeline's Redis with its password")
 }
 
 /// How many of `ids` have no record of `stream` in the pipeline's Redis.

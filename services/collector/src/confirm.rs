@@ -35,16 +35,15 @@ pub struct Confirmer {
 }
 
 impl Confirmer {
-    /// A confirmer for `group` that writes to the Redis at `redis_url` under `prefix`;
+    /// A confirmer for `group` that writes to the Redis of `client` under `prefix`;
     /// it connects on its first confirmation. Its task sends until every clone of the
     /// confirmer is dropped, then sends what is queued and ends.
     pub fn start(
-        redis_url: &str,
+        client: redis::Client,
         prefix: String,
         group: String,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), redis::RedisError> {
-        let client = redis::Client::open(redis_url)?;
         let connection = ConnectionManager::new_lazy_with_config(
             client,
             ConnectionManagerConfig::new()

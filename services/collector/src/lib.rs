@@ -110,6 +110,9 @@ pub struct Args {
         default_value = "redis://127.0.0.1:6379"
     )]
     pub redis_url: String,
+    /// Password sent to that Redis (kept out of the URL, so out of logs).
+    #[arg(long, env = "SLUICE_REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
     /// Prefix of the Redis keys.
     #[arg(long, env = "SLUICE_KEY_PREFIX", default_value = store::DEFAULT_PREFIX)]
     pub key_prefix: String,
@@ -191,6 +194,11 @@ pub enum CollectorError {
 }
 
 impl Args {
+    /// A client of --redis-url with --redis-password.
+    pub fn redis_client(&self) -> redis::RedisResult<redis::Client> {
+        store::redis_client(&self.redis_url, self.redis_password.as_deref())
+    }
+
     /// The sink: --sink, or its default (`redis` with a settings file, `file` without).
     pub fn sink_kind(&self) -> SinkKind {
         self.sink.unwrap_or(if self.settings.is_some() {
@@ -277,7 +285,7 @@ async fn build_sink(args: &Args, settings: &PipelineSettings) -> Result<AnySink,
     Ok(match args.sink_kind() {
         SinkKind::Redis => AnySink::Redis(
             sink::redis::RedisSink::connect(
-                &args.redis_url,
+                args.redis_client()?,
                 args.key_prefix.clone(),
                 args.record_ttl,
                 settings,
@@ -285,8 +293,11 @@ async fn build_sink(args: &Args, settings: &PipelineSettings) -> Result<AnySink,
             .await?,
         ),
         SinkKind::RedisIndex => AnySink::RedisIndex(
-            sink::redis_index::RedisIndexSink::connect(&args.redis_url, args.key_prefix.clone())
-                .await?,
+            sink::redis_index::RedisIndexSink::connect(
+                args.redis_client()?,
+                args.key_prefix.clone(),
+            )
+            .await?,
         ),
         SinkKind::File => AnySink::File(sink::file::FileSink::new(
             &args.record_directory,
@@ -392,7 +403,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Collecto
     let mut confirmers = Vec::new();
     for (group, streams) in &plan {
         let (confirmer, sending) = confirm::Confirmer::start(
-            &args.redis_url,
+            args.redis_client()
+                .map_err(|e| CollectorError::Sink(SinkError::from(e)))?,
             args.key_prefix.clone(),
             group.clone(),
             metrics.clone(),

@@ -1071,15 +1071,23 @@ struct ManagedRedis {
     child: std::process::Child,
     port: u16,
     dir: std::path::PathBuf,
+    password: Option<String>,
 }
 
 impl ManagedRedis {
-    fn start(dir: &std::path::Path, port: u16) -> Self {
+    /// A Redis with the managed primary's arguments, requiring `password` when given as
+    /// the operator's pods do.
+    fn start(dir: &std::path::Path, port: u16, password: Option<&str>) -> Self {
         let spec = sluice_operator::crd::RedisSpec::default();
         let dir_text = dir.to_str().expect("path");
         let child = std::process::Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(sluice_operator::plan::redis_primary_args(&spec, dir_text))
+            .args(
+                password
+                    .map(sluice_operator::plan::redis_auth_args)
+                    .unwrap_or_default(),
+            )
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server (scripts/setup installs it)");
@@ -1087,6 +1095,7 @@ impl ManagedRedis {
             child,
             port,
             dir: dir.to_owned(),
+            password: password.map(str::to_owned),
         }
     }
 
@@ -1094,7 +1103,7 @@ impl ManagedRedis {
     fn kill_and_restart(&mut self) -> Self {
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("reaped");
-        Self::start(&self.dir, self.port)
+        Self::start(&self.dir, self.port, self.password.as_deref())
     }
 
     fn url(&self) -> String {
@@ -1110,6 +1119,67 @@ impl Drop for ManagedRedis {
 }
 
 #[tokio::test]
+async fn a_redis_that_requires_a_password_takes_writes_from_a_collector_given_it() {
+    let stack = Stack::from_env();
+    let s = StreamSettings::new(unique("locked"));
+    let name = s.name.clone();
+    let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
+    let dir = tempfile::tempdir().expect("dir");
+    let port = sluice_testkit::free_port().expect("port");
+    let password = "the-pipelines-redis-password";
+    let server = ManagedRedis::start(dir.path(), port, Some(password));
+    let reader = Stack {
+        redis_url: format!("redis://:{password}@127.0.0.1:{port}"),
+        ..stack.clone()
+    };
+    wait_for("the test's Redis to answer", LIMIT, || async {
+        let mut c = reader.redis().await?;
+        let pong: String = redis::cmd("PING").query_async(&mut c).await?;
+        Ok((pong == "PONG").then_some(()))
+    })
+    .await
+    .expect("redis");
+    let url = server.url();
+
+    // A wrong password: the collector does not start, and says why.
+    let wrong = start(
+        &pipeline,
+        &stack,
+        &unique("g"),
+        &["--redis-url", &url, "--redis-password", "not-the-password"],
+    );
+    let failed = tokio::time::timeout(LIMIT, wrong.task)
+        .await
+        .expect("the collector gives up")
+        .expect("joined")
+        .expect_err("a wrong password is refused");
+    let message = format!("{failed:#}");
+    assert!(
+        message.to_lowercase().contains("password"),
+        "the error names the password: {message}"
+    );
+
+    // The password given apart from the URL (as the operator's pods give it).
+    let group = unique("g");
+    let running = start(
+        &pipeline,
+        &stack,
+        &group,
+        &["--redis-url", &url, "--redis-password", password],
+    );
+    let batch = events(&name, 50, "locked");
+    produce(&stack, &name, &batch).await.expect("produce");
+    let sent = ids(&batch);
+    wait_for("every event in the locked Redis", LIMIT, || async {
+        let got = redis_ids(&reader, &pipeline.key_prefix, &name).await?;
+        Ok((got == sent).then_some(()))
+    })
+    .await
+    .expect("written");
+    running.stop().await;
+}
+
+#[tokio::test]
 async fn a_redis_killed_mid_write_with_the_operators_arguments_keeps_every_committed_event() {
     let stack = Stack::from_env();
     let s = StreamSettings::new(unique("killed"));
@@ -1117,7 +1187,7 @@ async fn a_redis_killed_mid_write_with_the_operators_arguments_keeps_every_commi
     let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
     let dir = tempfile::tempdir().expect("dir");
     let port = sluice_testkit::free_port().expect("port");
-    let mut server = ManagedRedis::start(dir.path(), port);
+    let mut server = ManagedRedis::start(dir.path(), port, None);
     let own = Stack {
         redis_url: server.url(),
         ..stack.clone()

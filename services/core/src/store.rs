@@ -32,6 +32,19 @@ pub fn unsent_key(prefix: &str, user: &str) -> String {
     format!("{prefix}:unsent:{user}")
 }
 
+/// A Redis client for `url`, authenticating with `password` when one is given (a
+/// non-empty `--redis-password` replaces a password in the URL). A password kept out of
+/// the URL stays out of the logs and error messages that name the URL.
+pub fn redis_client(url: &str, password: Option<&str>) -> redis::RedisResult<redis::Client> {
+    use redis::IntoConnectionInfo;
+    let mut info = url.into_connection_info()?;
+    if let Some(p) = password.filter(|p| !p.is_empty()) {
+        let settings = info.redis_settings().clone().set_password(p);
+        info = info.set_redis_settings(settings);
+    }
+    redis::Client::open(info)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -39,5 +52,26 @@ mod tests {
     #[test]
     fn keys_join_prefix_stream_and_id() {
         assert_eq!(record_key("sluice", "visit", "42"), "sluice:visit:42");
+    }
+
+    #[test]
+    fn a_given_password_is_what_the_client_sends() {
+        let with = redis_client("redis://r:6379/2", Some("s3cret")).expect("client");
+        let info = with.get_connection_info().redis_settings();
+        assert_eq!(info.password(), Some("s3cret"));
+        assert_eq!(info.db(), 2);
+        let in_url = redis_client("redis://:inurl@r:6379", None).expect("client");
+        assert_eq!(
+            in_url.get_connection_info().redis_settings().password(),
+            Some("inurl")
+        );
+        let replaced = redis_client("redis://:inurl@r:6379", Some("given")).expect("client");
+        assert_eq!(
+            replaced.get_connection_info().redis_settings().password(),
+            Some("given")
+        );
+        let none = redis_client("redis://r:6379", Some("")).expect("client");
+        assert_eq!(none.get_connection_info().redis_settings().password(), None);
+        assert!(redis_client("http://r", Some("p")).is_err());
     }
 }

@@ -82,27 +82,27 @@ pub struct Wait {
 }
 
 impl SinkAcks {
-    /// The confirmations of `instance`, read from the Redis at `redis_url` under `prefix`
+    /// The confirmations of `instance`, read from the Redis of `client` under `prefix`
     /// once the first request waits, until `closing` is cancelled.
     pub fn new(
         instance: String,
-        redis_url: &str,
+        client: redis::Client,
         prefix: &str,
         max_waiting: usize,
         metrics: Arc<Metrics>,
         closing: CancellationToken,
-    ) -> redis::RedisResult<Arc<Self>> {
-        Ok(Arc::new(Self {
+    ) -> Arc<Self> {
+        Arc::new(Self {
             key: confirm::key(prefix, &instance),
             instance,
-            client: redis::Client::open(redis_url)?,
+            client,
             next: AtomicU64::new(1),
             waiting: Mutex::new(HashMap::new()),
             max_waiting,
             reading: AtomicBool::new(false),
             metrics,
             closing,
-        }))
+        })
     }
 
     /// This instance's name.
@@ -346,13 +346,12 @@ mod tests {
         SinkAcks::new(
             "i-1".into(),
             // Nothing listens there: the reader keeps retrying in the background.
-            "redis://127.0.0.1:1",
+            redis::Client::open("redis://127.0.0.1:1").expect("client"),
             "sluice",
             max,
             Arc::new(Metrics::new()),
             CancellationToken::new(),
         )
-        .expect("client")
     }
 
     fn confirmation(token: u64, group: &str, outcome: Outcome) -> Confirmation {

@@ -95,6 +95,10 @@ pub struct Args {
         default_value = "redis://127.0.0.1:6379"
     )]
     pub redis_url: String,
+    /// Password sent to the Redis primary and replica (kept out of the URLs, so out of
+    /// logs).
+    #[arg(long, env = "SLUICE_REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
     /// Redis replica reads go to first; the primary answers when it is absent or misses.
     #[arg(long, env = "SLUICE_REDIS_REPLICA_URL")]
     pub redis_replica_url: Option<String>,
@@ -201,6 +205,7 @@ impl Args {
             kafka,
             redis_url,
             redis_replica_url: None,
+            redis_password: None,
             database_url: None,
             key_prefix: store::DEFAULT_PREFIX.to_owned(),
             create_topics: false,
@@ -379,12 +384,12 @@ struct Inner {
 /// A Redis connection made on first use: publishing never needs Redis, so ingest starts
 /// and takes events while Redis is away (reads answer 503 until it is back), and runs with
 /// no Redis at all where nothing reads.
-fn redis_connection(url: &str) -> Result<ConnectionManager, StartError> {
+fn redis_connection(url: &str, password: Option<&str>) -> Result<ConnectionManager, StartError> {
     let redis_error = |source| StartError::Redis {
         url: url.to_owned(),
         source,
     };
-    let client = redis::Client::open(url).map_err(redis_error)?;
+    let client = store::redis_client(url, password).map_err(redis_error)?;
     ConnectionManager::new_lazy_with_config(client, ConnectionManagerConfig::new())
         .map_err(redis_error)
 }
@@ -426,9 +431,10 @@ impl App {
             ensure_topics(&args.kafka, &create).await?;
         }
         let producer: FutureProducer = args.kafka.producer_config().create()?;
-        let redis = redis_connection(&args.redis_url)?;
+        let password = args.redis_password.as_deref();
+        let redis = redis_connection(&args.redis_url, password)?;
         let replica = match &args.redis_replica_url {
-            Some(url) => Some(redis_connection(url)?),
+            Some(url) => Some(redis_connection(url, password)?),
             None => None,
         };
         let sql = sql_store(args, &settings)?;
@@ -443,16 +449,15 @@ impl App {
         let instance = args.instance_name()?;
         let sink_acks = confirm::SinkAcks::new(
             instance.clone(),
-            &args.redis_url,
+            store::redis_client(&args.redis_url, password).map_err(|source| StartError::Redis {
+                url: args.redis_url.clone(),
+                source,
+            })?,
             &args.key_prefix,
             args.sink_ack_max_waiting,
             metrics.clone(),
             closing.clone(),
-        )
-        .map_err(|source| StartError::Redis {
-            url: args.redis_url.clone(),
-            source,
-        })?;
+        );
         tracing::info!(%instance, "ingest instance");
         let publisher = Publisher::new(producer, metrics.clone(), args.ack_timeout, sink_acks);
         let tcp = settings.stream(&args.tcp_stream).map(|s| {

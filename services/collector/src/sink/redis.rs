@@ -82,14 +82,14 @@ pub struct RedisSink {
 }
 
 impl RedisSink {
-    /// Connects to the Redis at `url`; keys get `prefix`; records expire after `ttl`.
+    /// Connects to the Redis of `client`; keys get `prefix`; records expire after `ttl`.
     pub async fn connect(
-        url: &str,
+        client: redis::Client,
         prefix: impl Into<String>,
         ttl: Option<Duration>,
         settings: &PipelineSettings,
     ) -> Result<Self, SinkError> {
-        let conn = redis::Client::open(url)?.get_connection_manager().await?;
+        let conn = client.get_connection_manager().await?;
         Ok(Self {
             conn,
             prefix: prefix.into(),

@@ -17,9 +17,12 @@ pub struct RedisIndexSink {
 }
 
 impl RedisIndexSink {
-    /// Connects to the Redis primary at `url`.
-    pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, SinkError> {
-        let conn = redis::Client::open(url)?.get_connection_manager().await?;
+    /// Connects to the Redis primary of `client`.
+    pub async fn connect(
+        client: redis::Client,
+        prefix: impl Into<String>,
+    ) -> Result<Self, SinkError> {
+        let conn = client.get_connection_manager().await?;
         Ok(Self {
             conn,
             prefix: prefix.into(),
