@@ -5,8 +5,11 @@
 //! - [`reconcile`]: the controller: observe, apply the plan, report the status;
 //! - [`kafka`]: the operator's Kafka clients and consumer lag;
 //! - [`external`]: the `external.metrics.k8s.io` API the autoscalers read lag from;
+//! - [`front_proxy`]: who may call it: the apiserver's front proxy, for users RBAC allows;
+//! - [`certificate`]: its certificate kept in a Secret, and the APIService's `caBundle`;
 //! - [`metrics`]: the operator's own Prometheus metrics and health endpoints.
 
+pub mod certificate;
 pub mod crd;
 pub mod external;
 pub mod front_proxy;

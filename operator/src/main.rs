@@ -17,6 +17,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
+use sluice_operator::certificate;
 use sluice_operator::crd::PipelineConfig;
 use sluice_operator::external::{self, ExternalMetrics};
 use sluice_operator::front_proxy::{self, Authorizer, FrontProxy};
@@ -61,8 +62,22 @@ struct Args {
     external_metrics_listen: SocketAddr,
     /// Certificate (PEM) of the external metrics API; a self-signed one for `--tls-name`
     /// is made when unset.
-    #[arg(long, env = "SLUICE_TLS_CERT_FILE", requires = "tls_key_file")]
+    #[arg(
+        long,
+        env = "SLUICE_TLS_CERT_FILE",
+        requires = "tls_key_file",
+        conflicts_with = "tls_secret"
+    )]
     tls_cert_file: Option<PathBuf>,
+    /// Keep the external metrics API's certificate in this Secret of the operator's
+    /// namespace (`--lease-namespace`): made once (self-signed for `--tls-name`), then
+    /// served by every replica.
+    #[arg(long, env = "SLUICE_TLS_SECRET")]
+    tls_secret: Option<String>,
+    /// Keep this APIService's `caBundle` equal to the served certificate (with
+    /// `--tls-secret`), for example `v1beta1.external.metrics.k8s.io`.
+    #[arg(long, env = "SLUICE_APISERVICE", requires = "tls_secret")]
+    apiservice: Option<String>,
     /// Private key (PEM) of the external metrics API.
     #[arg(long, env = "SLUICE_TLS_KEY_FILE", requires = "tls_cert_file")]
     tls_key_file: Option<PathBuf>,
@@ -128,10 +143,29 @@ async fn operate(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
             .await
     });
 
-    // The server's certificate: the files given, or a self-signed one made now.
-    let own = match (&args.tls_cert_file, &args.tls_key_file) {
-        (Some(cert), Some(key)) => read_pair(cert, key)
+    // The server's certificate: the files given, the Secret's, or a self-signed one made now.
+    let own = match (&args.tls_cert_file, &args.tls_key_file, &args.tls_secret) {
+        (Some(cert), Some(key), _) => read_pair(cert, key)
             .with_context(|| format!("cannot read {} and {}", cert.display(), key.display()))?,
+        (_, _, Some(secret)) => {
+            let pair = certificate::from_secret(
+                &client,
+                &args.lease_namespace,
+                secret,
+                args.tls_name.clone(),
+            )
+            .await?;
+            if let Some(apiservice) = &args.apiservice {
+                tokio::spawn(certificate::keep_ca_bundle(
+                    client.clone(),
+                    apiservice.clone(),
+                    pair.0.clone(),
+                    Duration::from_secs(args.tls_reload_seconds),
+                    shutdown.clone(),
+                ));
+            }
+            pair
+        }
         _ => {
             let own = external::self_signed(args.tls_name.clone())
                 .context("cannot make a self-signed certificate")?;

@@ -49,7 +49,10 @@ fn operator(ns: &str) -> Operator {
 /// One test at a time owns the cluster's one external metrics APIService.
 static APISERVICE_OWNER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn register(client: &kube::Client, ns: &str, port: u16) -> Registration {
+/// Registers the operator on `port` as the external metrics API, through a Service in `ns`,
+/// and waits for the APIService to be Available. `verified`: without
+/// `insecureSkipTLSVerify` (the operator then sets the `caBundle` itself).
+async fn register(client: &kube::Client, ns: &str, port: u16, verified: bool) -> Registration {
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
     let service = serde_json::from_value(json!({
         "metadata": {"name": "sluice-operator"},
@@ -62,18 +65,21 @@ async fn register(client: &kube::Client, ns: &str, port: u16) -> Registration {
         .expect("service created");
     let apiservices: Api<APIService> = Api::all(client.clone());
     let registration = Registration;
+    let mut spec = json!({
+        "group": "external.metrics.k8s.io",
+        "version": "v1beta1",
+        "service": {"namespace": ns, "name": "sluice-operator", "port": port},
+        "groupPriorityMinimum": 100,
+        "versionPriority": 100
+    });
+    if !verified {
+        spec["insecureSkipTLSVerify"] = json!(true);
+    }
     let apiservice: APIService = serde_json::from_value(json!({
         "apiVersion": "apiregistration.k8s.io/v1",
         "kind": "APIService",
         "metadata": {"name": APISERVICE},
-        "spec": {
-            "group": "external.metrics.k8s.io",
-            "version": "v1beta1",
-            "service": {"namespace": ns, "name": "sluice-operator", "port": port},
-            "insecureSkipTLSVerify": true,
-            "groupPriorityMinimum": 100,
-            "versionPriority": 100
-        }
+        "spec": spec
     }))
     .expect("apiservice");
     apiservices
@@ -127,7 +133,7 @@ async fn the_hpa_scales_a_collector_on_lag_up_to_its_partitions_and_back() {
     let ns = namespace(&client).await;
     let operator = operator(&ns);
     let port = operator.external;
-    let registration = register(&client, &ns, port).await;
+    let registration = register(&client, &ns, port, false).await;
 
     let api: Api<PipelineConfig> = Api::namespaced(client.clone(), &ns);
     let stream = sluice_testkit::unique("lag");
@@ -338,7 +344,7 @@ async fn the_external_metrics_api_answers_the_front_proxy_for_users_rbac_allows(
     let ns = namespace(&client).await;
     let operator = operator(&ns);
     let port = operator.external;
-    let _registration = register(&client, &ns, port).await;
+    let _registration = register(&client, &ns, port, false).await;
 
     // A user RBAC lets list the metric in this namespace, and one it does not.
     let reader = format!("metrics-reader-{ns}");
@@ -456,4 +462,103 @@ async fn the_external_metrics_api_answers_the_front_proxy_for_users_rbac_allows(
 
     let namespaces: Api<Namespace> = Api::all(client);
     let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+}
+
+#[tokio::test]
+async fn an_operator_keeping_its_own_certificate_is_verified_by_the_apiserver() {
+    let _owner = APISERVICE_OWNER.lock().await;
+    let client = client().await;
+    install_crd(&client).await;
+    let ns = namespace(&client).await;
+    let names = format!("sluice-operator.{ns}.svc,localhost");
+    let args = [
+        "--leader-election",
+        "false",
+        "--lease-namespace",
+        ns.as_str(),
+        "--tls-secret",
+        "sluice-operator-tls",
+        "--apiservice",
+        APISERVICE,
+        "--tls-name",
+        names.as_str(),
+        "--tls-reload-seconds",
+        "2",
+    ];
+    let first = spawn_operator(&ns, &args);
+    // Available only once the apiserver verified the operator's certificate against the
+    // caBundle the operator set: the APIService has no insecureSkipTLSVerify.
+    let registration = register(&client, &ns, first.external, true).await;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    let secret = secrets
+        .get("sluice-operator-tls")
+        .await
+        .expect("the certificate's Secret");
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    let data = secret.data.expect("data");
+    let apiservices: Api<APIService> = Api::all(client.clone());
+    let bundle = apiservices
+        .get(APISERVICE)
+        .await
+        .expect("apiservice")
+        .spec
+        .and_then(|s| s.ca_bundle)
+        .expect("a caBundle");
+    assert_eq!(bundle, data["ca.crt"]);
+    assert!(
+        String::from_utf8_lossy(&data["tls.key"].0).contains("PRIVATE KEY"),
+        "the key is kept with it"
+    );
+    // Through the apiserver, as the HPA controller reads it.
+    let discovery: serde_json::Value = client
+        .request(
+            http::Request::get("/apis/external.metrics.k8s.io/v1beta1")
+                .body(Vec::new())
+                .expect("request"),
+        )
+        .await
+        .expect("discovery through the aggregator");
+    assert_eq!(discovery["groupVersion"], "external.metrics.k8s.io/v1beta1");
+
+    // Another replica (or a restart) serves the same certificate: the Secret is unchanged.
+    drop(first);
+    let second = spawn_operator(&ns, &args);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    services
+        .patch(
+            "sluice-operator",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"ports": [{"port": second.external}]}})),
+        )
+        .await
+        .expect("service moved to the second process");
+    apiservices
+        .patch(
+            APISERVICE,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"service": {"port": second.external}}})),
+        )
+        .await
+        .expect("apiservice moved");
+    wait_for(
+        "discovery through the aggregator from the second process",
+        Duration::from_secs(60),
+        || {
+            let client = client.clone();
+            async move {
+                let request =
+                    http::Request::get("/apis/external.metrics.k8s.io/v1beta1").body(Vec::new())?;
+                Ok(client
+                    .request::<serde_json::Value>(request)
+                    .await
+                    .ok()
+                    .filter(|d| d["groupVersion"] == "external.metrics.k8s.io/v1beta1"))
+            }
+        },
+    )
+    .await
+    .expect("the second process is verified too");
+    let again = secrets.get("sluice-operator-tls").await.expect("secret");
+    assert_eq!(again.data.expect("data")["tls.crt"], data["tls.crt"]);
+    drop(registration);
 }

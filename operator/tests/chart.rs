@@ -448,6 +448,44 @@ fn other_values_change_what_they_say_and_nothing_else() {
     }
     assert!(wildcards(&docs).is_empty(), "{:?}", wildcards(&docs));
 
+    // operator: no certificate rendered; the operator makes it and sets the caBundle, with
+    // exactly the rights for that one Secret and that one APIService.
+    let docs = documents(
+        &template("ops", &["externalMetrics.certificate.source=operator"]).expect("renders"),
+    );
+    assert!(of_kind(&docs, "Secret").is_empty(), "made by the operator");
+    let api = one(&docs, "APIService");
+    assert!(api["spec"]["caBundle"].is_null());
+    assert!(api["spec"]["insecureSkipTLSVerify"].is_null(), "verified");
+    let args = container_args(one(&docs, "Deployment"));
+    for wanted in [
+        "--tls-secret=sluice-operator-tls",
+        "--apiservice=v1beta1.external.metrics.k8s.io",
+        "--tls-name=sluice-operator.ops.svc,sluice-operator.ops,sluice-operator",
+    ] {
+        assert!(args.iter().any(|a| a == wanted), "{wanted} in {args:?}");
+    }
+    assert!(!args.iter().any(|a| a.starts_with("--tls-cert-file")));
+    let role = of_kind(&docs, "Role")
+        .into_iter()
+        .find(|r| r["metadata"]["name"] == "sluice-operator-certificate")
+        .expect("the certificate Role");
+    assert_eq!(role["metadata"]["namespace"], "ops");
+    assert_eq!(
+        role["rules"][0]["resourceNames"],
+        json!(["sluice-operator-tls"])
+    );
+    let apiservice_role = of_kind(&docs, "ClusterRole")
+        .into_iter()
+        .find(|r| r["metadata"]["name"] == "sluice-operator-apiservice")
+        .expect("the APIService ClusterRole");
+    assert_eq!(
+        apiservice_role["rules"],
+        json!([{"apiGroups": ["apiregistration.k8s.io"], "resources": ["apiservices"],
+                "resourceNames": ["v1beta1.external.metrics.k8s.io"], "verbs": ["get", "patch"]}])
+    );
+    assert!(wildcards(&docs).is_empty(), "{:?}", wildcards(&docs));
+
     // cert-manager: a Certificate for the Service, its CA injected into the APIService.
     let docs = documents(
         &template("ops", &["externalMetrics.certificate.source=certManager"]).expect("renders"),

@@ -42,9 +42,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
-{{/* Whether the operator serves a certificate from a Secret (every source but insecure). */}}
+{{/* Whether the operator serves a certificate mounted from a Secret (every source but
+insecure and operator, where it makes its own). */}}
 {{- define "sluice.tlsFromSecret" -}}
-{{- if and .Values.externalMetrics.enabled (ne .Values.externalMetrics.certificate.source "insecure") -}}
+{{- if and .Values.externalMetrics.enabled (not (has .Values.externalMetrics.certificate.source (list "insecure" "operator"))) -}}
 true
 {{- end -}}
 {{- end -}}
