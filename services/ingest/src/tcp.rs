@@ -340,14 +340,41 @@ async fn authenticate<T: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// A line of the read port (either port for `auth`), as the ports understand it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadRequest<'a> {
+    /// A blank line.
+    Blank,
+    /// `auth <key>`; the key is empty for a bare `auth`.
+    Auth(&'a str),
+    /// `all` or `get data`: every record.
+    All,
+    /// `get <id>`.
+    Get(&'a str),
+    /// Anything else.
+    Unknown,
+}
+
+/// Parses one line of the read port (surrounding whitespace ignored).
+pub fn read_request(line: &str) -> ReadRequest<'_> {
+    let line = line.trim();
+    match line {
+        "" => ReadRequest::Blank,
+        "auth" => ReadRequest::Auth(""),
+        "all" | "get data" => ReadRequest::All,
+        _ => match line.split_once(char::is_whitespace) {
+            Some(("auth", key)) => ReadRequest::Auth(key.trim()),
+            Some(("get", id)) if !id.trim().is_empty() => ReadRequest::Get(id.trim()),
+            _ => ReadRequest::Unknown,
+        },
+    }
+}
+
 /// The answer to a line `auth <key>`: `ok auth`, or the refusal that ends the connection;
 /// `None` for any other line.
 fn auth_line(app: &App, line: &str) -> Option<Result<String, String>> {
-    let line = line.trim();
-    let key = match line.split_once(char::is_whitespace) {
-        Some(("auth", key)) => key.trim(),
-        None if line == "auth" => "",
-        _ => return None,
+    let ReadRequest::Auth(key) = read_request(line) else {
+        return None;
     };
     Some(if app.api_keys().accepts(key.as_bytes()) {
         Ok("ok auth".to_owned())
@@ -543,9 +570,9 @@ async fn handle_read<T: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
         }
-        let result = match request {
-            "" => continue,
-            "all" | "get data" if !app.inner.tcp_read_dump => framed
+        let result = match read_request(request) {
+            ReadRequest::Blank => continue,
+            ReadRequest::All if !app.inner.tcp_read_dump => framed
                 .send(
                     "error the full dump is off on this port; ask for one record with `get <id>` \
                      (ingest's --tcp-read-dump, or tcp.dump in the PipelineConfig, turns it on)"
@@ -553,21 +580,20 @@ async fn handle_read<T: AsyncRead + AsyncWrite + Unpin>(
                 )
                 .await
                 .map_err(|_| ()),
-            "all" | "get data" => dump(&app, &mut framed).await,
-            _ => match request.strip_prefix("get ").map(str::trim) {
-                Some(id) if !id.is_empty() => {
-                    let answer = match lookup(&app, id).await {
-                        Ok(Some(record)) => record,
-                        Ok(None) => format!("error not found {id}"),
-                        Err(e) => format!("error store unavailable: {e}"),
-                    };
-                    framed.send(answer).await.map_err(|_| ())
-                }
-                _ => framed
-                    .send("error unknown request; send `get <id>` or `all`".to_owned())
-                    .await
-                    .map_err(|_| ()),
-            },
+            ReadRequest::All => dump(&app, &mut framed).await,
+            ReadRequest::Get(id) => {
+                let answer = match lookup(&app, id).await {
+                    Ok(Some(record)) => record,
+                    Ok(None) => format!("error not found {id}"),
+                    Err(e) => format!("error store unavailable: {e}"),
+                };
+                framed.send(answer).await.map_err(|_| ())
+            }
+            // An `auth` line was answered above.
+            ReadRequest::Auth(_) | ReadRequest::Unknown => framed
+                .send("error unknown request; send `get <id>` or `all`".to_owned())
+                .await
+                .map_err(|_| ()),
         };
         if result.is_err() {
             break;
@@ -718,6 +744,28 @@ async fn dump<T: AsyncRead + AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_port_lines_are_requests() {
+        use ReadRequest::*;
+        for (line, want) in [
+            ("", Blank),
+            ("  \t", Blank),
+            ("all", All),
+            (" get data ", All),
+            ("get 42", Get("42")),
+            ("get\t 7 ", Get("7")),
+            ("get", Unknown),
+            ("get  ", Unknown),
+            ("auth", Auth("")),
+            ("auth  k-123 ", Auth("k-123")),
+            ("authx", Unknown),
+            ("GET 1", Unknown),
+            ("dump", Unknown),
+        ] {
+            assert_eq!(read_request(line), want, "{line:?}");
+        }
+    }
 
     #[test]
     fn recent_writes_are_bounded_in_bytes_oldest_out_first() {

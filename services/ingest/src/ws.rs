@@ -91,9 +91,18 @@ async fn serve(app: App, stream: Arc<Stream>, ack: Ack, mut socket: WebSocket) {
     metrics.connection_closed("ws");
 }
 
+/// The events of a text message (one object or an array of at most `max_events`), or the
+/// error frame that answers it.
+pub fn parse_message(text: &[u8], max_events: usize) -> Result<input::Payloads, Value> {
+    input::parse(text, false, max_events).map_err(|e| error_frame(&e))
+}
+
 async fn answer(app: &App, stream: &Stream, ack: Ack, text: &[u8]) -> Value {
+    let payloads = match parse_message(text, app.inner.max_batch_events) {
+        Ok(p) => p,
+        Err(frame) => return frame,
+    };
     let result = async {
-        let payloads = input::parse(text, false, app.inner.max_batch_events)?;
         if !app.kafka_ready() {
             return Err(ApiError::NotReady);
         }
