@@ -6,13 +6,17 @@
 //! - [`children`]: the ConfigMap, the ingest Deployment, Service and CPU autoscaler, one
 //!   Deployment per collector (a StatefulSet with a volume claim per replica for a file
 //!   collector), and, when Redis is managed, a primary (a StatefulSet whose claim keeps its
-//!   append-only file) and replicas with their Services — each with an owner reference to
-//!   the PipelineConfig, so deleting it deletes them (volume claims are kept);
+//!   append-only file) and replicas with their Services, which require a password (a
+//!   generated Secret unless the spec names one), and the pipeline's NetworkPolicies
+//!   ([`network_policies`]) — each with an owner reference to the PipelineConfig, so
+//!   deleting it deletes them (volume claims are kept);
 //! - [`topics`]: what to do with each topic: create it, leave it, grow its partitions, or
 //!   report that a change is not supported (partitions never shrink; the replication
 //!   factor is fixed once the topic exists).
 //!
-//! Pods carry a checksum of the settings, so a settings change rolls them.
+//! Pods carry a checksum of the settings, so a settings change rolls them, and
+//! ([`children_with_secrets`]) one of the Secrets they read at start, so a changed Secret
+//! rolls the pods that read it.
 
 use std::collections::BTreeMap;
 
