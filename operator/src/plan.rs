@@ -81,12 +81,12 @@ pub fn referenced_secrets(pc: &PipelineConfig) -> (Vec<String>, Vec<String>) {
         services.extend(c.sink.postgres.iter().map(|s| s.secret_name.clone()));
         services.extend(c.sink.mysql.iter().map(|s| s.secret_name.clone()));
     }
-    let redis: Vec<String> = redis_password(pc)
+    let password = redis_password(pc).map(|(name, _)| name);
+    services.extend(password.clone());
+    let redis: Vec<String> = password
         .filter(|_| pc.spec.redis.mode == RedisMode::Managed)
-        .map(|(name, _)| name)
         .into_iter()
         .collect();
-    services.extend(redis_password(pc).map(|(name, _)| name));
     services.sort();
     services.dedup();
     (services, redis)
@@ -1035,13 +1035,18 @@ fn redis_components() -> Vec<String> {
     vec!["redis".to_owned(), "redis-replica".to_owned()]
 }
 
+/// Egress to DNS servers.
+fn dns_rule() -> Value {
+    json!({"ports": [
+        {"port": 53, "protocol": "UDP"},
+        {"port": 53, "protocol": "TCP"},
+    ]})
+}
+
 /// Where ingest and collectors may connect: DNS, Kafka, Redis, their SQL databases, the
 /// OTLP endpoint and the spec's `extraEgress`.
 fn service_egress(pc: &PipelineConfig, images: &Images) -> Vec<Value> {
-    let mut rules = vec![json!({"ports": [
-        {"port": 53, "protocol": "UDP"},
-        {"port": 53, "protocol": "TCP"},
-    ]})];
+    let mut rules = vec![dns_rule()];
     rules.push(json!({"ports": tcp_ports(broker_ports(&pc.spec.kafka.bootstrap_servers))}));
     let redis = &pc.spec.redis;
     match redis.mode {
@@ -1128,6 +1133,7 @@ pub fn network_policies(pc: &PipelineConfig, images: &Images) -> Vec<NetworkPoli
         p
     };
     let metrics = ingress_rule(&["metrics"], &spec.metrics_from);
+    let egress = service_egress(pc, images);
     let mut doors = vec!["http"];
     if pc.spec.ingest.tcp.is_some() {
         doors.extend(["tcp-write", "tcp-read"]);
@@ -1136,7 +1142,7 @@ pub fn network_policies(pc: &PipelineConfig, images: &Images) -> Vec<NetworkPoli
         "ingest",
         pods_of(pc, &["ingest".to_owned()]),
         vec![ingress_rule(&doors, &spec.ingest_from), metrics.clone()],
-        service_egress(pc, images),
+        egress.clone(),
     )];
     if !pc.spec.collectors.is_empty() {
         let components: Vec<String> = pc
@@ -1149,7 +1155,7 @@ pub fn network_policies(pc: &PipelineConfig, images: &Images) -> Vec<NetworkPoli
             "collectors",
             pods_of(pc, &components),
             vec![metrics],
-            service_egress(pc, images),
+            egress,
         ));
     }
     if pc.spec.redis.mode == RedisMode::Managed {
@@ -1159,7 +1165,7 @@ pub fn network_policies(pc: &PipelineConfig, images: &Images) -> Vec<NetworkPoli
             pods_of(pc, &redis_components()),
             vec![json!({"from": own, "ports": tcp_ports([6379])})],
             vec![
-                json!({"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}),
+                dns_rule(),
                 json!({"to": [{"podSelector": pods_of(pc, &["redis".to_owned()])}], "ports": tcp_ports([6379])}),
             ],
         ));

@@ -1067,6 +1067,17 @@ async fn the_file_sink_writes_events_from_the_retry_topic_once() {
 /// A Redis of the test's own on 127.0.0.1, started with the arguments the operator gives
 /// the managed primary's pod (`redis_primary_args` of the default spec), its data in
 /// `dir`.
+/// Waits for the Redis of `stack` to answer PING.
+async fn answers_ping(stack: &Stack) {
+    wait_for("the test's Redis to answer", LIMIT, || async {
+        let mut c = stack.redis().await?;
+        let pong: String = redis::cmd("PING").query_async(&mut c).await?;
+        Ok((pong == "PONG").then_some(()))
+    })
+    .await
+    .expect("redis");
+}
+
 struct ManagedRedis {
     child: std::process::Child,
     port: u16,
@@ -1132,13 +1143,7 @@ async fn a_redis_that_requires_a_password_takes_writes_from_a_collector_given_it
         redis_url: format!("redis://:{password}@127.0.0.1:{port}"),
         ..stack.clone()
     };
-    wait_for("the test's Redis to answer", LIMIT, || async {
-        let mut c = reader.redis().await?;
-        let pong: String = redis::cmd("PING").query_async(&mut c).await?;
-        Ok((pong == "PONG").then_some(()))
-    })
-    .await
-    .expect("redis");
+    answers_ping(&reader).await;
     let url = server.url();
 
     // A wrong password: the collector does not start, and says why.
@@ -1192,13 +1197,7 @@ async fn a_redis_killed_mid_write_with_the_operators_arguments_keeps_every_commi
         redis_url: server.url(),
         ..stack.clone()
     };
-    wait_for("the test's Redis to answer", LIMIT, || async {
-        let mut c = own.redis().await?;
-        let pong: String = redis::cmd("PING").query_async(&mut c).await?;
-        Ok((pong == "PONG").then_some(()))
-    })
-    .await
-    .expect("redis");
+    answers_ping(&own).await;
     let group = unique("g");
     let running = start(&pipeline, &own, &group, &[]);
 
