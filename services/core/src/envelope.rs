@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-/// The longest event id accepted, in bytes.
+/// The longest event id accepted, in characters.
 pub const MAX_ID_LEN: usize = 128;
 
 /// One event, as ingest publishes it and collectors consume it.
@@ -64,21 +64,22 @@ pub enum InvalidId {
     #[error("the event id is empty")]
     Empty,
     /// The id is longer than [`MAX_ID_LEN`].
-    #[error("the event id is {0} bytes long; at most {MAX_ID_LEN} are allowed")]
+    #[error("the event id is {0} characters long; at most {MAX_ID_LEN} are allowed")]
     TooLong(usize),
     /// The id holds a control character or white space.
     #[error("the event id may not contain white space or control characters")]
     BadCharacter,
 }
 
-/// Checks that `id` can serve as an event id: 1 to [`MAX_ID_LEN`] bytes, no white space
+/// Checks that `id` can serve as an event id: 1 to [`MAX_ID_LEN`] characters, no white space
 /// and no control characters (ids become parts of store keys and file names).
 pub fn validate_id(id: &str) -> Result<(), InvalidId> {
     if id.is_empty() {
         return Err(InvalidId::Empty);
     }
-    if id.len() > MAX_ID_LEN {
-        return Err(InvalidId::TooLong(id.len()));
+    let length = id.chars().count();
+    if length > MAX_ID_LEN {
+        return Err(InvalidId::TooLong(length));
     }
     if id.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(InvalidId::BadCharacter);

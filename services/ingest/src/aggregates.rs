@@ -49,14 +49,17 @@ impl Resolution {
 #[into_params(parameter_in = Query)]
 pub struct AggregatesQuery {
     /// Start of the range, RFC 3339 (`2026-12-01T10:00:00Z`); an hour before `to` when absent.
+    #[param(format = DateTime)]
     pub from: Option<String>,
     /// End of the range (exclusive), RFC 3339; now when absent.
+    #[param(format = DateTime)]
     pub to: Option<String>,
     /// `minute` or `hour`; minutes for ranges up to a day, hours beyond, when absent.
     pub resolution: Option<Resolution>,
     /// Only this dimension (a JSON pointer of the stream's `dimensions`); all when absent.
     pub dimension: Option<String>,
     /// How many top values per dimension (1 to 100, 10 when absent).
+    #[param(minimum = 1, maximum = 100)]
     pub top: Option<usize>,
 }
 
@@ -234,8 +237,9 @@ async fn read_hashes(
     params(("stream" = String, Path, description = "Stream name"), AggregatesQuery),
     responses(
         (status = 200, description = "The counts", body = Aggregates),
-        (status = 400, description = "Invalid parameters", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Invalid parameters: a time that is not RFC 3339, `from` not before `to`, a range of more than 1500 buckets, or a dimension the stream does not count", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown stream", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The record store is unreachable; retry after `Retry-After`", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn aggregates(

@@ -62,6 +62,9 @@ pub enum ApiError {
     /// The path matches no endpoint.
     #[error("no endpoint at {0}")]
     NoRoute(String),
+    /// A request to the WebSocket door that is not a WebSocket handshake.
+    #[error("this endpoint speaks WebSocket only: {0}")]
+    NotWebSocket(String),
     /// No valid API key.
     #[error(
         "a valid API key is required: send it as `Authorization: Bearer <key>` or `X-Api-Key: <key>`"
@@ -103,6 +106,7 @@ impl ApiError {
             Self::TooManyEvents(..) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Body { status, .. } => *status,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::NotWebSocket(_) => StatusCode::UPGRADE_REQUIRED,
             Self::NotReady | Self::Draining | Self::Store(_) | Self::Database(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -134,6 +138,7 @@ impl ApiError {
             Self::NotFound { .. } => "record-not-found",
             Self::NoRoute(_) => "no-route",
             Self::Unauthorized => "unauthorized",
+            Self::NotWebSocket(_) => "not-a-websocket",
             Self::NotReady => "kafka-unavailable",
             Self::Draining => "draining",
             Self::Store(_) | Self::Database(_) => "store-unavailable",
@@ -197,8 +202,15 @@ impl IntoResponse for ApiError {
         if self.retry_later() {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        if matches!(self, Self::Unauthorized) {
-            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        match self {
+            Self::Unauthorized => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Self::NotWebSocket(_) => {
+                headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            }
+            _ => {}
         }
         response
     }

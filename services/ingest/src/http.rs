@@ -50,35 +50,73 @@ struct ApiDoc;
 
 /// `/metrics`, `/healthz` and `/readyz`: what probes and scrapers read, on a port of
 /// their own (`--metrics-listen`) so that the API's port serves only the API.
+/// The port has its own OpenAPI document, at `GET /openapi.json` on that port.
 pub fn admin_router(app: App) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+    let (router, openapi) = admin_routes().split_for_parts();
+    router
+        .route("/openapi.json", get(json_document(&openapi)))
+        .fallback(no_route)
         .with_state(app)
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Sluice ingest health and metrics",
+        description = "Liveness, readiness and Prometheus metrics of one ingest process, on its `--metrics-listen` port."
+    ),
+    components(schemas(Problem))
+)]
+struct AdminDoc;
+
+fn admin_routes() -> OpenApiRouter<App> {
+    OpenApiRouter::with_openapi(AdminDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+}
+
+/// The OpenAPI document of the health and metrics port.
+pub fn admin_openapi() -> utoipa::openapi::OpenApi {
+    admin_routes().into_openapi()
+}
+
+/// A handler answering `document` as JSON.
+fn json_document<S: Serialize>(
+    document: &S,
+) -> impl Fn() -> std::future::Ready<([(header::HeaderName, &'static str); 1], String)>
++ Clone
++ Send
++ 'static {
+    let text = serde_json::to_string_pretty(document).unwrap_or_default();
+    move || std::future::ready(([(header::CONTENT_TYPE, "application/json")], text.clone()))
 }
 
 /// The whole HTTP API.
 pub fn router(app: App) -> Router {
     let (router, openapi) = api_router().split_for_parts();
-    let openapi_json = openapi.to_pretty_json().unwrap_or_default();
+    let streams = app.inner.streams.all();
+    let settings: Vec<_> = streams.iter().map(|s| &s.settings).collect();
+    let served = crate::openapi::Served {
+        streams: &settings,
+        messages_stream: &app.inner.messages_stream,
+        work_max_ms: app.inner.work_max_ms,
+        max_batch_events: app.inner.max_batch_events,
+        api_keys: app.api_keys().required(),
+    };
+    let document =
+        crate::openapi::complete(serde_json::to_value(&openapi).unwrap_or_default(), &served);
     let protected = router
         // The workshop paths are served with and without the trailing slash.
         .route("/api/visit/v1", post(post_visit))
         .route("/api/activity/v1", post(post_activity))
-        .route("/v1/streams/{stream}/ws", get(crate::ws::upgrade))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_api_key));
     let limit = app.inner.max_body_bytes;
     protected
         .route("/ui", get(crate::ui::redirect))
         .route("/ui/", get(crate::ui::file))
         .route("/ui/{*path}", get(crate::ui::file))
-        .route(
-            "/openapi.json",
-            get(
-                move || async move { ([(header::CONTENT_TYPE, "application/json")], openapi_json) },
-            ),
-        )
+        .route("/openapi.json", get(json_document(&document)))
         .fallback(no_route)
         .layer(middleware::from_fn_with_state(app.clone(), observe))
         .layer(DefaultBodyLimit::max(limit))
@@ -97,6 +135,7 @@ fn api_router() -> OpenApiRouter<App> {
         .routes(routes!(work))
         .routes(routes!(post_visit))
         .routes(routes!(post_activity))
+        .routes(routes!(crate::ws::upgrade))
 }
 
 /// The OpenAPI document of the API.
@@ -163,13 +202,30 @@ async fn require_api_key(State(app): State<App>, request: Request, next: Next) -
     }
 }
 
-async fn healthz() -> impl IntoResponse {
+/// Liveness: the process answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    responses((status = 200, description = "Alive", body = Value, example = json!({"status": "ok"})))
+)]
+async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// Readiness.
+///
 /// Ready until the process drains. A Kafka outage does not make ingest unready: every
 /// instance shares the broker, and taking them all out of a Service would turn the
-/// documented `503` with `Retry-After` into refused connections.
+/// documented `503` with `Retry-After` into refused connections; `kafka` says whether the
+/// broker is reachable.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    responses(
+        (status = 200, description = "Ready", body = Value, example = json!({"status": "ready", "kafka": "reachable"})),
+        (status = 503, description = "Shutting down", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn readyz(State(app): State<App>) -> Result<Json<Value>, ApiError> {
     if app.draining() {
         return Err(ApiError::Draining);
@@ -182,6 +238,12 @@ async fn readyz(State(app): State<App>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({"status": "ready", "kafka": kafka})))
 }
 
+/// Prometheus metrics, in the OpenMetrics text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    responses((status = 200, description = "The metrics", body = String, content_type = "application/openmetrics-text"))
+)]
 async fn metrics(State(app): State<App>) -> impl IntoResponse {
     let depth = i64::from(rdkafka::producer::Producer::in_flight_count(
         app.inner.publisher.producer(),
@@ -203,14 +265,26 @@ async fn no_route(uri: Uri) -> ApiError {
 
 /// Query of the publish endpoints.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PublishQuery {
     /// `kafka` (default, also `all`): answer after Kafka acknowledged; `none`: answer once
     /// queued; `sink`: answer once the stream's collectors wrote the events to their sinks
     /// (readable right after), or after `timeout` with `"sink": "pending"`.
+    #[param(schema_with = ack_levels)]
     ack: Option<String>,
     /// With `ack=sink`: the longest wait for the sinks, such as `500ms` or `5s` (default
-    /// `--sink-ack-timeout`, at most `--sink-ack-max-timeout`).
+    /// `--sink-ack-timeout`; a longer one than `--sink-ack-max-timeout` is cut to it).
+    /// Checked, and without effect, at the other levels.
+    #[param(pattern = "^[0-9]{1,6}(ms|s|m|h)$")]
     timeout: Option<String>,
+}
+
+/// The values of `ack`.
+fn ack_levels() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::String)
+        .enum_values(Some(["kafka", "all", "none", "sink"]))
+        .build()
 }
 
 /// The answer to published events.
@@ -237,51 +311,37 @@ pub(crate) fn ack_of(
 }
 
 /// The acknowledgement level of `ack` and `timeout` as a request or connection gives them.
+/// `timeout` bounds the wait of `ack=sink` (cut to `--sink-ack-max-timeout`) and means
+/// nothing at the other levels.
 pub fn ack_level(app: &App, ack: Option<&str>, timeout: Option<&str>) -> Result<Ack, ApiError> {
-    let level = match ack {
-        None | Some("kafka" | "all") => Ack::All,
-        Some("none") => Ack::None,
+    let timeout = timeout
+        .map(|t| {
+            // 1 to 6 digits and a unit, exactly: what the document's pattern says.
+            let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+            (1..=6)
+                .contains(&digits)
+                .then(|| sluice_core::settings::parse_duration(t))
+                .flatten()
+                .filter(|_| t.trim() == t)
+                .ok_or_else(|| {
+                    ApiError::Query(format!(
+                        "timeout {t:?} is not a duration such as 500ms or 5s (1 to 6 digits and ms, s, m or h)"
+                    ))
+                })
+        })
+        .transpose()?;
+    match ack {
+        None | Some("kafka" | "all") => Ok(Ack::All),
+        Some("none") => Ok(Ack::None),
         Some("sink") => {
             let max = app.inner.sink_ack_max_timeout;
-            let timeout = match timeout {
-                None => app.inner.sink_ack_timeout.min(max),
-                Some(t) => match sluice_core::settings::parse_duration(t) {
-                    Some(d) if d <= max => d,
-                    Some(_) => {
-                        return Err(ApiError::Query(format!(
-                            "timeout {t:?} is longer than this server's maximum of {}",
-                            humantime_secs(max)
-                        )));
-                    }
-                    None => {
-                        return Err(ApiError::Query(format!(
-                            "timeout {t:?} is not a duration such as 500ms or 5s"
-                        )));
-                    }
-                },
-            };
-            Ack::Sink(timeout)
+            Ok(Ack::Sink(
+                timeout.unwrap_or(app.inner.sink_ack_timeout).min(max),
+            ))
         }
-        Some(other) => {
-            return Err(ApiError::Query(format!(
-                "ack must be \"kafka\", \"sink\" or \"none\", not {other:?}"
-            )));
-        }
-    };
-    if timeout.is_some() && !matches!(level, Ack::Sink(_)) {
-        return Err(ApiError::Query(
-            "timeout applies only with ack=sink".to_owned(),
-        ));
-    }
-    Ok(level)
-}
-
-/// A duration in the form the flags take (`60s`, `1500ms`).
-fn humantime_secs(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
+        Some(other) => Err(ApiError::Query(format!(
+            "ack must be \"kafka\", \"sink\" or \"none\", not {other:?}"
+        ))),
     }
 }
 
@@ -294,9 +354,14 @@ fn header_str(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiErro
     }
 }
 
+/// The id and key headers; an id header is checked even on a batch, which ignores it.
 fn hints_of(headers: &HeaderMap) -> Result<Hints, ApiError> {
+    let id = header_str(headers, ID_HEADER)?;
+    if let Some(id) = &id {
+        validate_id(id)?;
+    }
     Ok(Hints {
-        id: header_str(headers, ID_HEADER)?,
+        id,
         key: header_str(headers, KEY_HEADER)?,
         headers: Vec::new(),
     })
@@ -327,6 +392,12 @@ async fn publish_body(
         app.inner.max_batch_events,
     )?;
     let hints = hints_of(headers)?;
+    if let (Some(_), Some(pointer)) = (&hints.key, &stream.settings.key) {
+        return Err(ApiError::InvalidField(format!(
+            "stream {:?} takes each event's key from {pointer}; {KEY_HEADER} applies only to streams without a key pointer",
+            stream.settings.name
+        )));
+    }
     if !app.kafka_ready() {
         return Err(ApiError::NotReady);
     }
@@ -352,19 +423,23 @@ async fn publish_body(
 /// (`Content-Type: application/x-ndjson`). Answers 202 once Kafka acknowledged every
 /// event (or once queued with `ack=none`, or once the collectors wrote every event with
 /// `ack=sink`). A bad event rejects the whole request and nothing is published.
+///
+/// The served document has one such operation per stream, at
+/// `/v1/streams/<name>/events`, with that stream's event schema (`crate::openapi`); the
+/// workshop paths take their parameters and answers from it.
 #[utoipa::path(
     post,
     path = "/v1/streams/{stream}/events",
     params(
         ("stream" = String, Path, description = "Stream name"),
         PublishQuery,
-        ("x-sluice-id" = Option<String>, Header, description = "Id of a single event"),
-        ("x-sluice-key" = Option<String>, Header, description = "Partition key for every event"),
+        ("x-sluice-id" = Option<String>, Header, description = "Id of a single event (ignored for a batch)", pattern = "^[!-~]{1,128}$"),
+        ("x-sluice-key" = Option<String>, Header, description = "Partition key of every event, for a stream without a key pointer"),
     ),
     request_body(content = Value, description = "An event object, an array of them, or NDJSON"),
     responses(
         (status = 202, description = "Published", body = PublishResponse),
-        (status = 400, description = "Malformed or invalid event", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed or invalid event, or invalid parameters", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown stream", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body or batch too large", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "With `ack=sink`: published, but a collector dead-lettered events (each event's `sink` and `error` say which and why)", body = Problem, content_type = "application/problem+json"),
@@ -385,8 +460,7 @@ async fn publish_events(
 #[utoipa::path(
     post,
     path = "/api/visit/v1/",
-    params(PublishQuery),
-    request_body(content = Value, description = "A visit report, an array of them, or NDJSON"),
+    request_body(content = Value),
     responses((status = 202, description = "Published", body = PublishResponse))
 )]
 async fn post_visit(
@@ -402,8 +476,7 @@ async fn post_visit(
 #[utoipa::path(
     post,
     path = "/api/activity/v1/",
-    params(PublishQuery),
-    request_body(content = Value, description = "An activity report, an array of them, or NDJSON"),
+    request_body(content = Value),
     responses((status = 202, description = "Published", body = PublishResponse))
 )]
 async fn post_activity(
@@ -481,10 +554,15 @@ async fn list_streams(State(app): State<App>) -> Json<StreamList> {
 #[utoipa::path(
     get,
     path = "/v1/streams/{stream}/records/{id}",
-    params(("stream" = String, Path, description = "Stream name"), ("id" = String, Path, description = "Event id")),
+    params(
+        ("stream" = String, Path, description = "Stream name"),
+        ("id" = String, Path, description = "Event id", min_length = 1, max_length = 128, pattern = r"^[^\s\u0000-\u001f\u007f-\u009f]+$"),
+    ),
     responses(
         (status = 200, description = "The stored record", body = Value),
+        (status = 400, description = "Not a valid event id", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown stream, or no such record yet", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The record store is unreachable; retry after `Retry-After`", body = Problem, content_type = "application/problem+json"),
     )
 )]
 async fn read_record(
@@ -530,9 +608,20 @@ async fn read_record(
 /// A chat message.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 pub struct Message {
-    /// Sender.
+    /// Sender: 1 to 128 characters, without ':' or control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[^:\u0000-\u001f\u007f-\u009f]+$"
+    )]
     pub fromuser: String,
-    /// Recipient; the partition key, so one user's messages keep their order.
+    /// Recipient; the partition key, so one user's messages keep their order. 1 to 128
+    /// characters, without ':' or control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[^:\u0000-\u001f\u007f-\u009f]+$"
+    )]
     pub touser: String,
     /// The text.
     pub msg: String,
@@ -548,6 +637,8 @@ pub struct Message {
     responses(
         (status = 202, description = "Published", body = Published),
         (status = 400, description = "Not a valid message", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Kafka unreachable or producer queue full; retry after `Retry-After`", body = Problem, content_type = "application/problem+json"),
     )
 )]
 async fn post_message(
@@ -566,7 +657,11 @@ async fn post_message(
         ))
     })?;
     for (field, v) in [("fromuser", &message.fromuser), ("touser", &message.touser)] {
-        if v.is_empty() || v.len() > 128 || v.contains(':') || v.chars().any(char::is_control) {
+        if v.is_empty()
+            || v.chars().count() > 128
+            || v.contains(':')
+            || v.chars().any(char::is_control)
+        {
             return Err(ApiError::InvalidField(format!(
                 "{field} must be 1 to 128 characters without ':' or control characters"
             )));
@@ -602,8 +697,11 @@ pub struct Unsent {
 #[utoipa::path(
     get,
     path = "/v1/users/{user}/unsent",
-    params(("user" = String, Path, description = "The recipient")),
-    responses((status = 200, description = "Senders with unsent messages", body = Unsent))
+    params(("user" = String, Path, description = "The recipient", min_length = 1)),
+    responses(
+        (status = 200, description = "Senders with unsent messages", body = Unsent),
+        (status = 503, description = "The record store is unreachable; retry after `Retry-After`", body = Problem, content_type = "application/problem+json"),
+    )
 )]
 async fn unsent(
     State(app): State<App>,
@@ -629,8 +727,11 @@ async fn unsent(
 #[utoipa::path(
     delete,
     path = "/v1/users/{user}/unsent",
-    params(("user" = String, Path, description = "The recipient")),
-    responses((status = 204, description = "Marked delivered"))
+    params(("user" = String, Path, description = "The recipient", min_length = 1)),
+    responses(
+        (status = 204, description = "Marked delivered"),
+        (status = 503, description = "The record store is unreachable; retry after `Retry-After`", body = Problem, content_type = "application/problem+json"),
+    )
 )]
 async fn mark_delivered(
     State(app): State<App>,
@@ -644,8 +745,10 @@ async fn mark_delivered(
 
 /// Query of the work endpoint.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct WorkQuery {
-    /// Milliseconds of simulated work.
+    /// Milliseconds of simulated work, at most `--work-max-ms`.
+    #[param(minimum = 0)]
     ms: u64,
 }
 

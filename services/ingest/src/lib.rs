@@ -28,6 +28,7 @@ pub mod http;
 pub mod input;
 pub mod listener;
 pub mod metrics;
+pub mod openapi;
 pub mod publish;
 pub mod records;
 pub mod tcp;

@@ -647,6 +647,18 @@ fn reject_reason(e: &PublishError) -> &'static str {
     }
 }
 
+/// The id an integer stands for (64-bit); also an integer written with a fraction of zero
+/// (`7.0`), as JSON Schema counts it, while a float holds it exactly (below 2^53).
+fn integer_id(n: &serde_json::Number) -> Option<String> {
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    if n.is_i64() || n.is_u64() {
+        return Some(n.to_string());
+    }
+    let f = n.as_f64()?;
+    #[allow(clippy::cast_possible_truncation)]
+    (f.fract() == 0.0 && f.abs() < EXACT).then(|| (f as i64).to_string())
+}
+
 /// Checks every payload and wraps it in an envelope; the first bad one fails them all.
 pub fn prepare(
     stream: &Stream,
@@ -668,27 +680,33 @@ pub fn prepare(
                 kind: json_kind(&payload),
             });
         };
-        let id = match (&hints.id, fields.get("id")) {
-            (Some(id), _) if !batch => Some(id.clone()),
-            (_, Some(Value::String(id))) => Some(id.clone()),
-            (_, Some(Value::Number(n))) if n.is_i64() || n.is_u64() => Some(n.to_string()),
-            (_, Some(_)) => return Err(PublishError::IdNotScalar { at }),
-            _ => None,
+        // The payload's `id` is checked even where the header's id takes its place.
+        let own = match fields.get("id") {
+            None => None,
+            Some(Value::String(id)) => Some(id.clone()),
+            Some(Value::Number(n)) if integer_id(n).is_some() => integer_id(n),
+            Some(_) => return Err(PublishError::IdNotScalar { at }),
         };
-        if let Some(id) = &id {
+        let id = match &hints.id {
+            Some(id) if !batch => Some(id.clone()),
+            _ => own.clone(),
+        };
+        for id in own.iter().chain(&id) {
             validate_id(id).map_err(|source| PublishError::InvalidId {
                 at: at.clone(),
                 source,
             })?;
         }
-        let key = match &hints.key {
-            Some(k) => Some(k.clone()),
-            None => settings
+        // A stream with a key pointer keys every event by it, so that the events of one
+        // key keep their order; the hint keys the events of a stream without one.
+        let key = match &settings.key {
+            Some(_) => settings
                 .key_of(&payload)
                 .map_err(|source| PublishError::Key {
                     at: at.clone(),
                     source,
                 })?,
+            None => hints.key.clone(),
         };
         if let Some(schema) = &stream.schema
             && let Some(error) = schema.iter_errors(&payload).next()
@@ -778,24 +796,33 @@ mod tests {
         let err =
             prepare(&s, vec![json!({"id": {"x": 1}})], &Hints::default(), false).expect_err("bad");
         assert!(matches!(err, PublishError::IdNotScalar { .. }));
+        let e = prepare(&s, vec![json!({"id": -7.0})], &Hints::default(), false).expect("ok");
+        assert_eq!(e[0].id, "-7");
+        let beyond: Value = serde_json::from_str(r#"{"id": -9223372036854775809}"#).expect("json");
+        let err = prepare(&s, vec![beyond], &Hints::default(), false).expect_err("beyond i64");
+        assert!(matches!(err, PublishError::IdNotScalar { .. }));
+        let err = prepare(&s, vec![json!({"id": 7.5})], &Hints::default(), false)
+            .expect_err("a fraction");
+        assert!(matches!(err, PublishError::IdNotScalar { .. }));
         let err =
             prepare(&s, vec![json!({"id": "a b"})], &Hints::default(), false).expect_err("bad");
         assert!(err.to_string().contains("white space"), "{err}");
     }
 
     #[test]
-    fn key_header_overrides_the_pointer() {
+    fn the_key_pointer_keys_events_and_the_hint_only_streams_without_one() {
         let s = stream("streams:\n  - name: s\n    key: /user\n");
-        let e = prepare(&s, vec![json!({"user": "ann"})], &Hints::default(), false).expect("ok");
-        assert_eq!(e[0].key.as_deref(), Some("ann"));
         let hints = Hints {
             key: Some("bob".into()),
             ..Hints::default()
         };
-        let e = prepare(&s, vec![json!({})], &hints, false).expect("ok");
-        assert_eq!(e[0].key.as_deref(), Some("bob"));
-        let err = prepare(&s, vec![json!({})], &Hints::default(), false).expect_err("no key");
+        let e = prepare(&s, vec![json!({"user": "ann"})], &hints, false).expect("ok");
+        assert_eq!(e[0].key.as_deref(), Some("ann"));
+        let err = prepare(&s, vec![json!({})], &hints, false).expect_err("no key");
         assert!(matches!(err, PublishError::Key { .. }));
+        let plain = stream("streams:\n  - name: p\n");
+        let e = prepare(&plain, vec![json!({"user": "ann"})], &hints, false).expect("ok");
+        assert_eq!(e[0].key.as_deref(), Some("bob"));
     }
 
     #[test]

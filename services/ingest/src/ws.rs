@@ -16,6 +16,7 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
@@ -28,15 +29,33 @@ use crate::http::PublishQuery;
 use crate::input;
 use crate::publish::{Ack, Hints, SinkState, Stream};
 
-/// Upgrades the connection, once the stream is known to exist.
+/// Publish events over a WebSocket.
+///
+/// A WebSocket handshake (`Connection: Upgrade`, `Upgrade: websocket`,
+/// `Sec-WebSocket-Version: 13`, `Sec-WebSocket-Key`). Each text message is an event or a
+/// JSON array of them, answered in order with `{"ok": true, "ids": [...]}` once
+/// acknowledged at the connection's `ack` level, or `{"ok": false, "error": <problem>}`;
+/// the connection stays open after a bad message.
+#[utoipa::path(
+    get,
+    path = "/v1/streams/{stream}/ws",
+    params(("stream" = String, Path, description = "Stream name"), PublishQuery),
+    responses(
+        (status = 101, description = "Switched to the WebSocket protocol"),
+        (status = 400, description = "Invalid parameters", body = crate::error::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown stream", body = crate::error::Problem, content_type = "application/problem+json"),
+        (status = 426, description = "Not a WebSocket handshake", body = crate::error::Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn upgrade(
     State(app): State<App>,
     Path(stream): Path<String>,
     query: Result<Query<PublishQuery>, QueryRejection>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let stream = app.inner.streams.get(&stream)?.clone();
     let ack = crate::http::ack_of(&app, query)?;
+    let ws = ws.map_err(|e| ApiError::NotWebSocket(e.body_text()))?;
     let limit = app.inner.max_body_bytes;
     Ok(ws
         .max_message_size(limit)

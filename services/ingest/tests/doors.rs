@@ -1237,19 +1237,27 @@ async fn metrics_and_openapi_describe_the_service() {
     let (status, doc) = server.get("/openapi.json").await;
     assert_eq!(status, StatusCode::OK);
     let doc: Value = serde_json::from_str(&doc).expect("json");
+    let publish = format!("/v1/streams/{name}/events");
     for path in [
-        "/v1/streams/{stream}/events",
+        publish.as_str(),
         "/v1/streams/{stream}/records/{id}",
         "/v1/streams/{stream}/aggregates",
-        "/v1/messages",
+        "/v1/streams/{stream}/ws",
         "/v1/users/{user}/unsent",
         "/v1/work",
-        "/api/visit/v1/",
-        "/api/activity/v1/",
     ] {
         assert!(
             doc["paths"].get(path).is_some(),
             "{path} missing from the OpenAPI document"
         );
     }
+    // The paths of streams this pipeline does not have are not offered.
+    for path in ["/v1/messages", "/api/visit/v1/", "/api/activity/v1/"] {
+        assert!(doc["paths"].get(path).is_none(), "{path} is documented");
+    }
+    let (status, admin) = server.admin_get("/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    let admin: Value = serde_json::from_str(&admin).expect("json");
+    let paths: Vec<&String> = admin["paths"].as_object().expect("paths").keys().collect();
+    assert_eq!(paths, ["/healthz", "/metrics", "/readyz"]);
 }
