@@ -77,7 +77,9 @@ fn schemathesis(url: &str, extra: &[&str]) -> anyhow::Result<()> {
         .arg("--report-dir")
         .arg(report.path())
         .args(extra)
-        .env("NO_COLOR", "1");
+        .env("NO_COLOR", "1")
+        // Its cache of found failures stays with the report, out of the repository.
+        .current_dir(report.path());
     let output = command.output().context("cannot run schemathesis")?;
     println!("{}", String::from_utf8_lossy(&output.stdout));
     eprintln!("{}", String::from_utf8_lossy(&output.stderr));

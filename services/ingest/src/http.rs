@@ -76,11 +76,6 @@ fn admin_routes() -> OpenApiRouter<App> {
         .routes(routes!(metrics))
 }
 
-/// The OpenAPI document of the health and metrics port.
-pub fn admin_openapi() -> utoipa::openapi::OpenApi {
-    admin_routes().into_openapi()
-}
-
 /// A handler answering `document` as JSON.
 fn json_document<S: Serialize>(
     document: &S,
