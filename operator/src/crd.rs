@@ -803,18 +803,48 @@ pub struct TopicStatus {
 
 /// A collector as observed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct CollectorStatus {
     /// Collector name.
     pub name: String,
     /// Ready replicas.
     pub replicas: i32,
     /// Replicas its Deployment asks for (set by the autoscaler when it has one).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, alias = "desired_replicas", skip_serializing_if = "Option::is_none")]
     pub desired_replicas: Option<i32>,
     /// Consumer lag summed over its partitions; absent when Kafka could not be asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<i64>,
-    /// Since when the lag has been zero (kept for scaling to zero).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Since when the lag has been zero (kept for scaling to zero; the status of earlier
+    /// versions, `idle_since`, is still read).
+    #[serde(default, alias = "idle_since", skip_serializing_if = "Option::is_none")]
     pub idle_since: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collector_status_is_camel_case_and_reads_the_earlier_snake_case() {
+        let status = CollectorStatus {
+            name: "c".into(),
+            replicas: 1,
+            desired_replicas: Some(2),
+            lag: Some(0),
+            idle_since: Some("2026-12-01T10:00:00Z".into()),
+        };
+        let json = serde_json::to_value(&status).expect("json");
+        assert_eq!(
+            json,
+            serde_json::json!({"name": "c", "replicas": 1, "desiredReplicas": 2, "lag": 0,
+                "idleSince": "2026-12-01T10:00:00Z"})
+        );
+        let earlier: CollectorStatus = serde_json::from_value(serde_json::json!({
+            "name": "c", "replicas": 1, "desired_replicas": 2, "lag": 0,
+            "idle_since": "2026-12-01T10:00:00Z"
+        }))
+        .expect("earlier status");
+        assert_eq!(earlier, status);
+    }
 }
