@@ -810,13 +810,17 @@ pub struct CollectorStatus {
     /// Ready replicas.
     pub replicas: i32,
     /// Replicas its Deployment asks for (set by the autoscaler when it has one).
-    #[serde(default, alias = "desired_replicas", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        alias = "desired_replicas",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub desired_replicas: Option<i32>,
     /// Consumer lag summed over its partitions; absent when Kafka could not be asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<i64>,
-    /// Since when the lag has been zero (kept for scaling to zero; the status of earlier
-    /// versions, `idle_since`, is still read).
+    /// Since when the lag has been zero (kept for scaling to zero).
+    // `alias`: the snake_case name of the status that earlier versions wrote.
     #[serde(default, alias = "idle_since", skip_serializing_if = "Option::is_none")]
     pub idle_since: Option<String>,
 }
