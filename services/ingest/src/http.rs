@@ -313,11 +313,10 @@ pub fn ack_level(app: &App, ack: Option<&str>, timeout: Option<&str>) -> Result<
         .map(|t| {
             // 1 to 6 digits and a unit, exactly: what the document's pattern says.
             let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-            (1..=6)
-                .contains(&digits)
+            let exact = (1..=6).contains(&digits) && t.trim() == t;
+            exact
                 .then(|| sluice_core::settings::parse_duration(t))
                 .flatten()
-                .filter(|_| t.trim() == t)
                 .ok_or_else(|| {
                     ApiError::Query(format!(
                         "timeout {t:?} is not a duration such as 500ms or 5s (1 to 6 digits and ms, s, m or h)"

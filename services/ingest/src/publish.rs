@@ -683,20 +683,31 @@ pub fn prepare(
         // The payload's `id` is checked even where the header's id takes its place.
         let own = match fields.get("id") {
             None => None,
-            Some(Value::String(id)) => Some(id.clone()),
-            Some(Value::Number(n)) if integer_id(n).is_some() => integer_id(n),
-            Some(_) => return Err(PublishError::IdNotScalar { at }),
+            Some(value) => Some(
+                match value {
+                    Value::String(id) => Some(id.clone()),
+                    Value::Number(n) => integer_id(n),
+                    _ => None,
+                }
+                .ok_or_else(|| PublishError::IdNotScalar { at: at.clone() })?,
+            ),
         };
-        let id = match &hints.id {
-            Some(id) if !batch => Some(id.clone()),
-            _ => own.clone(),
-        };
-        for id in own.iter().chain(&id) {
+        let check = |id: &str| {
             validate_id(id).map_err(|source| PublishError::InvalidId {
                 at: at.clone(),
                 source,
-            })?;
+            })
+        };
+        if let Some(own) = &own {
+            check(own)?;
         }
+        let id = match &hints.id {
+            Some(header) if !batch => {
+                check(header)?;
+                Some(header.clone())
+            }
+            _ => own,
+        };
         // A stream with a key pointer keys every event by it, so that the events of one
         // key keep their order; the hint keys the events of a stream without one.
         let key = match &settings.key {
