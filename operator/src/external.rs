@@ -27,11 +27,10 @@ use crate::crd::PipelineConfig;
 use crate::front_proxy::{Authorizer, FrontProxy, User};
 use crate::kafka::{self, LagError, LagReader};
 use crate::metrics::Metrics;
+use crate::plan::names::LAG_METRIC;
 
 /// The API group and version served.
 pub const GROUP_VERSION: &str = "external.metrics.k8s.io/v1beta1";
-/// The consumer lag metric.
-pub const LAG_METRIC: &str = "sluice_consumer_lag";
 
 /// What the handlers share.
 #[derive(Clone)]

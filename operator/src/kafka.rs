@@ -3,25 +3,29 @@
 //! - [`client_args`]: how the operator reaches a pipeline's Kafka, with the TLS and SASL
 //!   material read from the Secrets the resource names (the children mount the same
 //!   Secrets instead; see [`crate::plan`]);
+//! - [`KafkaClients`]: one admin client and one view of the topics per Kafka cluster and
+//!   credentials, shared by every reconcile and by the lag reader;
 //! - [`partition_lag`]: the lag of one partition, from its log start, log end and the
 //!   group's committed offset, with the edge cases other lag scalers get wrong;
 //! - [`LagReader`]: the lag of a collector's consumer group over its topics, read from
 //!   the brokers; a failed query is an error, never a lag of zero.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 use rdkafka::Offset;
 use rdkafka::TopicPartitionList;
+use rdkafka::admin::AdminClient;
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use sluice_core::kafka::KafkaArgs;
 
 use crate::crd::{KafkaSpec, PipelineConfig, StartAt};
-use crate::plan;
+use crate::plan::{self, ObservedTopic};
 
 /// A Secret the resource names is missing or incomplete.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +114,159 @@ fn key(
         })
 }
 
+/// Identifies a Kafka cluster and the credentials used on it: two pipelines with the same
+/// brokers but other credentials get clients of their own.
+fn cluster_key(kafka: &KafkaArgs) -> String {
+    let mut options: Vec<String> = kafka
+        .options
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    options.sort();
+    format!(
+        "{}\n{}\n{:?}\n{:?}",
+        kafka.brokers,
+        options.join("\n"),
+        kafka.sasl_username,
+        kafka.sasl_password
+    )
+}
+
+/// The topics of a cluster as last read from it, with the operator's own changes since.
+#[derive(Debug, Clone, Default)]
+pub struct TopicView {
+    /// Topics by name.
+    pub topics: BTreeMap<String, ObservedTopic>,
+    /// Brokers in the cluster.
+    pub brokers: i32,
+}
+
+/// One Kafka cluster's shared clients.
+pub struct Cluster {
+    admin: AdminClient<DefaultClientContext>,
+    /// The topic view and when it was read from the brokers; one refresh at a time.
+    view: tokio::sync::Mutex<Option<(Instant, Arc<TopicView>)>>,
+    last_used: Mutex<Instant>,
+}
+
+impl Cluster {
+    /// The cluster's admin client.
+    pub fn admin(&self) -> &AdminClient<DefaultClientContext> {
+        &self.admin
+    }
+
+    /// The topics, read from the brokers when the view is older than `max_age`.
+    pub async fn topics(self: &Arc<Self>, max_age: Duration) -> Result<Arc<TopicView>, KafkaError> {
+        let mut view = self.view.lock().await;
+        if let Some((read, v)) = view.as_ref()
+            && read.elapsed() < max_age
+        {
+            return Ok(v.clone());
+        }
+        // Metadata requests block; keep them off the async threads.
+        let this = self.clone();
+        let fresh = tokio::task::spawn_blocking(move || this.read_topics())
+            .await
+            .map_err(|_| KafkaError::Canceled)??;
+        let fresh = Arc::new(fresh);
+        *view = Some((Instant::now(), fresh.clone()));
+        Ok(fresh)
+    }
+
+    fn read_topics(&self) -> Result<TopicView, KafkaError> {
+        let metadata = self.admin.inner().fetch_metadata(None, QUERY_TIMEOUT)?;
+        let topics = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.error().is_none())
+            .map(|t| {
+                let replication_factor = t
+                    .partitions()
+                    .first()
+                    .map_or(0, |p| p.replicas().len() as i32);
+                (
+                    t.name().to_owned(),
+                    ObservedTopic {
+                        partitions: t.partitions().len() as i32,
+                        replication_factor,
+                    },
+                )
+            })
+            .collect();
+        Ok(TopicView {
+            topics,
+            brokers: metadata.brokers().len() as i32,
+        })
+    }
+
+    /// Forgets the view: the next [`Cluster::topics`] reads the brokers.
+    pub async fn invalidate(&self) {
+        *self.view.lock().await = None;
+    }
+
+    /// Records a change the operator made (a topic created or grown: `Some`, deleted:
+    /// `None`), so that the next reconciles see it without reading the whole cluster again.
+    pub async fn changed(&self, name: &str, topic: Option<ObservedTopic>) {
+        if let Some((_, view)) = self.view.lock().await.as_mut() {
+            let view = Arc::make_mut(view);
+            match topic {
+                Some(t) => view.topics.insert(name.to_owned(), t),
+                None => view.topics.remove(name),
+            };
+        }
+    }
+}
+
+/// The operator's Kafka clients: one [`Cluster`] per cluster and credentials, made on
+/// first use and dropped after [`IDLE_CLIENT`] unused.
+#[derive(Default, Clone)]
+pub struct KafkaClients {
+    clusters: Arc<Mutex<BTreeMap<String, Arc<Cluster>>>>,
+}
+
+/// A cached client unused for this long is dropped (its connections closed).
+const IDLE_CLIENT: Duration = Duration::from_secs(600);
+
+impl KafkaClients {
+    /// The shared clients of `kafka`'s cluster.
+    pub fn cluster(&self, kafka: &KafkaArgs) -> Result<Arc<Cluster>, KafkaError> {
+        let key = cluster_key(kafka);
+        let mut clusters = self.clusters.lock().unwrap_or_else(PoisonError::into_inner);
+        clusters.retain(|k, c| k == &key || idle_for(&c.last_used) < IDLE_CLIENT);
+        if let Some(c) = clusters.get(&key) {
+            *c.last_used.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+            return Ok(c.clone());
+        }
+        let cluster = Arc::new(Cluster {
+            admin: kafka.admin()?,
+            view: tokio::sync::Mutex::new(None),
+            last_used: Mutex::new(Instant::now()),
+        });
+        clusters.insert(key, cluster.clone());
+        Ok(cluster)
+    }
+
+    /// Clusters with clients now.
+    pub fn len(&self) -> usize {
+        self.clusters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Whether no cluster has clients now.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn idle_for(last_used: &Mutex<Instant>) -> Duration {
+    last_used
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .elapsed()
+}
+
 /// What the brokers say about one partition for one group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartitionOffsets {
@@ -149,17 +306,39 @@ pub struct GroupLag {
     pub partitions: usize,
 }
 
-/// Reads consumer lag from the brokers, keeping one client per cluster and group.
+/// Reads consumer lag from the brokers. Topics and watermarks come from the cluster's
+/// shared [`Cluster`]; a group's committed offsets need a client of that group, kept while
+/// it is used (a collector's autoscaler asks every few seconds) and dropped after
+/// [`IDLE_CLIENT`] unused; at most [`MAX_GROUP_CLIENTS`] are kept, the least recently
+/// used going first.
 #[derive(Default, Clone)]
 pub struct LagReader {
-    clients: Arc<Mutex<BTreeMap<String, Arc<BaseConsumer>>>>,
+    kafka: KafkaClients,
+    groups: Arc<Mutex<BTreeMap<String, GroupClient>>>,
 }
 
-/// At most this many clients are kept; beyond it the cache starts over.
-const MAX_CLIENTS: usize = 64;
+struct GroupClient {
+    consumer: Arc<BaseConsumer>,
+    last_used: Instant,
+}
+
+/// At most this many group clients are kept.
+pub const MAX_GROUP_CLIENTS: usize = 1024;
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How old the topic view may be for reading lag; a topic missing from it is looked for
+/// again in a view at most [`VIEW_RECHECK`] old.
+const VIEW_MAX_AGE: Duration = Duration::from_secs(60);
+const VIEW_RECHECK: Duration = Duration::from_secs(2);
 
 impl LagReader {
+    /// A reader sharing `kafka`'s clients.
+    pub fn new(kafka: KafkaClients) -> Self {
+        Self {
+            kafka,
+            groups: Arc::default(),
+        }
+    }
+
     /// The lag of `collector` in `pc`, with `kafka` built by [`client_args`]: what its
     /// group has still to read on the streams' topics, plus what its retry group has still
     /// to read on their retry topics (retries pending keep a collector from scaling to
@@ -190,58 +369,77 @@ impl LagReader {
             .collect();
         let topics: Vec<String> = streams.iter().map(|s| s.topic().to_owned()).collect();
         let retry_topics: Vec<String> = streams.iter().map(|s| s.retry_topic()).collect();
+        let cluster = self.kafka.cluster(&kafka)?;
+        let mut view = cluster.topics(VIEW_MAX_AGE).await?;
+        if topics
+            .iter()
+            .chain(&retry_topics)
+            .any(|t| !view.topics.contains_key(t))
+        {
+            view = cluster.topics(VIEW_RECHECK).await?;
+        }
+        let partitions = |topics: &[String]| -> Result<TopicPartitionList, LagError> {
+            let mut list = TopicPartitionList::new();
+            for topic in topics {
+                let t = view
+                    .topics
+                    .get(topic)
+                    .filter(|t| t.partitions > 0)
+                    .ok_or_else(|| LagError::NoTopic(topic.clone()))?;
+                for p in 0..t.partitions {
+                    list.add_partition(topic, p);
+                }
+            }
+            Ok(list)
+        };
+        let main = partitions(&topics)?;
+        let retry = partitions(&retry_topics)?;
         let group = plan::names::collector_group(pc, collector);
         let start_at = spec.start_at;
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            let main = this.group_lag(&kafka, &group, &topics, start_at)?;
-            let retry = this.group_lag(
+            let main_lag = this.group_lag(&cluster, &kafka, &group, main, start_at)?;
+            let retry_lag = this.group_lag(
+                &cluster,
                 &kafka,
-                &format!("{group}.retry"),
-                &retry_topics,
+                &sluice_core::settings::retry_group(&group),
+                retry,
                 StartAt::Earliest,
             )?;
             Ok(GroupLag {
-                total: main.total + retry.total,
-                partitions: main.partitions,
+                total: main_lag.total + retry_lag.total,
+                partitions: main_lag.partitions,
             })
         })
         .await
         .map_err(|_| LagError::Kafka(KafkaError::Canceled))?
     }
 
-    /// The lag of `group` over `topics` (blocking: run it off the async threads). With
-    /// `Latest`, partitions where the group has no committed offset get their end
-    /// committed (see [`LagReader::collector_lag`]).
-    pub fn group_lag(
+    /// The lag of `group` over `list`'s partitions (blocking: run it off the async
+    /// threads). With `Latest`, partitions where the group has no committed offset get
+    /// their end committed (see [`LagReader::collector_lag`]).
+    fn group_lag(
         &self,
+        cluster: &Cluster,
         kafka: &KafkaArgs,
         group: &str,
-        topics: &[String],
+        list: TopicPartitionList,
         start_at: StartAt,
     ) -> Result<GroupLag, LagError> {
         let consumer = self.client(kafka, group)?;
-        let mut list = TopicPartitionList::new();
-        for topic in topics {
-            let metadata = consumer.fetch_metadata(Some(topic), QUERY_TIMEOUT)?;
-            let t = metadata
-                .topics()
-                .first()
-                .filter(|t| t.error().is_none() && !t.partitions().is_empty())
-                .ok_or_else(|| LagError::NoTopic(topic.clone()))?;
-            for p in t.partitions() {
-                list.add_partition(topic, p.id());
-            }
-        }
-        let committed = consumer.committed_offsets(list.clone(), QUERY_TIMEOUT)?;
+        let partitions = list.count();
+        let committed = consumer.committed_offsets(list, QUERY_TIMEOUT)?;
         let mut total = 0;
         let mut start_here = TopicPartitionList::new();
         for element in committed.elements() {
             if let Some(e) = element.error().err() {
                 return Err(LagError::Kafka(e));
             }
-            let (log_start, log_end) =
-                consumer.fetch_watermarks(element.topic(), element.partition(), QUERY_TIMEOUT)?;
+            let (log_start, log_end) = cluster.admin.inner().fetch_watermarks(
+                element.topic(),
+                element.partition(),
+                QUERY_TIMEOUT,
+            )?;
             let committed = match element.offset() {
                 Offset::Offset(o) => Some(o),
                 _ => None,
@@ -273,34 +471,46 @@ impl LagReader {
                 Err(e) => tracing::debug!(%group, error = %e, "starting point not committed"),
             }
         }
-        Ok(GroupLag {
-            total,
-            partitions: list.count(),
-        })
+        Ok(GroupLag { total, partitions })
     }
 
     fn client(&self, kafka: &KafkaArgs, group: &str) -> Result<Arc<BaseConsumer>, KafkaError> {
+        let key = format!("{}\n{group}", cluster_key(kafka));
+        let now = Instant::now();
+        let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
+        groups.retain(|k, c| k == &key || now.duration_since(c.last_used) < IDLE_CLIENT);
+        if let Some(c) = groups.get_mut(&key) {
+            c.last_used = now;
+            return Ok(c.consumer.clone());
+        }
+        if groups.len() >= MAX_GROUP_CLIENTS
+            && let Some(oldest) = groups
+                .iter()
+                .min_by_key(|(_, c)| c.last_used)
+                .map(|(k, _)| k.clone())
+        {
+            groups.remove(&oldest);
+        }
         let mut config = kafka.consumer_config(group);
-        // Only reads offsets: never joins the group, never commits.
+        // Only reads offsets (and fixes a starting point): never joins the group.
         config.set("enable.auto.commit", "false");
-        // `config_map` hides secret values; the key must change when a password does.
-        let mut key: Vec<String> = config
-            .config_map()
-            .keys()
-            .map(|k| format!("{k}={}", config.get(k).unwrap_or_default()))
-            .collect();
-        key.sort();
-        let key = key.join("\n");
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = clients.get(&key) {
-            return Ok(c.clone());
-        }
-        if clients.len() >= MAX_CLIENTS {
-            clients.clear();
-        }
         let consumer: Arc<BaseConsumer> = Arc::new(config.create()?);
-        clients.insert(key, consumer.clone());
+        groups.insert(
+            key,
+            GroupClient {
+                consumer: consumer.clone(),
+                last_used: now,
+            },
+        );
         Ok(consumer)
+    }
+
+    /// Group clients kept now.
+    pub fn group_clients(&self) -> usize {
+        self.groups
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 }
 

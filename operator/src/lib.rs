@@ -3,10 +3,13 @@
 //! - [`crd`]: the resource's types, from which the CRD is generated (`crdgen`);
 //! - [`plan`]: what should exist for a resource, as a pure function (children, topics);
 //! - [`reconcile`]: the controller: observe, apply the plan, report the status;
-//! - [`kafka`]: the operator's Kafka clients and consumer lag;
+//! - [`status`]: the status and its conditions from what a reconcile observed (pure);
+//! - [`leader`]: leader election, and a leader that gives up when its controller is stuck;
+//! - [`kafka`]: the operator's shared Kafka clients and consumer lag;
 //! - [`external`]: the `external.metrics.k8s.io` API the autoscalers read lag from;
 //! - [`front_proxy`]: who may call it: the apiserver's front proxy, for users RBAC allows;
 //! - [`certificate`]: its certificate kept in a Secret, and the APIService's `caBundle`;
+//! - [`tls_reload`]: its certificate and the front-proxy CA followed while running;
 //! - [`metrics`]: the operator's own Prometheus metrics and health endpoints.
 
 pub mod certificate;
@@ -14,9 +17,12 @@ pub mod crd;
 pub mod external;
 pub mod front_proxy;
 pub mod kafka;
+pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod reconcile;
+pub mod status;
+pub mod tls_reload;
 
 use kube::CustomResourceExt;
 

@@ -9,22 +9,22 @@
 //! is replaced when the Lease expires (`--lease-duration`).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
 use kube::{Api, Client};
-use kube_lease_manager::LeaseManagerBuilder;
 use sluice_operator::certificate;
 use sluice_operator::crd::PipelineConfig;
 use sluice_operator::external::{self, ExternalMetrics};
 use sluice_operator::front_proxy::{self, Authorizer, FrontProxy};
-use sluice_operator::kafka::LagReader;
+use sluice_operator::leader::{self, LeaseSettings};
 use sluice_operator::metrics::Metrics;
 use sluice_operator::plan::Images;
-use sluice_operator::reconcile::{Context, run};
+use sluice_operator::reconcile::{Context, DEFAULT_CONCURRENCY, run};
+use sluice_operator::tls_reload::{TlsSource, read_pair, reload_tls};
 use tokio_util::sync::CancellationToken;
 
 /// Command line of `sluice-operator`.
@@ -108,6 +108,13 @@ struct Args {
     /// This replica's name in the Lease; the pod name by default.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Seconds one reconcile may run before the leader counts its controller as stuck,
+    /// gives up the Lease and exits.
+    #[arg(long, env = "SLUICE_STALL_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(5..=3600))]
+    stall_seconds: u64,
+    /// Pipelines reconciled at once.
+    #[arg(long, env = "SLUICE_RECONCILE_CONCURRENCY", default_value_t = DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..=256))]
+    concurrency: u16,
     /// Log filter.
     #[arg(long, env = "SLUICE_LOG", default_value = "info")]
     log_level: String,
@@ -201,9 +208,22 @@ async fn operate(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         .with_context(|| format!("cannot listen on {}", args.external_metrics_listen))?;
     std_listener.set_nonblocking(true)?;
     let handle = axum_server::Handle::new();
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            Images {
+                ingest: args.ingest_image.clone(),
+                collector: args.collector_image.clone(),
+                redis: args.redis_image.clone(),
+                otlp_endpoint: args.pipeline_otlp_endpoint.clone(),
+            },
+        )
+        .with_metrics(metrics.clone()),
+    );
     let api_router = external::router(ExternalMetrics {
         client: client.clone(),
-        lag: LagReader::default(),
+        // One lag reader for the status and the autoscalers: the same clients.
+        lag: ctx.lag.clone(),
         metrics: metrics.clone(),
         front_proxy,
         authorizer: Authorizer::new(client.clone()),
@@ -228,183 +248,38 @@ async fn operate(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let ctx = Arc::new(
-        Context::new(
-            client.clone(),
-            Images {
-                ingest: args.ingest_image.clone(),
-                collector: args.collector_image.clone(),
-                redis: args.redis_image.clone(),
-                otlp_endpoint: args.pipeline_otlp_endpoint.clone(),
-            },
-        )
-        .with_metrics(metrics.clone()),
-    );
     if args.leader_election {
-        lead(&args, client, api, ctx, &metrics, &shutdown).await?;
+        let identity = args
+            .identity
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map_or_else(
+                || format!("sluice-operator-{}", std::process::id()),
+                |name| format!("{name}-{}", std::process::id()),
+            );
+        let settings = LeaseSettings {
+            name: args.lease_name.clone(),
+            namespace: args.lease_namespace.clone(),
+            identity,
+            duration_seconds: args.lease_duration,
+            stall_after: Duration::from_secs(args.stall_seconds),
+        };
+        let concurrency = args.concurrency;
+        let controller = |stop| run(api.clone(), ctx.clone(), concurrency, stop);
+        leader::lead(
+            &settings,
+            client,
+            &metrics,
+            &ctx.progress,
+            &shutdown,
+            controller,
+        )
+        .await?;
     } else {
         metrics.set_leader(true);
-        run(api, ctx, shutdown.clone()).await;
+        run(api, ctx, args.concurrency, shutdown.clone()).await;
     }
     let _ = metrics_server.await;
     let _ = external_server.await;
     Ok(())
-}
-
-/// Runs the controller while this replica holds the Lease, until `shutdown`; the Lease is
-/// released on the way out.
-async fn lead(
-    args: &Args,
-    client: Client,
-    api: Api<PipelineConfig>,
-    ctx: Arc<Context>,
-    metrics: &Metrics,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
-    let identity = args
-        .identity
-        .clone()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map_or_else(
-            || format!("sluice-operator-{}", std::process::id()),
-            |name| format!("{name}-{}", std::process::id()),
-        );
-    let duration = args.lease_duration;
-    let manager = LeaseManagerBuilder::new(client, &args.lease_name)
-        .with_namespace(&args.lease_namespace)
-        .with_identity(&identity)
-        .with_duration(duration)
-        .with_grace((duration / 3).max(1))
-        .build()
-        .await
-        .with_context(|| {
-            format!(
-                "cannot use Lease {}/{}",
-                args.lease_namespace, args.lease_name
-            )
-        })?;
-    let (mut leading, lease_task) = manager.watch().await;
-    tracing::info!(%identity, lease = %args.lease_name, "waiting for the leader lease");
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            r = leading.wait_for(|l| *l) => if r.is_err() { break },
-        }
-        tracing::info!(%identity, "leading: running the controller");
-        metrics.set_leader(true);
-        let stop = shutdown.child_token();
-        let controller = tokio::spawn(run(api.clone(), ctx.clone(), stop.clone()));
-        tokio::select! {
-            () = shutdown.cancelled() => {}
-            _ = leading.wait_for(|l| !*l) => {
-                tracing::warn!(%identity, "lost the leader lease: stopping the controller");
-            }
-        }
-        stop.cancel();
-        let _ = controller.await;
-        metrics.set_leader(false);
-        if shutdown.is_cancelled() {
-            break;
-        }
-    }
-    drop(leading);
-    match lease_task.await {
-        Ok(Ok(_)) => tracing::info!(%identity, "released the leader lease"),
-        Ok(Err(e)) => tracing::warn!(%identity, error = %e, "cannot release the leader lease"),
-        Err(e) => tracing::warn!(error = %e, "lease task failed"),
-    }
-    Ok(())
-}
-
-fn read_pair(cert: &Path, key: &Path) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
-    Ok((std::fs::read(cert)?, std::fs::read(key)?))
-}
-
-/// Where the external metrics API's TLS settings come from.
-struct TlsSource {
-    /// The certificate and key files, when given (else the self-signed pair stays).
-    files: Option<(PathBuf, PathBuf)>,
-    /// The certificate and key served now.
-    served: (Vec<u8>, Vec<u8>),
-    /// Reads the apiserver's front-proxy settings.
-    client: Client,
-}
-
-/// Follows renewed TLS settings without a restart: the certificate files (cert-manager
-/// rotates the Secret; the kubelet updates the mounted files) and the apiserver's
-/// front-proxy CA, read `every` so often (every 5 s at most while the front proxy is not
-/// known yet); the server's settings are replaced when either
-/// changed. What cannot be loaded keeps what is served; each attempt is counted in
-/// `sluice_operator_certificate_reloads_total{result}`.
-async fn reload_tls(
-    mut source: TlsSource,
-    tls: axum_server::tls_rustls::RustlsConfig,
-    front_proxy: Arc<RwLock<Option<FrontProxy>>>,
-    every: Duration,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
-    let mut failed: Option<(Vec<u8>, Vec<u8>, Option<FrontProxy>)> = None;
-    loop {
-        // While every client is refused for want of the front proxy, it is looked for sooner.
-        let unknown = front_proxy
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_none();
-        let wait = if unknown {
-            every.min(Duration::from_secs(5))
-        } else {
-            every
-        };
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            () = tokio::time::sleep(wait) => {}
-        }
-        let pair = match &source.files {
-            Some((cert, key)) => match read_pair(cert, key) {
-                Ok(pair) => pair,
-                Err(_) => continue,
-            },
-            None => source.served.clone(),
-        };
-        let proxy = match FrontProxy::read(&source.client).await {
-            Ok(p) => Some(p),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the apiserver's front-proxy settings; keeping the ones in use");
-                front_proxy
-                    .read()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clone()
-            }
-        };
-        let current = front_proxy
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let candidate = (pair.0.clone(), pair.1.clone(), proxy.clone());
-        // A set that failed is tried again only once something changes.
-        if (pair == source.served && proxy == current) || failed.as_ref() == Some(&candidate) {
-            continue;
-        }
-        match front_proxy::server_config(&pair.0, &pair.1, proxy.as_ref()) {
-            Ok(config) => {
-                tls.reload_from_config(config);
-                if pair != source.served {
-                    tracing::info!("serving the renewed certificate");
-                }
-                if proxy != current {
-                    tracing::info!("following the apiserver's front-proxy settings");
-                }
-                source.served = pair;
-                *front_proxy.write().unwrap_or_else(PoisonError::into_inner) = proxy;
-                metrics.certificate_reload("ok");
-                failed = None;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot load the renewed TLS settings; keeping the old ones");
-                metrics.certificate_reload("error");
-                failed = Some(candidate);
-            }
-        }
-    }
 }

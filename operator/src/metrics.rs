@@ -145,6 +145,16 @@ impl Metrics {
         self.ready.store(true, atomic::Ordering::Relaxed);
     }
 
+    /// Whether `/readyz` answers 200.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(atomic::Ordering::Relaxed)
+    }
+
+    /// Marks the process not ready (`/readyz` answers 503).
+    pub fn set_not_ready(&self) {
+        self.ready.store(false, atomic::Ordering::Relaxed);
+    }
+
     /// The metrics in the OpenMetrics text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();

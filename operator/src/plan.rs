@@ -223,6 +223,10 @@ pub mod names {
     use super::{PipelineConfig, name_of};
     use crate::crd::StreamSpec;
 
+    /// The external metric the collectors' autoscalers follow: a collector's consumer lag,
+    /// served by the operator ([`crate::external`]).
+    pub const LAG_METRIC: &str = "sluice_consumer_lag";
+
     /// `<namespace>.<pipeline>`: what generated topic and group names start with. A
     /// namespace has no dot, so no two namespaces share a scope.
     fn scope(pc: &PipelineConfig) -> String {
@@ -255,7 +259,7 @@ pub mod names {
         format!("{}-collector-{collector}", name_of(pc))
     }
     /// A collector's consumer group, `<namespace>.<pipeline>.<collector>` (its retry
-    /// consumer uses `<group>.retry`).
+    /// consumer uses [`sluice_core::settings::retry_group`]).
     pub fn collector_group(pc: &PipelineConfig, collector: &str) -> String {
         format!("{}.{collector}", scope(pc))
     }
@@ -373,7 +377,7 @@ fn stateful_set(
 }
 
 /// Everything the resource asks for, as Kubernetes objects.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Children {
     /// The settings.
     pub config_map: ConfigMap,
@@ -839,7 +843,7 @@ fn collector_hpa(
         "maxReplicas": max,
         "metrics": [{"type": "External", "external": {
             "metric": {
-                "name": crate::external::LAG_METRIC,
+                "name": names::LAG_METRIC,
                 "selector": {"matchLabels": {"pipeline": name_of(pc), "collector": c.name}},
             },
             "target": {"type": "AverageValue", "averageValue": a.lag_per_replica.to_string()},
@@ -1285,7 +1289,7 @@ pub enum TopicAction {
 }
 
 /// A topic as observed in Kafka.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ObservedTopic {
     /// Partitions.
     pub partitions: i32,

@@ -2,34 +2,38 @@
 //!
 //! For each `PipelineConfig`:
 //! 1. the finalizer `sluice.dev/topics` is added, so deletion can apply the topic policy;
-//! 2. topics are observed through the Kafka admin API, then created or grown as the plan
-//!    says; a change Kafka cannot make becomes a `NotSupported` condition, not an error;
+//! 2. topics are looked up in the cluster's shared topic view ([`KafkaClients`]), then
+//!    created or grown as the plan says; a change Kafka cannot make becomes a
+//!    `NotSupported` condition, not an error;
 //! 3. every child is written with server-side apply under one field manager; a child the
 //!    apiserver refuses (quota, Pod Security, a webhook) does not stop the others: it
 //!    becomes the `ChildrenApplied` condition and a Warning Event; children the spec no
-//!    longer names are deleted;
-//! 4. the Deployments' and StatefulSets' ready replicas give `RedisReady`, `IngestReady`,
-//!    `CollectorsReady`;
-//!    `Ready` is true when all conditions are;
-//! 5. the status is written, and the resource is looked at again soon while it is not
-//!    ready, and every minute when it is.
+//!    longer names are deleted. Children unchanged since their last complete apply are
+//!    not written again (but at least every [`REAPPLY_AFTER`]);
+//! 4. the Deployments' and StatefulSets' ready replicas, as the controller's watches see
+//!    them, give `RedisReady`, `IngestReady`, `CollectorsReady` ([`crate::status`]);
+//! 5. the status is written when it changed, and the resource is looked at again soon
+//!    while it is not ready, and every minute when it is (to refresh the lag in its
+//!    status).
 //!
 //! Errors (the apiserver refusing a write) are retried with backoff by the controller.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::core::PartialObjectMeta;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event, finalizer};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use rdkafka::admin::{
@@ -42,12 +46,12 @@ use serde_json::json;
 use sluice_core::kafka::KafkaArgs;
 use tokio_util::sync::CancellationToken;
 
-use crate::crd::{
-    CollectorStatus, PipelineConfig, PipelineConfigStatus, TopicDeletionPolicy, TopicStatus,
-};
-use crate::kafka::{self, LagReader, SecretError};
+use crate::crd::{CollectorStatus, PipelineConfig, TopicDeletionPolicy, TopicStatus};
+use crate::kafka::{self, KafkaClients, LagReader, SecretError};
+use crate::leader::Progress;
 use crate::metrics::Metrics;
 use crate::plan::{self, Images, ObservedTopic, TopicAction};
+use crate::status::{self, CollectorObserved, Observed, TopicsObserved};
 
 /// The field manager of every write.
 pub const MANAGER: &str = "sluice-operator";
@@ -91,13 +95,31 @@ pub struct Context {
     pub images: Images,
     /// The operator's metrics.
     pub metrics: Arc<Metrics>,
+    /// The Kafka clients, one set per cluster, shared with `lag`.
+    pub kafka: KafkaClients,
     /// Reads consumer lag for the status and for scaling to zero.
     pub lag: LagReader,
     /// Publishes Events on the resources.
     recorder: Recorder,
     /// Failed reconciles in a row per resource, for the retry backoff.
     failures: std::sync::Mutex<BTreeMap<String, u32>>,
+    /// The reconciles running now (a leader whose reconcile hangs gives up).
+    pub progress: Progress,
+    /// The children as the controller's watches see them (while it runs).
+    cached: RwLock<Option<Cached>>,
+    /// The last complete apply of each pipeline's children, by the pipeline's uid.
+    applied: std::sync::Mutex<BTreeMap<String, LastApply>>,
 }
+
+/// What a pipeline's children were when they were last all applied, and when.
+struct LastApply {
+    digest: u64,
+    at: Instant,
+}
+
+/// Children unchanged since their last apply are applied again after this long anyway,
+/// which repairs what someone changed by hand in a child the operator does not watch.
+const REAPPLY_AFTER: Duration = Duration::from_secs(600);
 
 impl Context {
     /// A context for `client`; Events name this process (`POD_NAME`, else the host name).
@@ -113,13 +135,18 @@ impl Context {
                 instance: Some(instance),
             },
         );
+        let kafka = KafkaClients::default();
         Self {
             client,
             images,
             metrics: Arc::new(Metrics::new()),
-            lag: LagReader::default(),
+            lag: LagReader::new(kafka.clone()),
+            kafka,
             recorder,
             failures: std::sync::Mutex::default(),
+            progress: Progress::default(),
+            cached: RwLock::new(None),
+            applied: std::sync::Mutex::default(),
         }
     }
 
@@ -148,24 +175,89 @@ impl Context {
     }
 }
 
-/// Runs the controller for the resources `api` sees until `shutdown` is cancelled.
-pub async fn run(api: Api<PipelineConfig>, ctx: Arc<Context>, shutdown: CancellationToken) {
+/// How many pipelines are reconciled at once.
+pub const DEFAULT_CONCURRENCY: u16 = 8;
+/// Changes to one pipeline within this time become one reconcile (a rollout changes a
+/// Deployment's status many times in a second).
+const DEBOUNCE: Duration = Duration::from_millis(500);
+
+/// The operator's own children, as the watches last saw them.
+#[derive(Clone)]
+struct Cached {
+    deployments: Store<Deployment>,
+    stateful_sets: Store<StatefulSet>,
+}
+
+/// Runs the controller for the resources `api` sees until `shutdown` is cancelled, at most
+/// `concurrency` reconciles at a time.
+///
+/// Besides its PipelineConfigs, the controller watches the Deployments and StatefulSets it
+/// made (a change of their status reconciles their pipeline; the watch's cache gives their
+/// readiness without asking the apiserver) and the metadata of the Secrets (a changed
+/// Secret reconciles the pipelines that reference it, which roll their pods if they read
+/// it at start). Only metadata: the operator reads a Secret's data when it needs it.
+pub async fn run(
+    api: Api<PipelineConfig>,
+    ctx: Arc<Context>,
+    concurrency: u16,
+    shutdown: CancellationToken,
+) {
     let client = ctx.client.clone();
-    let scoped = |_: ()| api.namespace();
-    let deployments: Api<Deployment> = match scoped(()) {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let stateful_sets: Api<StatefulSet> = match scoped(()) {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
+    fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let namespace = api.namespace().map(str::to_owned);
+    let namespace = namespace.as_deref();
     // Only the operator's own children: a cluster may have many Deployments.
-    let children =
-        watcher::Config::default().labels("app.kubernetes.io/managed-by=sluice-operator");
-    Controller::new(api, watcher::Config::default())
-        .owns(deployments, children.clone())
-        .owns(stateful_sets, children)
+    let children = watcher::Config::default().labels(MANAGED_BY);
+    let (deployments, deployments_writer) = reflector::store();
+    let (stateful_sets, stateful_sets_writer) = reflector::store();
+    let deployment_events =
+        watcher::watcher(scoped::<Deployment>(&client, namespace), children.clone())
+            .default_backoff()
+            .reflect(deployments_writer)
+            .touched_objects();
+    let stateful_set_events = watcher::watcher(scoped::<StatefulSet>(&client, namespace), children)
+        .default_backoff()
+        .reflect(stateful_sets_writer)
+        .touched_objects();
+    // `PartialObjectMeta`: the watch asks for metadata only.
+    let secret_events = watcher::watcher(
+        scoped::<PartialObjectMeta<Secret>>(&client, namespace),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects();
+    *ctx.cached.write().unwrap_or_else(PoisonError::into_inner) = Some(Cached {
+        deployments,
+        stateful_sets,
+    });
+    let controller = Controller::new(api, watcher::Config::default()).with_config(
+        controller::Config::default()
+            .concurrency(concurrency)
+            .debounce(DEBOUNCE),
+    );
+    let pipelines = controller.store();
+    controller
+        .owns_stream(deployment_events)
+        .owns_stream(stateful_set_events)
+        .watches_stream(secret_events, move |secret| {
+            let ns = secret.namespace();
+            let name = secret.name_any();
+            pipelines
+                .state()
+                .into_iter()
+                .filter(|pc| pc.namespace() == ns && references_secret(pc, &name))
+                .map(|pc| ObjectRef::from_obj(&*pc))
+                .collect::<Vec<_>>()
+        })
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -175,6 +267,23 @@ pub async fn run(api: Api<PipelineConfig>, ctx: Arc<Context>, shutdown: Cancella
             }
         })
         .await;
+}
+
+/// The label selector of the operator's children.
+const MANAGED_BY: &str = "app.kubernetes.io/managed-by=sluice-operator";
+
+/// Whether `pc` reads the Secret `name` of its namespace: Kafka's TLS and SASL, the
+/// sinks' credentials, the Redis password (named or generated), ingest's API keys.
+fn references_secret(pc: &PipelineConfig, name: &str) -> bool {
+    let (services, redis) = plan::referenced_secrets(pc);
+    services.iter().chain(&redis).any(|s| s == name)
+        || plan::generated_redis_secret(pc).is_some_and(|s| s == name)
+        || pc
+            .spec
+            .ingest
+            .api_keys
+            .as_ref()
+            .is_some_and(|k| k.secret_name == name)
 }
 
 fn error_policy(pc: Arc<PipelineConfig>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -202,6 +311,7 @@ fn key(pc: &PipelineConfig) -> String {
 /// Reconciles one resource, recording the outcome and duration in the metrics.
 pub async fn reconcile(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
+    let _running = ctx.progress.start();
     let name = key(&pc);
     let result = reconcile_inner(pc, ctx.clone()).await;
     if let Ok(mut failures) = ctx.failures.lock() {
@@ -231,59 +341,23 @@ async fn reconcile_inner(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<A
     .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
-/// Topics as they are in Kafka.
-/// The topics that exist, and how many brokers the cluster has.
-async fn observe_topics(
-    kafka: &KafkaArgs,
-) -> Result<(BTreeMap<String, ObservedTopic>, i32), KafkaError> {
-    // Metadata requests block; keep them off the async threads.
-    let kafka = kafka.clone();
-    tokio::task::spawn_blocking(move || {
-        let admin = kafka.admin()?;
-        let metadata = admin
-            .inner()
-            .fetch_metadata(None, Duration::from_secs(10))?;
-        let topics = metadata
-            .topics()
-            .iter()
-            .filter(|t| t.error().is_none())
-            .map(|t| {
-                let replication_factor = t
-                    .partitions()
-                    .first()
-                    .map_or(0, |p| p.replicas().len() as i32);
-                (
-                    t.name().to_owned(),
-                    ObservedTopic {
-                        partitions: t.partitions().len() as i32,
-                        replication_factor,
-                    },
-                )
-            })
-            .collect();
-        Ok((topics, metadata.brokers().len() as i32))
-    })
-    .await
-    .map_err(|_| KafkaError::Canceled)?
-}
-
 /// The outcome of the topic step.
 struct TopicsOutcome {
-    ready: bool,
-    reason: &'static str,
-    message: String,
-    topics: Vec<TopicStatus>,
+    /// What the status says of the topics.
+    status: TopicsObserved,
     /// What was changed, as (Event reason, note).
     done: Vec<(&'static str, String)>,
-    /// Topics with a single replica (losing its broker's disk loses them).
-    single_copy: Vec<String>,
-    /// Every topic the operator created for the resource, these included.
-    created: Vec<String>,
 }
+
+/// How old the view of a cluster's topics may be when a reconcile plans the topics: the
+/// operator's own changes are in it at once; a change made by someone else is seen after at
+/// most this long.
+const TOPIC_VIEW_MAX_AGE: Duration = Duration::from_secs(30);
 
 async fn apply_topics(
     pc: &PipelineConfig,
     api: &Api<PipelineConfig>,
+    clients: &KafkaClients,
     kafka: Result<&KafkaArgs, &SecretError>,
 ) -> TopicsOutcome {
     let mut created: BTreeSet<String> = pc
@@ -292,13 +366,15 @@ async fn apply_topics(
         .map(|s| s.created_topics.iter().cloned().collect())
         .unwrap_or_default();
     let failed = |reason: &'static str, message: String| TopicsOutcome {
-        ready: false,
-        reason,
-        message,
-        topics: Vec::new(),
+        status: TopicsObserved {
+            ready: false,
+            reason,
+            message,
+            topics: Vec::new(),
+            single_copy: Vec::new(),
+            created: created.iter().cloned().collect(),
+        },
         done: Vec::new(),
-        single_copy: Vec::new(),
-        created: created.iter().cloned().collect(),
     };
     let kafka = match kafka {
         Ok(k) => k,
@@ -318,15 +394,17 @@ async fn apply_topics(
             ),
         )
     };
-    let admin = match kafka.admin() {
-        Ok(a) => a,
+    let cluster = match clients.cluster(kafka) {
+        Ok(c) => c,
         Err(e) => return unreachable(e),
     };
-    let (observed, brokers) = match observe_topics(kafka).await {
-        Ok(o) => o,
+    let admin = cluster.admin();
+    let view = match cluster.topics(TOPIC_VIEW_MAX_AGE).await {
+        Ok(v) => v,
         Err(e) => return unreachable(e),
     };
-    let actions = plan::topics(pc, &observed, brokers, &created);
+    let observed = &view.topics;
+    let actions = plan::topics(pc, observed, view.brokers, &created);
     // The topics about to be created are recorded first, so that a topic made by this
     // reconcile is known as the pipeline's even if the status write at its end fails.
     let mut recorded = created.clone();
@@ -394,11 +472,23 @@ async fn apply_topics(
                     Ok(results) => {
                         for r in results {
                             match r {
-                                Ok(_) => done.push((
-                                    "TopicCreated",
-                                    format!("created topic {name} with {partitions} partitions"),
-                                )),
-                                Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                                Ok(_) => {
+                                    let topic = ObservedTopic {
+                                        partitions: *partitions,
+                                        replication_factor: *replication_factor,
+                                    };
+                                    cluster.changed(name, Some(topic)).await;
+                                    done.push((
+                                        "TopicCreated",
+                                        format!(
+                                            "created topic {name} with {partitions} partitions"
+                                        ),
+                                    ));
+                                }
+                                // Made by someone else since the view was read.
+                                Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {
+                                    cluster.invalidate().await;
+                                }
                                 Err((t, code)) => problems.push(format!("creating {t}: {code}")),
                             }
                         }
@@ -416,10 +506,19 @@ async fn apply_topics(
                     Ok(results) => {
                         for r in results {
                             match r {
-                                Ok(_) => done.push((
-                                    "PartitionsAdded",
-                                    format!("topic {name} grown to {to} partitions"),
-                                )),
+                                Ok(_) => {
+                                    let replication_factor =
+                                        observed.get(name).map_or(0, |o| o.replication_factor);
+                                    let topic = ObservedTopic {
+                                        partitions: *to,
+                                        replication_factor,
+                                    };
+                                    cluster.changed(name, Some(topic)).await;
+                                    done.push((
+                                        "PartitionsAdded",
+                                        format!("topic {name} grown to {to} partitions"),
+                                    ));
+                                }
                                 Err((t, code)) => problems.push(format!("growing {t}: {code}")),
                             }
                         }
@@ -454,7 +553,7 @@ async fn apply_topics(
         if stream.topic.config.is_empty() || !observed.contains_key(&name) || !ours {
             continue;
         }
-        match align_config(&admin, &name, &stream.topic.config, &options).await {
+        match align_config(admin, &name, &stream.topic.config, &options).await {
             Ok(true) => done.push((
                 "TopicConfigured",
                 format!("set {:?} on topic {name}", stream.topic.config),
@@ -480,13 +579,15 @@ async fn apply_topics(
         )
     };
     TopicsOutcome {
-        ready,
-        reason,
-        message,
-        topics,
+        status: TopicsObserved {
+            ready,
+            reason,
+            message,
+            topics,
+            single_copy,
+            created: created.into_iter().collect(),
+        },
         done,
-        single_copy,
-        created: created.into_iter().collect(),
     }
 }
 
@@ -649,6 +750,60 @@ fn readiness(d: &Deployment) -> (i32, bool) {
     )
 }
 
+/// A digest of the children as the plan makes them: equal digests, equal objects.
+fn digest(children: &plan::Children) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    // Serializing plain data into memory cannot fail.
+    serde_json::to_vec(children)
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    hasher.finish()
+}
+
+impl Cached {
+    /// The workload as the watch last saw it, if it did.
+    fn workload(&self, ns: &str, w: &plan::Workload) -> Option<Applied> {
+        let name = w.name();
+        match w {
+            plan::Workload::Deployment(_) => self
+                .deployments
+                .get(&ObjectRef::new(&name).within(ns))
+                .map(|d| deployment_applied(&d)),
+            plan::Workload::StatefulSet(_) => self
+                .stateful_sets
+                .get(&ObjectRef::new(&name).within(ns))
+                .map(|s| stateful_set_applied(&s)),
+        }
+    }
+}
+
+fn deployment_applied(d: &Deployment) -> Applied {
+    let (ready_replicas, ready) = readiness(d);
+    Applied {
+        name: d.name_any(),
+        ready_replicas,
+        ready,
+        replicas: d.spec.as_ref().and_then(|s| s.replicas),
+    }
+}
+
+fn stateful_set_applied(a: &StatefulSet) -> Applied {
+    let replicas = a.spec.as_ref().and_then(|s| s.replicas);
+    let wanted = replicas.unwrap_or(1);
+    let status = a.status.clone().unwrap_or_default();
+    let ready_replicas = status.ready_replicas.unwrap_or(0);
+    let generation_seen = status.observed_generation >= a.metadata.generation;
+    let updated = status.updated_replicas.unwrap_or(0) >= wanted
+        || status.update_revision == status.current_revision;
+    Applied {
+        name: a.name_any(),
+        ready_replicas,
+        ready: generation_seen && ready_replicas >= wanted && updated,
+        replicas,
+    }
+}
+
 /// A workload as applied: its ready replicas, whether it has all it wants, and the
 /// replicas it asks for.
 struct Applied {
@@ -668,30 +823,10 @@ impl Refusals {
     ) -> Option<Applied> {
         match w {
             plan::Workload::Deployment(d) => {
-                let a = self.apply(client, ns, d).await?;
-                let (ready_replicas, ready) = readiness(&a);
-                Some(Applied {
-                    name: a.name_any(),
-                    ready_replicas,
-                    ready,
-                    replicas: a.spec.as_ref().and_then(|s| s.replicas),
-                })
+                Some(deployment_applied(&self.apply(client, ns, d).await?))
             }
             plan::Workload::StatefulSet(s) => {
-                let a = self.apply(client, ns, s).await?;
-                let replicas = a.spec.as_ref().and_then(|s| s.replicas);
-                let wanted = replicas.unwrap_or(1);
-                let status = a.status.clone().unwrap_or_default();
-                let ready_replicas = status.ready_replicas.unwrap_or(0);
-                let generation_seen = status.observed_generation >= a.metadata.generation;
-                let updated = status.updated_replicas.unwrap_or(0) >= wanted
-                    || status.update_revision == status.current_revision;
-                Some(Applied {
-                    name: a.name_any(),
-                    ready_replicas,
-                    ready: generation_seen && ready_replicas >= wanted && updated,
-                    replicas,
-                })
+                Some(stateful_set_applied(&self.apply(client, ns, s).await?))
             }
         }
     }
@@ -716,13 +851,18 @@ async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Err
     let client = &ctx.client;
     let kafka = kafka::client_args(client, &ns, &pc.spec.kafka).await;
     let api: Api<PipelineConfig> = Api::namespaced(client.clone(), &ns);
-    let topics = apply_topics(&pc, &api, kafka.as_ref()).await;
+    let topics = apply_topics(&pc, &api, &ctx.kafka, kafka.as_ref()).await;
     for (reason, note) in &topics.done {
         ctx.event(&pc, false, reason, note.clone()).await;
     }
-    if !topics.ready {
-        ctx.event(&pc, true, topics.reason, topics.message.clone())
-            .await;
+    if !topics.status.ready {
+        ctx.event(
+            &pc,
+            true,
+            topics.status.reason,
+            topics.status.message.clone(),
+        )
+        .await;
     }
     let mut refused = Refusals::default();
     if let Some(name) = plan::generated_redis_secret(&pc)
@@ -732,39 +872,72 @@ async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Err
     }
     let versions = secret_versions(client, &ns, &pc).await?;
     let children = plan::children_with_secrets(&pc, &ctx.images, &versions);
-    refused.apply(client, &ns, &children.config_map).await;
-    for policy in &children.network_policies {
-        refused.apply(client, &ns, policy).await;
+    // Children as they were at their last complete apply need no write: their workloads'
+    // readiness comes from the watch's cache. A workload missing there is applied.
+    let uid = pc.metadata.uid.clone().unwrap_or_default();
+    let digest = digest(&children);
+    let unchanged = ctx
+        .applied
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&uid)
+        .is_some_and(|l| l.digest == digest && l.at.elapsed() < REAPPLY_AFTER);
+    let cached = if unchanged {
+        ctx.cached
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    } else {
+        None
+    };
+    let skip = cached.is_some();
+    let workload = async |refused: &mut Refusals, w: &plan::Workload| {
+        if let Some(c) = &cached
+            && let Some(found) = c.workload(&ns, w)
+        {
+            return Some(found);
+        }
+        refused.apply_workload(client, &ns, w).await
+    };
+    if !skip {
+        refused.apply(client, &ns, &children.config_map).await;
+        for policy in &children.network_policies {
+            refused.apply(client, &ns, policy).await;
+        }
     }
     let mut redis_ready = true;
     for (w, s) in &children.redis {
-        refused.apply(client, &ns, s).await;
-        let applied = refused.apply_workload(client, &ns, w).await;
+        if !skip {
+            refused.apply(client, &ns, s).await;
+        }
+        let applied = workload(&mut refused, w).await;
         redis_ready &= applied.is_some_and(|a| a.ready);
     }
-    refused.apply(client, &ns, &children.ingest_service).await;
-    let ingest = refused.apply(client, &ns, &children.ingest).await;
-    refused.apply(client, &ns, &children.ingest_hpa).await;
-    let ingest_ready = ingest.is_some_and(|i| readiness(&i).1);
+    if !skip {
+        refused.apply(client, &ns, &children.ingest_service).await;
+    }
+    let ingest = plan::Workload::Deployment(children.ingest.clone());
+    let ingest_ready = workload(&mut refused, &ingest)
+        .await
+        .is_some_and(|a| a.ready);
+    if !skip {
+        refused.apply(client, &ns, &children.ingest_hpa).await;
+    }
     let mut collectors = Vec::new();
-    let mut collectors_ready = true;
     let mut scale_to_zero_pending = false;
     let old_status = pc.status.clone().unwrap_or_default();
     for (spec, w) in pc.spec.collectors.iter().zip(&children.collectors) {
-        let Some(applied) = refused.apply_workload(client, &ns, w).await else {
-            collectors_ready = false;
-            collectors.push((
-                spec.name.clone(),
-                0,
-                false,
-                CollectorStatus {
+        let Some(applied) = workload(&mut refused, w).await else {
+            collectors.push(CollectorObserved {
+                status: CollectorStatus {
                     name: spec.name.clone(),
                     replicas: 0,
                     desired_replicas: None,
                     lag: None,
                     idle_since: None,
                 },
-            ));
+                ready: false,
+            });
             continue;
         };
         let (replicas, ready, desired) = (applied.ready_replicas, applied.ready, applied.replicas);
@@ -817,30 +990,42 @@ async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Err
             }
         }
         // A collector scaled to zero on purpose is ready.
-        let ready = ready || desired_now == Some(0);
-        collectors_ready &= ready;
-        collectors.push((
-            spec.name.clone(),
-            replicas,
-            ready,
-            CollectorStatus {
+        collectors.push(CollectorObserved {
+            status: CollectorStatus {
                 name: spec.name.clone(),
                 replicas,
                 desired_replicas: desired_now,
                 lag,
                 idle_since,
             },
-        ));
+            ready: ready || desired_now == Some(0),
+        });
     }
-    for hpa in &children.collector_hpas {
-        refused.apply(client, &ns, hpa).await;
-    }
-    if let Err(e) = prune(client, &ns, &pc, &children).await {
-        refused
-            .0
-            .push(format!("removing what the spec no longer names: {e}"));
+    if !skip {
+        for hpa in &children.collector_hpas {
+            refused.apply(client, &ns, hpa).await;
+        }
+        if let Err(e) = prune(client, &ns, &pc, &children).await {
+            refused
+                .0
+                .push(format!("removing what the spec no longer names: {e}"));
+        }
     }
     let refusals = refused.0;
+    {
+        let mut applied = ctx.applied.lock().unwrap_or_else(PoisonError::into_inner);
+        if !refusals.is_empty() {
+            applied.remove(&uid);
+        } else if !skip {
+            applied.insert(
+                uid.clone(),
+                LastApply {
+                    digest,
+                    at: Instant::now(),
+                },
+            );
+        }
+    }
     if !refusals.is_empty() {
         tracing::warn!(name = %pc.name_any(), refusals = ?refusals, "the apiserver refused children");
         ctx.event(
@@ -852,160 +1037,40 @@ async fn apply(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Err
         .await;
     }
 
-    let generation = pc.metadata.generation;
-    let old = pc.status.clone().unwrap_or_default().conditions;
-    let condition = |kind: &str, ok: bool, reason: &str, message: String| {
-        let status = if ok { "True" } else { "False" };
-        let since = old
-            .iter()
-            .find(|c| c.type_ == kind && c.status == status)
-            .map_or_else(
-                || Time(jiff::Timestamp::now()),
-                |c| c.last_transition_time.clone(),
-            );
-        Condition {
-            type_: kind.to_owned(),
-            status: status.to_owned(),
-            reason: reason.to_owned(),
-            message,
-            last_transition_time: since,
-            observed_generation: generation,
-        }
-    };
-    let waiting = |what: &str| format!("waiting for {what} to become ready");
-    let mut conditions = vec![
-        condition(
-            "TopicsReady",
-            topics.ready,
-            topics.reason,
-            topics.message.clone(),
-        ),
-        if refusals.is_empty() {
-            condition(
-                "ChildrenApplied",
-                true,
-                "Applied",
-                "every child object is applied".to_owned(),
-            )
-        } else {
-            condition(
-                "ChildrenApplied",
-                false,
-                "ApplyFailed",
-                format!("the apiserver refused: {}", refusals.join("; ")),
-            )
+    let ready_or_waiting = refusals.is_empty();
+    let status = status::status(
+        Observed {
+            generation: pc.metadata.generation,
+            streams: pc.spec.streams.len(),
+            topics: topics.status,
+            refusals,
+            redis_ready,
+            ingest_ready,
+            collectors,
         },
-        if redis_ready {
-            condition(
-                "RedisReady",
-                true,
-                "RedisReady",
-                "Redis is ready".to_owned(),
-            )
-        } else {
-            condition(
-                "RedisReady",
-                false,
-                "Progressing",
-                waiting("the managed Redis"),
-            )
-        },
-        if ingest_ready {
-            condition(
-                "IngestReady",
-                true,
-                "IngestReady",
-                "every ingest replica is ready".to_owned(),
-            )
-        } else {
-            condition("IngestReady", false, "Progressing", waiting("ingest"))
-        },
-        if collectors_ready {
-            condition(
-                "CollectorsReady",
-                true,
-                "CollectorsReady",
-                "every collector is ready".to_owned(),
-            )
-        } else {
-            let pending: Vec<&str> = collectors
-                .iter()
-                .filter(|c| !c.2)
-                .map(|c| c.0.as_str())
-                .collect();
-            condition(
-                "CollectorsReady",
-                false,
-                "Progressing",
-                waiting(&format!("collectors {}", pending.join(", "))),
-            )
-        },
-    ];
-    let all = conditions.iter().all(|c| c.status == "True");
-    let first_problem = conditions.iter().find(|c| c.status != "True").cloned();
-    // How safe the topics are: reported, not part of Ready (a one-broker dev cluster is a
-    // working pipeline).
-    if !topics.topics.is_empty() {
-        let replicated = if topics.single_copy.is_empty() {
-            condition(
-                "Replicated",
-                true,
-                "Replicated",
-                "every topic has more than one replica".to_owned(),
-            )
-        } else {
-            condition(
-                "Replicated",
-                false,
-                "SingleCopy",
-                format!(
-                    "{} topics have a single replica ({}): losing that broker's disk loses acknowledged events; set topic.replicationFactor to 3 (min.insync.replicas 2) on a cluster of 3 or more brokers",
-                    topics.single_copy.len(),
-                    topics.single_copy.join(", ")
-                ),
-            )
-        };
-        let was_false = old
-            .iter()
-            .any(|c| c.type_ == "Replicated" && c.status == "False");
-        if replicated.status == "False" && !was_false {
-            ctx.event(&pc, true, "SingleCopy", replicated.message.clone())
-                .await;
-        }
-        conditions.push(replicated);
-    }
-    conditions.insert(
-        0,
-        match first_problem {
-            None => condition("Ready", true, "Ready", "the pipeline is ready".to_owned()),
-            Some(c) => condition(
-                "Ready",
-                false,
-                &c.reason,
-                format!("{}: {}", c.type_, c.message),
-            ),
-        },
+        pc.status.as_ref(),
+        jiff::Timestamp::now(),
     );
-    let status = PipelineConfigStatus {
-        observed_generation: generation,
-        conditions,
-        streams: Some(pc.spec.streams.len() as i32),
-        ready_collectors: Some(collectors.iter().filter(|c| c.2).count() as i32),
-        topics: topics.topics,
-        created_topics: topics.created,
-        collectors: collectors.into_iter().map(|c| c.3).collect(),
-    };
-    api.patch_status(
-        &pc.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&json!({
-            "apiVersion": "sluice.dev/v1alpha1",
-            "kind": "PipelineConfig",
-            "status": status,
-        })),
-    )
-    .await?;
-    Ok(Action::requeue(if !refusals.is_empty() {
+    if status::newly_single_copy(pc.status.as_ref(), &status)
+        && let Some(c) = status::condition(&status, "Replicated")
+    {
+        ctx.event(&pc, true, "SingleCopy", c.message.clone()).await;
+    }
+    let all = status::condition(&status, "Ready").is_some_and(|c| c.status == "True");
+    // An unchanged status is not written again.
+    if pc.status.as_ref() != Some(&status) {
+        api.patch_status(
+            &pc.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&json!({
+                "apiVersion": "sluice.dev/v1alpha1",
+                "kind": "PipelineConfig",
+                "status": status,
+            })),
+        )
+        .await?;
+    }
+    Ok(Action::requeue(if !ready_or_waiting {
         // A refusal (quota, admission) rarely clears within a few seconds.
         Duration::from_secs(10)
     } else if !all {
@@ -1125,11 +1190,17 @@ where
 
 /// Applies the topic deletion policy; the children go with their owner.
 async fn cleanup(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if let Some(uid) = &pc.metadata.uid {
+        ctx.applied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(uid);
+    }
     if pc.spec.topic_deletion_policy == TopicDeletionPolicy::Delete {
         let ns = pc.namespace().unwrap_or_default();
-        let admin = kafka::client_args(&ctx.client, &ns, &pc.spec.kafka)
-            .await?
-            .admin()?;
+        let args = kafka::client_args(&ctx.client, &ns, &pc.spec.kafka).await?;
+        let cluster = ctx.kafka.cluster(&args)?;
+        let admin = cluster.admin();
         // Only what the operator created: a topic it adopted because the spec named it
         // was there before the pipeline and stays after it.
         let names: Vec<String> = pc
@@ -1144,7 +1215,9 @@ async fn cleanup(pc: Arc<PipelineConfig>, ctx: Arc<Context>) -> Result<Action, E
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
         for r in admin.delete_topics(&refs, &options).await? {
             match r {
-                Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+                Ok(t) | Err((t, rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition)) => {
+                    cluster.changed(&t, None).await;
+                }
                 Err((t, code)) => {
                     return Err(Error::Kafka(KafkaError::AdminOp(code)))
                         .inspect_err(|_| tracing::error!(topic = %t, "cannot delete topic"));

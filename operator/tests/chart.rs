@@ -797,11 +797,15 @@ async fn the_installed_charts_identity_is_enough_to_take_an_example_to_ready() {
         can_i(&["patch", "pipelineconfigs.sluice.dev", "--all-namespaces"]),
         "the token works"
     );
+    assert!(
+        can_i(&["watch", "secrets", "--all-namespaces"]),
+        "the operator watches Secrets, so that a changed one reconciles its pipelines"
+    );
     for denied in [
         &["create", "namespaces"][..],
         &["delete", "pipelineconfigs.sluice.dev", "--all-namespaces"],
-        &["list", "secrets", "--all-namespaces"],
         &["update", "secrets", "--all-namespaces"],
+        &["delete", "secrets", "--all-namespaces"],
         &["create", "clusterroles"],
         &["delete", "configmaps", "--all-namespaces"],
     ] {

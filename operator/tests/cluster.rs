@@ -441,19 +441,9 @@ async fn a_pipeline_converges_grows_refuses_a_shrink_and_is_cleaned_up() {
     })
     .await
     .expect("topics deleted");
-    sluice_testkit::wait_for("the children to be collected", limit, || {
-        let deployments = deployments.clone();
-        async move {
-            Ok(deployments
-                .list(&Default::default())
-                .await?
-                .items
-                .is_empty()
-                .then_some(()))
-        }
-    })
-    .await
-    .expect("children gone");
+    common::emptied(&deployments, "the children to be collected", limit)
+        .await
+        .expect("children gone");
 
     // With the default Retain policy the topics outlive the resource.
     let kept = sluice_testkit::unique("keep");
@@ -615,17 +605,20 @@ async fn kafka_sasl_credentials_come_from_a_secret() {
         )
         .await
         .expect("secret changed");
-    // The operator looks at a ready pipeline again within a minute.
-    let rolled = sluice_testkit::wait_for("a new secrets checksum on the collector", limit, || {
-        let deployments = deployments.clone();
-        let before = before.clone();
-        async move {
-            let d = deployments.get("secured-collector-store").await?;
-            Ok(sum(&serde_json::to_value(&d)?).filter(|s| *s != before))
-        }
-    })
-    .await
-    .expect("the collector's pods roll");
+    // The operator watches Secrets: the change is seen when it is made, not at the next
+    // look at a ready pipeline (every minute), which this wait does not reach.
+    let watched = Duration::from_secs(30);
+    let rolled =
+        sluice_testkit::wait_for("a new secrets checksum on the collector", watched, || {
+            let deployments = deployments.clone();
+            let before = before.clone();
+            async move {
+                let d = deployments.get("secured-collector-store").await?;
+                Ok(sum(&serde_json::to_value(&d)?).filter(|s| *s != before))
+            }
+        })
+        .await
+        .expect("the collector's pods roll");
     assert_ne!(rolled, before);
     let ingest = deployments.get("secured-ingest").await.expect("ingest");
     assert_eq!(

@@ -298,14 +298,66 @@ async fn ingest_nodeport(
     base
 }
 
-async fn pipeline_ready(api: &Api<PipelineConfig>, name: &str, limit: Duration) {
-    wait_for("the pipeline to become Ready", limit, || async {
+async fn pipeline_ready(
+    node: &RealNode,
+    api: &Api<PipelineConfig>,
+    namespace: &str,
+    name: &str,
+    limit: Duration,
+) {
+    let ready = wait_for("the pipeline to become Ready", limit, || async {
         Ok(condition(api, name, "Ready")
             .await
             .filter(|(status, _, _)| status == "True"))
     })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    .await;
+    if let Err(e) = ready {
+        panic!("{e}\n{}", what_kubectl_shows(node, namespace));
+    }
+}
+
+/// What a user would look at when a pipeline does not become Ready: its status, its
+/// children and their events, and the operator's last log lines.
+fn what_kubectl_shows(node: &RealNode, namespace: &str) -> String {
+    let commands: [&[&str]; 5] = [
+        &["get", "pcfg,deploy,sts,pods", "-n", namespace, "-o", "wide"],
+        &[
+            "get",
+            "pcfg",
+            "-n",
+            namespace,
+            "-o",
+            "jsonpath={.items[*].status}",
+        ],
+        &["get", "events", "-n", namespace, "--sort-by=.lastTimestamp"],
+        &[
+            "logs",
+            "-n",
+            namespace,
+            "-l",
+            "app.kubernetes.io/managed-by=sluice-operator",
+            "--all-containers",
+            "--tail=10",
+            "--prefix",
+        ],
+        &[
+            "logs",
+            "-n",
+            RELEASE_NAMESPACE,
+            "-l",
+            "app.kubernetes.io/name=sluice-operator",
+            "--tail=40",
+            "--prefix",
+        ],
+    ];
+    commands
+        .iter()
+        .map(|args| {
+            let out = run(node, "kubectl", args).unwrap_or_else(|e| e);
+            format!("$ kubectl {}\n{out}", args.join(" "))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Deletes the pipeline, waits until the operator's finalizer let it go (its topics are
@@ -433,7 +485,7 @@ impl Deployed {
         edit(&mut pc);
         let name = pc.name_any();
         let api = create(&client, &ns, &pc).await;
-        pipeline_ready(&api, &name, limit).await;
+        pipeline_ready(&node, &api, &ns, &name, limit).await;
         let base = ingest_nodeport(&client, &node, &ns, &name).await;
         Self {
             node,
@@ -909,7 +961,7 @@ async fn the_hpa_scales_real_collectors_on_the_lag_they_drain() {
     let stream = streams["items"].clone();
     let collector = pc.spec.collectors.remove(0);
     let api = create(&client, &ns, &pc).await;
-    pipeline_ready(&api, &name, limit).await;
+    pipeline_ready(&node, &api, &ns, &name, limit).await;
     let base = ingest_nodeport(&client, &node, &ns, &name).await;
     let http = reqwest::Client::new();
     let mut ids = Vec::with_capacity(EVENTS);

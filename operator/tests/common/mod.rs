@@ -118,6 +118,7 @@ pub fn controller(client: &Client, namespace: &str) -> tokio_util::sync::Cancell
     tokio::spawn(sluice_operator::reconcile::run(
         Api::namespaced(client.clone(), namespace),
         ctx,
+        sluice_operator::reconcile::DEFAULT_CONCURRENCY,
         stop.clone(),
     ));
     stop
@@ -219,4 +220,20 @@ pub fn spawn_operator(namespace: &str, extra: &[&str]) -> Operator {
         metrics,
         external,
     }
+}
+
+/// Waits until `api` lists nothing (`what` names it in the error).
+pub async fn emptied<K>(api: &Api<K>, what: &str, limit: Duration) -> anyhow::Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    sluice_testkit::wait_for(what, limit, || async {
+        Ok(api
+            .list(&Default::default())
+            .await?
+            .items
+            .is_empty()
+            .then_some(()))
+    })
+    .await
 }

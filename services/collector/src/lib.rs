@@ -416,7 +416,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Collecto
                 mode,
                 group: match mode {
                     Mode::Main => group.clone(),
-                    Mode::Retry => format!("{group}.retry"),
+                    Mode::Retry => sluice_core::settings::retry_group(group),
                 },
                 streams: streams.iter().map(|s| (*s).clone()).collect(),
                 retry: settings.retry.clone(),

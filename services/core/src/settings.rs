@@ -408,7 +408,7 @@ impl StreamSettings {
         }
     }
 
-    /// The topic read events of this stream go to.
+    /// The topic read events of this stream go to: `read_topic`, else `<topic>.reads`.
     pub fn read_topic(&self) -> String {
         self.read_topic
             .clone()
@@ -466,6 +466,12 @@ fn check_name(name: &str, max: usize) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The consumer group a collector reads its retry topics with: `<group>.retry`, beside
+/// `group` on the streams' own topics.
+pub fn retry_group(group: &str) -> String {
+    format!("{group}.retry")
 }
 
 #[cfg(test)]
