@@ -146,7 +146,6 @@ pub struct Cluster {
     admin: AdminClient<DefaultClientContext>,
     /// The topic view and when it was read from the brokers; one refresh at a time.
     view: tokio::sync::Mutex<Option<(Instant, Arc<TopicView>)>>,
-    last_used: Mutex<Instant>,
 }
 
 impl Cluster {
@@ -217,54 +216,67 @@ impl Cluster {
     }
 }
 
-/// The operator's Kafka clients: one [`Cluster`] per cluster and credentials, made on
-/// first use and dropped after [`IDLE_CLIENT`] unused.
-#[derive(Default, Clone)]
-pub struct KafkaClients {
-    clusters: Arc<Mutex<BTreeMap<String, Arc<Cluster>>>>,
+/// Clients kept while they are used: one unused for [`IDLE_CLIENT`] is dropped (its
+/// connections closed), and at most [`MAX_CLIENTS`] are kept, the least recently used
+/// going first.
+struct IdleCache<T> {
+    entries: Mutex<BTreeMap<String, (T, Instant)>>,
 }
 
-/// A cached client unused for this long is dropped (its connections closed).
+/// A cached client unused for this long is dropped.
 const IDLE_CLIENT: Duration = Duration::from_secs(600);
+/// At most this many clients of one kind are kept.
+const MAX_CLIENTS: usize = 1024;
+
+impl<T> Default for IdleCache<T> {
+    fn default() -> Self {
+        Self {
+            entries: Mutex::default(),
+        }
+    }
+}
+
+impl<T: Clone> IdleCache<T> {
+    /// The client kept for `key`, or a new one from `make`.
+    fn get_or_make<E>(&self, key: String, make: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+        let now = Instant::now();
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries.retain(|k, (_, used)| *k == key || now.duration_since(*used) < IDLE_CLIENT);
+        if let Some((client, used)) = entries.get_mut(&key) {
+            *used = now;
+            return Ok(client.clone());
+        }
+        if entries.len() >= MAX_CLIENTS
+            && let Some(oldest) = entries
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone())
+        {
+            entries.remove(&oldest);
+        }
+        let client = make()?;
+        entries.insert(key, (client.clone(), now));
+        Ok(client)
+    }
+}
+
+/// The operator's Kafka clients: one [`Cluster`] per cluster and credentials, made on
+/// first use and kept while used.
+#[derive(Default, Clone)]
+pub struct KafkaClients {
+    clusters: Arc<IdleCache<Arc<Cluster>>>,
+}
 
 impl KafkaClients {
     /// The shared clients of `kafka`'s cluster.
     pub fn cluster(&self, kafka: &KafkaArgs) -> Result<Arc<Cluster>, KafkaError> {
-        let key = cluster_key(kafka);
-        let mut clusters = self.clusters.lock().unwrap_or_else(PoisonError::into_inner);
-        clusters.retain(|k, c| k == &key || idle_for(&c.last_used) < IDLE_CLIENT);
-        if let Some(c) = clusters.get(&key) {
-            *c.last_used.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
-            return Ok(c.clone());
-        }
-        let cluster = Arc::new(Cluster {
-            admin: kafka.admin()?,
-            view: tokio::sync::Mutex::new(None),
-            last_used: Mutex::new(Instant::now()),
-        });
-        clusters.insert(key, cluster.clone());
-        Ok(cluster)
+        self.clusters.get_or_make(cluster_key(kafka), || {
+            Ok(Arc::new(Cluster {
+                admin: kafka.admin()?,
+                view: tokio::sync::Mutex::new(None),
+            }))
+        })
     }
-
-    /// Clusters with clients now.
-    pub fn len(&self) -> usize {
-        self.clusters
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
-    }
-
-    /// Whether no cluster has clients now.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-fn idle_for(last_used: &Mutex<Instant>) -> Duration {
-    last_used
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .elapsed()
 }
 
 /// What the brokers say about one partition for one group.
@@ -308,22 +320,13 @@ pub struct GroupLag {
 
 /// Reads consumer lag from the brokers. Topics and watermarks come from the cluster's
 /// shared [`Cluster`]; a group's committed offsets need a client of that group, kept while
-/// it is used (a collector's autoscaler asks every few seconds) and dropped after
-/// [`IDLE_CLIENT`] unused; at most [`MAX_GROUP_CLIENTS`] are kept, the least recently
-/// used going first.
+/// it is used (a collector's autoscaler asks every few seconds), like the clusters' own.
 #[derive(Default, Clone)]
 pub struct LagReader {
     kafka: KafkaClients,
-    groups: Arc<Mutex<BTreeMap<String, GroupClient>>>,
+    groups: Arc<IdleCache<Arc<BaseConsumer>>>,
 }
 
-struct GroupClient {
-    consumer: Arc<BaseConsumer>,
-    last_used: Instant,
-}
-
-/// At most this many group clients are kept.
-pub const MAX_GROUP_CLIENTS: usize = 1024;
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How old the topic view may be for reading lag; a topic missing from it is looked for
 /// again in a view at most [`VIEW_RECHECK`] old.
@@ -476,41 +479,12 @@ impl LagReader {
 
     fn client(&self, kafka: &KafkaArgs, group: &str) -> Result<Arc<BaseConsumer>, KafkaError> {
         let key = format!("{}\n{group}", cluster_key(kafka));
-        let now = Instant::now();
-        let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
-        groups.retain(|k, c| k == &key || now.duration_since(c.last_used) < IDLE_CLIENT);
-        if let Some(c) = groups.get_mut(&key) {
-            c.last_used = now;
-            return Ok(c.consumer.clone());
-        }
-        if groups.len() >= MAX_GROUP_CLIENTS
-            && let Some(oldest) = groups
-                .iter()
-                .min_by_key(|(_, c)| c.last_used)
-                .map(|(k, _)| k.clone())
-        {
-            groups.remove(&oldest);
-        }
-        let mut config = kafka.consumer_config(group);
-        // Only reads offsets (and fixes a starting point): never joins the group.
-        config.set("enable.auto.commit", "false");
-        let consumer: Arc<BaseConsumer> = Arc::new(config.create()?);
-        groups.insert(
-            key,
-            GroupClient {
-                consumer: consumer.clone(),
-                last_used: now,
-            },
-        );
-        Ok(consumer)
-    }
-
-    /// Group clients kept now.
-    pub fn group_clients(&self) -> usize {
-        self.groups
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.groups.get_or_make(key, || {
+            let mut config = kafka.consumer_config(group);
+            // Only reads offsets (and fixes a starting point): never joins the group.
+            config.set("enable.auto.commit", "false");
+            Ok(Arc::new(config.create()?))
+        })
     }
 }
 

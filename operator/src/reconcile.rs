@@ -275,9 +275,8 @@ const MANAGED_BY: &str = "app.kubernetes.io/managed-by=sluice-operator";
 /// Whether `pc` reads the Secret `name` of its namespace: Kafka's TLS and SASL, the
 /// sinks' credentials, the Redis password (named or generated), ingest's API keys.
 fn references_secret(pc: &PipelineConfig, name: &str) -> bool {
-    let (services, redis) = plan::referenced_secrets(pc);
-    services.iter().chain(&redis).any(|s| s == name)
-        || plan::generated_redis_secret(pc).is_some_and(|s| s == name)
+    // The pods' Secrets include the Redis password's, the managed Redis' among them.
+    plan::referenced_secrets(pc).0.iter().any(|s| s == name)
         || pc
             .spec
             .ingest
@@ -738,18 +737,6 @@ async fn ensure_redis_auth(
     }
 }
 
-/// Ready replicas of a Deployment that was just applied, and whether it has all it wants.
-fn readiness(d: &Deployment) -> (i32, bool) {
-    let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let status = d.status.clone().unwrap_or_default();
-    let ready = status.ready_replicas.unwrap_or(0);
-    let generation_seen = status.observed_generation >= d.metadata.generation;
-    (
-        ready,
-        generation_seen && ready >= wanted && status.updated_replicas.unwrap_or(0) >= wanted,
-    )
-}
-
 /// A digest of the children as the plan makes them: equal digests, equal objects.
 fn digest(children: &plan::Children) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -778,16 +765,24 @@ impl Cached {
     }
 }
 
+/// A Deployment's ready replicas, and whether it has all it wants.
 fn deployment_applied(d: &Deployment) -> Applied {
-    let (ready_replicas, ready) = readiness(d);
+    let replicas = d.spec.as_ref().and_then(|s| s.replicas);
+    let wanted = replicas.unwrap_or(1);
+    let status = d.status.clone().unwrap_or_default();
+    let ready_replicas = status.ready_replicas.unwrap_or(0);
+    let generation_seen = status.observed_generation >= d.metadata.generation;
     Applied {
         name: d.name_any(),
         ready_replicas,
-        ready,
-        replicas: d.spec.as_ref().and_then(|s| s.replicas),
+        ready: generation_seen
+            && ready_replicas >= wanted
+            && status.updated_replicas.unwrap_or(0) >= wanted,
+        replicas,
     }
 }
 
+/// A StatefulSet's ready replicas, and whether it has all it wants.
 fn stateful_set_applied(a: &StatefulSet) -> Applied {
     let replicas = a.spec.as_ref().and_then(|s| s.replicas);
     let wanted = replicas.unwrap_or(1);
@@ -1114,10 +1109,7 @@ async fn prune(
     pc: &PipelineConfig,
     children: &plan::Children,
 ) -> Result<(), kube::Error> {
-    let selector = format!(
-        "app.kubernetes.io/instance={},app.kubernetes.io/managed-by=sluice-operator",
-        pc.name_any()
-    );
+    let selector = format!("app.kubernetes.io/instance={},{MANAGED_BY}", pc.name_any());
     let lp = kube::api::ListParams::default().labels(&selector);
     let owned = |meta: &kube::api::ObjectMeta| {
         meta.owner_references
