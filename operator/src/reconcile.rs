@@ -9,7 +9,7 @@
 //!    apiserver refuses (quota, Pod Security, a webhook) does not stop the others: it
 //!    becomes the `ChildrenApplied` condition and a Warning Event; children the spec no
 //!    longer names are deleted. Children unchanged since their last complete apply are
-//!    not written again (but at least every [`REAPPLY_AFTER`]);
+//!    not written again (but at least every ten minutes, `REAPPLY_AFTER`);
 //! 4. the Deployments' and StatefulSets' ready replicas, as the controller's watches see
 //!    them, give `RedisReady`, `IngestReady`, `CollectorsReady` ([`crate::status`]);
 //! 5. the status is written when it changed, and the resource is looked at again soon
