@@ -21,16 +21,16 @@ pub mod redrive;
 pub mod sink;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::get;
 use rdkafka::error::KafkaError;
+use sluice_core::args::{RedisArgs, ServiceArgs};
 use sluice_core::kafka::{KafkaArgs, TopicSpec, ensure_topics};
 use sluice_core::settings::{SettingsError, duration_arg};
-use sluice_core::{PipelineSettings, StreamSettings, store};
+use sluice_core::{PipelineSettings, StreamSettings};
 use tokio_util::sync::CancellationToken;
 
 use consume::{Mode, Worker, WorkerConfig};
@@ -72,14 +72,12 @@ impl SinkKind {
     name = "sluice-collector",
     version,
     about = "Sluice collector: Kafka in, sinks out",
-    after_help = "`sluice-collector redrive --help`: send a stream's dead-lettered events back to its topic."
+    after_help = "Without --settings the topics named in --groups are the streams, written to files (--record-directory) by default. --create-topics creates the streams' retry and dead-letter topics (always done without --settings).\n\n`sluice-collector redrive --help`: send a stream's dead-lettered events back to its topic."
 )]
 pub struct Args {
-    /// Pipeline settings file (streams and their topics, retry policy). Without it, the
-    /// topics named in --groups are the streams, written to files (--record-directory) by
-    /// default.
-    #[arg(long, env = "SLUICE_SETTINGS")]
-    pub settings: Option<PathBuf>,
+    /// Settings, topic creation, metrics and logs.
+    #[command(flatten)]
+    pub service: ServiceArgs,
     /// Kafka connection.
     #[command(flatten)]
     pub kafka: KafkaArgs,
@@ -103,19 +101,9 @@ pub struct Args {
     /// Where events are written: `redis` by default with --settings, `file` without.
     #[arg(long, env = "SLUICE_SINK", value_enum)]
     pub sink: Option<SinkKind>,
-    /// Redis the `redis` and `redis-index` sinks write to (the primary).
-    #[arg(
-        long,
-        env = "SLUICE_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    pub redis_url: String,
-    /// Password sent to that Redis (kept out of the URL, so out of logs).
-    #[arg(long, env = "SLUICE_REDIS_PASSWORD", hide_env_values = true)]
-    pub redis_password: Option<String>,
-    /// Prefix of the Redis keys.
-    #[arg(long, env = "SLUICE_KEY_PREFIX", default_value = store::DEFAULT_PREFIX)]
-    pub key_prefix: String,
+    /// The Redis the `redis` and `redis-index` sinks write to.
+    #[command(flatten)]
+    pub redis: RedisArgs,
     /// Expiry of records in Redis (`3600s`, `24h`); records never expire when unset.
     #[arg(long, env = "SLUICE_RECORD_TTL", value_parser = duration_arg)]
     pub record_ttl: Option<Duration>,
@@ -161,16 +149,6 @@ pub struct Args {
     /// Tries of a batch write before its events go to the retry topic.
     #[arg(long, env = "SLUICE_WRITE_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub write_attempts: u32,
-    /// Create the retry and dead-letter topics at start-up when absent (always without
-    /// --settings).
-    #[arg(long, env = "SLUICE_CREATE_TOPICS")]
-    pub create_topics: bool,
-    /// Address of the `/metrics` and `/healthz` endpoints; off when unset.
-    #[arg(long, env = "SLUICE_METRICS_LISTEN")]
-    pub metrics_listen: Option<SocketAddr>,
-    /// Log filter, for example `info` or `info,sluice_collector=debug`.
-    #[arg(long, env = "SLUICE_LOG", default_value = "info")]
-    pub log_level: String,
 }
 
 /// Why the collector stopped with an error.
@@ -194,14 +172,9 @@ pub enum CollectorError {
 }
 
 impl Args {
-    /// A client of --redis-url with --redis-password.
-    pub fn redis_client(&self) -> redis::RedisResult<redis::Client> {
-        store::redis_client(&self.redis_url, self.redis_password.as_deref())
-    }
-
     /// The sink: --sink, or its default (`redis` with a settings file, `file` without).
     pub fn sink_kind(&self) -> SinkKind {
-        self.sink.unwrap_or(if self.settings.is_some() {
+        self.sink.unwrap_or(if self.service.settings.is_some() {
             SinkKind::Redis
         } else {
             SinkKind::File
@@ -210,7 +183,7 @@ impl Args {
 
     /// The pipeline: the settings file, or without one a stream per topic of --groups.
     pub fn pipeline(&self) -> Result<PipelineSettings, CollectorError> {
-        if let Some(path) = &self.settings {
+        if let Some(path) = &self.service.settings {
             return Ok(PipelineSettings::from_file(path)?);
         }
         if self.groups.is_empty() {
@@ -285,8 +258,8 @@ async fn build_sink(args: &Args, settings: &PipelineSettings) -> Result<AnySink,
     Ok(match args.sink_kind() {
         SinkKind::Redis => AnySink::Redis(
             sink::redis::RedisSink::connect(
-                args.redis_client()?,
-                args.key_prefix.clone(),
+                args.redis.client()?,
+                args.redis.key_prefix.clone(),
                 args.record_ttl,
                 settings,
             )
@@ -294,8 +267,8 @@ async fn build_sink(args: &Args, settings: &PipelineSettings) -> Result<AnySink,
         ),
         SinkKind::RedisIndex => AnySink::RedisIndex(
             sink::redis_index::RedisIndexSink::connect(
-                args.redis_client()?,
-                args.key_prefix.clone(),
+                args.redis.client()?,
+                args.redis.key_prefix.clone(),
             )
             .await?,
         ),
@@ -351,7 +324,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Collecto
     let plan = plan_groups(&args, &settings)?;
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(SinkHealth::new(args.sink_kind().name(), metrics.clone()));
-    if let Some(addr) = args.metrics_listen {
+    if let Some(addr) = args.service.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(CollectorError::Metrics)?;
@@ -383,7 +356,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Collecto
         });
     }
     // Without a settings file no operator or script made the retry and dead-letter topics.
-    if args.create_topics || args.settings.is_none() {
+    if args.service.create_topics || args.service.settings.is_none() {
         let topics: Vec<TopicSpec> = plan
             .values()
             .flatten()
@@ -403,9 +376,10 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Collecto
     let mut confirmers = Vec::new();
     for (group, streams) in &plan {
         let (confirmer, sending) = confirm::Confirmer::start(
-            args.redis_client()
+            args.redis
+                .client()
                 .map_err(|e| CollectorError::Sink(SinkError::from(e)))?,
-            args.key_prefix.clone(),
+            args.redis.key_prefix.clone(),
             group.clone(),
             metrics.clone(),
         )
@@ -423,7 +397,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Collecto
                 batch_size: args.batch_size as usize,
                 concurrency: args.concurrent_count as usize,
                 write_attempts: args.write_attempts,
-                streams_are_topics: args.settings.is_none(),
+                streams_are_topics: args.service.settings.is_none(),
             };
             let worker = Worker::new(
                 &args.kafka,

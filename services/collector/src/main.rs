@@ -25,7 +25,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let args = Args::parse();
-    let telemetry = sluice_core::telemetry::init("sluice-collector", &args.log_level);
+    let telemetry = sluice_core::telemetry::init("sluice-collector", &args.service.log_level);
     let shutdown = sluice_core::shutdown::on_signal();
     let result = run(args, shutdown).await.context("collector failed");
     telemetry.shutdown();

@@ -1,5 +1,6 @@
 //! Shared parts of the Sluice services.
 //!
+//! - [`args`]: the flags every service takes (settings, Redis, metrics, logs);
 //! - [`confirm`]: how collectors confirm written events to the ingest instance waiting;
 //! - [`envelope`]: the one encoding of an event on Kafka and in the stores;
 //! - [`settings`]: the pipeline settings file (streams and their topics) every service reads;
@@ -7,6 +8,7 @@
 //! - [`store`]: how records are named in Redis;
 //! - [`telemetry`] and [`shutdown`]: logging and graceful shutdown for the binaries.
 
+pub mod args;
 pub mod confirm;
 pub mod envelope;
 pub mod kafka;

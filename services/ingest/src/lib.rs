@@ -44,9 +44,10 @@ use std::time::Duration;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use sluice_core::args::{RedisArgs, ServiceArgs};
 use sluice_core::kafka::{KafkaArgs, TopicSpec, ensure_topics};
 use sluice_core::settings::{SettingsError, duration_arg};
-use sluice_core::{PipelineSettings, StreamSettings, store};
+use sluice_core::{PipelineSettings, StreamSettings};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -62,7 +63,8 @@ use publish::{Publisher, SchemaError, Streams};
 #[command(
     name = "sluice-ingest",
     version,
-    about = "Sluice ingest: HTTP and WebSocket in, Kafka out"
+    about = "Sluice ingest: HTTP and WebSocket in, Kafka out",
+    after_help = "Without --settings the pipeline is the streams `visit` and `activity`, on the topics of --visit-topic and --activity-topic (created when absent). --create-topics creates every stream's topic and read-event topic."
 )]
 pub struct Args {
     /// Address the HTTP server listens on.
@@ -71,14 +73,9 @@ pub struct Args {
     /// Port of the HTTP server, on the address of --listen (the workshop's flag).
     #[arg(long, env = "SLUICE_INGEST_PORT")]
     pub port: Option<u16>,
-    /// Address of `/metrics`, `/healthz` and `/readyz`, kept off the API's port so that a
-    /// Service or load balancer in front of the API exposes only the API; off when unset.
-    #[arg(long, env = "SLUICE_METRICS_LISTEN")]
-    pub metrics_listen: Option<SocketAddr>,
-    /// Pipeline settings file (streams and their topics). Without it, the pipeline is the
-    /// streams `visit` and `activity`, on the topics of --visit-topic and --activity-topic.
-    #[arg(long, env = "SLUICE_SETTINGS")]
-    pub settings: Option<PathBuf>,
+    /// Settings, topic creation, metrics and logs.
+    #[command(flatten)]
+    pub service: ServiceArgs,
     /// Topic of the stream `visit` (`POST /api/visit/v1/`); created at start when absent.
     #[arg(long, env = "SLUICE_VISIT_TOPIC")]
     pub visit_topic: Option<String>,
@@ -89,17 +86,9 @@ pub struct Args {
     /// Kafka connection.
     #[command(flatten)]
     pub kafka: KafkaArgs,
-    /// Redis primary, where collectors write records.
-    #[arg(
-        long,
-        env = "SLUICE_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    pub redis_url: String,
-    /// Password sent to the Redis primary and replica (kept out of the URLs, so out of
-    /// logs).
-    #[arg(long, env = "SLUICE_REDIS_PASSWORD", hide_env_values = true)]
-    pub redis_password: Option<String>,
+    /// Redis (the password also goes to the replica).
+    #[command(flatten)]
+    pub redis: RedisArgs,
     /// Redis replica reads go to first; the primary answers when it is absent or misses.
     #[arg(long, env = "SLUICE_REDIS_REPLICA_URL")]
     pub redis_replica_url: Option<String>,
@@ -107,12 +96,6 @@ pub struct Args {
     /// `mysql://...`): GET and the TCP read port read their records there.
     #[arg(long, env = "SLUICE_DATABASE_URL")]
     pub database_url: Option<String>,
-    /// Prefix of the Redis keys of records.
-    #[arg(long, env = "SLUICE_KEY_PREFIX", default_value = store::DEFAULT_PREFIX)]
-    pub key_prefix: String,
-    /// Create the streams' topics (and read-event topics) at start-up when absent.
-    #[arg(long, env = "SLUICE_CREATE_TOPICS")]
-    pub create_topics: bool,
     /// Publish a read event to the stream's read topic on every GET hit.
     #[arg(long, env = "SLUICE_READ_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
     pub read_events: bool,
@@ -188,9 +171,6 @@ pub struct Args {
     /// instances before it stops accepting. Ctrl-C (SIGINT) stops without this delay.
     #[arg(long, env = "SLUICE_DRAIN_DELAY", default_value = "5s", value_parser = duration_arg)]
     pub drain_delay: Duration,
-    /// Log filter, for example `info` or `info,sluice_ingest=debug`.
-    #[arg(long, env = "SLUICE_LOG", default_value = "info")]
-    pub log_level: String,
 }
 
 impl Args {
@@ -199,17 +179,13 @@ impl Args {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             port: None,
-            metrics_listen: None,
-            settings: Some(settings),
+            service: ServiceArgs::new(Some(settings)),
             visit_topic: None,
             activity_topic: None,
             kafka,
-            redis_url,
+            redis: RedisArgs::new(redis_url),
             redis_replica_url: None,
-            redis_password: None,
             database_url: None,
-            key_prefix: store::DEFAULT_PREFIX.to_owned(),
-            create_topics: false,
             read_events: true,
             messages_stream: "messages".to_owned(),
             max_body_bytes: 1024 * 1024,
@@ -232,7 +208,6 @@ impl Args {
             sink_ack_max_timeout: Duration::from_secs(60),
             sink_ack_max_waiting: 100_000,
             drain_delay: Duration::from_secs(5),
-            log_level: "info".to_owned(),
         }
     }
 
@@ -271,7 +246,7 @@ impl Args {
             ("visit", &self.visit_topic),
             ("activity", &self.activity_topic),
         ];
-        let mut settings = match &self.settings {
+        let mut settings = match &self.service.settings {
             Some(path) => PipelineSettings::from_file(path)?,
             None => PipelineSettings::of_streams(
                 named
@@ -293,7 +268,7 @@ impl Args {
             if let Some(topic) = topic {
                 stream.topic = Some(topic.clone());
             }
-            if topic.is_some() || self.settings.is_none() {
+            if topic.is_some() || self.service.settings.is_none() {
                 create.push(TopicSpec {
                     name: stream.topic().to_owned(),
                     partitions: stream.partitions,
@@ -302,7 +277,7 @@ impl Args {
         }
         // The topics may have changed: checked as a file's are.
         settings.validate()?;
-        if self.create_topics {
+        if self.service.create_topics {
             create.clear();
             for s in &settings.streams {
                 create.push(TopicSpec {
@@ -385,12 +360,12 @@ struct Inner {
 /// A Redis connection made on first use: publishing never needs Redis, so ingest starts
 /// and takes events while Redis is away (reads answer 503 until it is back), and runs with
 /// no Redis at all where nothing reads.
-fn redis_connection(url: &str, password: Option<&str>) -> Result<ConnectionManager, StartError> {
+fn redis_connection(redis: &RedisArgs, url: &str) -> Result<ConnectionManager, StartError> {
     let redis_error = |source| StartError::Redis {
         url: url.to_owned(),
         source,
     };
-    let client = store::redis_client(url, password).map_err(redis_error)?;
+    let client = redis.client_of(url).map_err(redis_error)?;
     ConnectionManager::new_lazy_with_config(client, ConnectionManagerConfig::new())
         .map_err(redis_error)
 }
@@ -432,10 +407,9 @@ impl App {
             ensure_topics(&args.kafka, &create).await?;
         }
         let producer: FutureProducer = args.kafka.producer_config().create()?;
-        let password = args.redis_password.as_deref();
-        let redis = redis_connection(&args.redis_url, password)?;
+        let redis = redis_connection(&args.redis, &args.redis.url)?;
         let replica = match &args.redis_replica_url {
-            Some(url) => Some(redis_connection(url, password)?),
+            Some(url) => Some(redis_connection(&args.redis, url)?),
             None => None,
         };
         let sql = sql_store(args, &settings)?;
@@ -450,11 +424,11 @@ impl App {
         let instance = args.instance_name()?;
         let sink_acks = confirm::SinkAcks::new(
             instance.clone(),
-            store::redis_client(&args.redis_url, password).map_err(|source| StartError::Redis {
-                url: args.redis_url.clone(),
+            args.redis.client().map_err(|source| StartError::Redis {
+                url: args.redis.url.clone(),
                 source,
             })?,
-            &args.key_prefix,
+            &args.redis.key_prefix,
             args.sink_ack_max_waiting,
             metrics.clone(),
             closing.clone(),
@@ -478,7 +452,7 @@ impl App {
                 publisher,
                 redis,
                 replica,
-                key_prefix: args.key_prefix.clone(),
+                key_prefix: args.redis.key_prefix.clone(),
                 read_events: args.read_events,
                 messages_stream: args.messages_stream.clone(),
                 max_body_bytes: args.max_body_bytes,

@@ -11,7 +11,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let telemetry = sluice_core::telemetry::init("sluice-ingest", &args.log_level);
+    let telemetry = sluice_core::telemetry::init("sluice-ingest", &args.service.log_level);
     let drain = sluice_core::shutdown::on_signal_with_drain(args.drain_delay);
     let shutdown = drain.stop.clone();
     let app = App::connect(&args).await.context("cannot start ingest")?;
@@ -27,7 +27,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {address}"))?;
     let mut doors = tokio::task::JoinSet::new();
-    if let Some(addr) = args.metrics_listen {
+    if let Some(addr) = args.service.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;

@@ -20,7 +20,7 @@ async fn app_for(stack: &Stack, pipeline: &Pipeline) -> App {
         stack.kafka(),
         stack.redis_url.clone(),
     );
-    args.key_prefix = pipeline.key_prefix.clone();
+    args.redis.key_prefix = pipeline.key_prefix.clone();
     args.max_body_bytes = 1024;
     App::connect(&args).await.expect("ingest starts")
 }

@@ -48,7 +48,7 @@ async fn start_with(
         stack.kafka(),
         stack.redis_url.clone(),
     );
-    args.key_prefix = pipeline.key_prefix.clone();
+    args.redis.key_prefix = pipeline.key_prefix.clone();
     args.redis_replica_url = Some(stack.redis_replica_url.clone());
     tweak(&mut args);
     let app = App::connect(&args).await.expect("ingest starts");

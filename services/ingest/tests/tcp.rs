@@ -59,7 +59,7 @@ async fn start_ports(
         stack.kafka(),
         stack.redis_url.clone(),
     );
-    args.key_prefix = pipeline.key_prefix.clone();
+    args.redis.key_prefix = pipeline.key_prefix.clone();
     args.redis_replica_url = Some(stack.redis_replica_url.clone());
     args.tcp_stream = stream.to_owned();
     tweak(&mut args);

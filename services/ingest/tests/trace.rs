@@ -32,7 +32,7 @@ async fn the_trace_follows_an_event_from_http_through_kafka_to_redis() {
         stack.kafka(),
         stack.redis_url.clone(),
     );
-    args.key_prefix = pipeline.key_prefix.clone();
+    args.redis.key_prefix = pipeline.key_prefix.clone();
     let app = App::connect(&args).await.expect("ingest");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
