@@ -170,8 +170,7 @@ async fn file_sink_killed_mid_write_keeps_whole_lines_and_every_event_once() -> 
                 let (dir, name) = (dir.clone(), name.clone());
                 async move {
                     // Lines are read whole or not at all; a partial line is an error here.
-                    let lines =
-                        sluice_collector::sink::file::read_all(&dir, &name).unwrap_or_default();
+                    let lines = sluice_core::segment::read_all(&dir, &name).unwrap_or_default();
                     Ok((lines.len() >= want).then_some(lines))
                 }
             })
@@ -194,6 +193,6 @@ async fn file_sink_killed_mid_write_keeps_whole_lines_and_every_event_once() -> 
         sent.iter().map(|e| e.id.clone()).collect::<BTreeSet<_>>()
     );
     // Every line of every segment is whole JSON.
-    sluice_collector::sink::file::read_all(dir.path(), &name)?;
+    sluice_core::segment::read_all(dir.path(), &name)?;
     Ok(())
 }

@@ -128,7 +128,7 @@ async fn the_workshop_programs_run_with_the_workshops_own_flags() -> anyhow::Res
     let lines = wait_for("the 30 reports in the collector's files", LIMIT, || {
         let (dir, topic) = (records.path().to_owned(), visit_topic.clone());
         async move {
-            let lines = sluice_collector::sink::file::read_all(&dir, &topic).unwrap_or_default();
+            let lines = sluice_core::segment::read_all(&dir, &topic).unwrap_or_default();
             Ok((lines.len() >= 30).then_some(lines))
         }
     })

@@ -190,7 +190,7 @@ async fn file_sink_writes_every_event_once_across_a_replay() {
     ];
 
     let read = |dir: std::path::PathBuf, name: String| async move {
-        sluice_collector::sink::file::read_all(&dir, &name).map_err(anyhow::Error::from)
+        sluice_core::segment::read_all(&dir, &name).map_err(anyhow::Error::from)
     };
     let first = start(&pipeline, &stack, &unique("g"), &extra);
     wait_for("400 lines on disk", LIMIT, || {
@@ -982,7 +982,7 @@ async fn every_sink_keeps_the_first_event_stored_under_an_id() {
         .fetch_all(&mysql)
         .await
         .unwrap_or_default();
-        let lines = sluice_collector::sink::file::read_all(dir.path(), &name)?;
+        let lines = sluice_core::segment::read_all(dir.path(), &name)?;
         let done = others.is_some()
             && rows.len() == 2
             && my_rows.len() == 2
@@ -1050,7 +1050,7 @@ async fn the_file_sink_writes_events_from_the_retry_topic_once() {
     let mut want = ids(&main);
     want.extend(ids(&retried));
     let lines = wait_for("every event on disk", LIMIT, || async {
-        let lines = sluice_collector::sink::file::read_all(dir.path(), &name)?;
+        let lines = sluice_core::segment::read_all(dir.path(), &name)?;
         Ok((lines.len() >= want.len()).then_some(lines))
     })
     .await

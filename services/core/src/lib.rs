@@ -6,12 +6,14 @@
 //! - [`settings`]: the pipeline settings file (streams and their topics) every service reads;
 //! - [`kafka`]: producer, consumer and admin settings, topic creation;
 //! - [`store`]: how records are named in Redis;
+//! - [`segment`]: the file sink's segment files and lines;
 //! - [`telemetry`] and [`shutdown`]: logging and graceful shutdown for the binaries.
 
 pub mod args;
 pub mod confirm;
 pub mod envelope;
 pub mod kafka;
+pub mod segment;
 pub mod settings;
 pub mod shutdown;
 pub mod store;

@@ -131,7 +131,7 @@ impl Sink {
                 let dir = dir.clone();
                 let stream = stream.to_owned();
                 let lines = tokio::task::spawn_blocking(move || {
-                    sluice_collector::sink::file::read_all(Path::new(&dir), &stream)
+                    sluice_core::segment::read_all(Path::new(&dir), &stream)
                 })
                 .await??;
                 for line in lines {

@@ -1,7 +1,5 @@
-//! The file sink: JSON lines per stream and partition under `--record-directory`.
-//!
-//! Layout: `<dir>/<stream>/<partition>/<first offset, 20 digits>.jsonl`. Each line is the
-//! event (as on Kafka) with its `partition` and `offset`. A batch is appended with one write
+//! The file sink: JSON lines per stream and partition under `--record-directory`, in the
+//! format of [`sluice_core::segment`]. A batch is appended with one write
 //! and, with `--fsync batch` (the default), synced before the write is confirmed, so an
 //! acknowledged offset is on disk. A segment is closed and a new one begun when it reaches
 //! `--file-max-bytes` or `--file-max-age`.
@@ -26,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use sluice_core::segment::{LineHead, line, partition_dir, segment_name, segment_number, segments};
 
 use super::{Record, Sink, SinkError};
 
@@ -100,15 +98,6 @@ impl IdWindow {
     }
 }
 
-/// What a line says of its record, read back at start-up.
-#[derive(serde::Deserialize)]
-struct LineHead {
-    id: Option<String>,
-    offset: Option<i64>,
-    #[serde(default)]
-    retried: bool,
-}
-
 /// A record ready to be written.
 struct Line {
     id: String,
@@ -151,7 +140,7 @@ impl FileSink {
         map.entry((stream.to_owned(), partition))
             .or_insert_with(|| {
                 Arc::new(Mutex::new(Segment {
-                    dir: self.dir.join(stream).join(partition.to_string()),
+                    dir: partition_dir(&self.dir, stream, partition),
                     file: None,
                     size: 0,
                     opened: Instant::now(),
@@ -163,17 +152,6 @@ impl FileSink {
             })
             .clone()
     }
-}
-
-/// Segments of a partition directory, oldest first.
-fn segments(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-        .collect();
-    files.sort();
-    Ok(files)
 }
 
 /// Cuts `path` back to its last complete line.
@@ -203,14 +181,6 @@ fn cut_partial_line(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The number a segment is named after.
-fn name_number(path: &Path) -> i64 {
-    path.file_stem()
-        .and_then(|s| s.to_str())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(-1)
-}
-
 impl Segment {
     /// Loads what is on disk the first time the partition is written.
     fn load(&mut self) -> std::io::Result<()> {
@@ -221,7 +191,7 @@ impl Segment {
         let files = segments(&self.dir)?;
         if let Some(newest) = files.last() {
             cut_partial_line(newest)?;
-            self.newest_name = name_number(newest);
+            self.newest_name = segment_number(newest);
         }
         // Newest first, until the window is full and the last offset of the stream's
         // topic is known.
@@ -295,7 +265,7 @@ impl Segment {
             } else {
                 first.offset.max(self.newest_name + 1)
             };
-            let path = self.dir.join(format!("{number:020}.jsonl"));
+            let path = self.dir.join(segment_name(number));
             let file = OpenOptions::new().create(true).append(true).open(&path)?;
             // The new file's directory entry must survive a crash too.
             File::open(&self.dir)?.sync_all()?;
@@ -327,20 +297,6 @@ impl Segment {
     }
 }
 
-/// One line of the file: the event's JSON with its partition and offset (and
-/// `"retried": true` when read from the retry topic).
-fn line_of(r: &Record) -> Vec<u8> {
-    let mut v = serde_json::to_value(&r.envelope).unwrap_or(Value::Null);
-    if let Value::Object(map) = &mut v {
-        map.insert("partition".to_owned(), r.partition.into());
-        map.insert("offset".to_owned(), r.offset.into());
-        if r.retried {
-            map.insert("retried".to_owned(), true.into());
-        }
-    }
-    serde_json::to_vec(&v).unwrap_or_default()
-}
-
 impl Sink for FileSink {
     fn name(&self) -> &'static str {
         "file"
@@ -357,7 +313,7 @@ impl Sink for FileSink {
                 id: r.envelope.id.clone(),
                 offset: r.offset,
                 retried: r.retried,
-                bytes: line_of(r),
+                bytes: line(&r.envelope, r.partition, r.offset, r.retried),
             })
             .collect();
         let policy = self.policy;
@@ -379,35 +335,12 @@ impl Sink for FileSink {
     }
 }
 
-/// Every line of every segment of `stream`, in partition and offset order (for tests and
-/// tools).
-pub fn read_all(dir: &Path, stream: &str) -> std::io::Result<Vec<Value>> {
-    let mut out = Vec::new();
-    let root = dir.join(stream);
-    if !root.exists() {
-        return Ok(out);
-    }
-    let mut partitions: Vec<PathBuf> = std::fs::read_dir(&root)?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .collect();
-    partitions.sort();
-    for p in partitions {
-        for segment in segments(&p)? {
-            for line in BufReader::new(File::open(&segment)?).lines() {
-                let line = line?;
-                out.push(serde_json::from_str(&line).map_err(std::io::Error::other)?);
-            }
-        }
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
     use sluice_core::Envelope;
+    use sluice_core::segment::read_all;
 
     fn record(offset: i64) -> Record {
         let mut envelope = Envelope::new("s", None, json!({"n": offset}));
@@ -519,7 +452,7 @@ mod tests {
         }
         // A crash in the middle of the next batch leaves half a line.
         let segment = dir.path().join("s/0/00000000000000000000.jsonl");
-        let half = &line_of(&record(4))[..20];
+        let half = &line(&record(4).envelope, 0, 4, false)[..20];
         OpenOptions::new()
             .append(true)
             .open(&segment)

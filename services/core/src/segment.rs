@@ -1,0 +1,144 @@
+//! The file sink's format on disk, shared by the collector that writes it and the tools
+//! that read it back (`sluice-loadgen --verify-files`, tests).
+//!
+//! Layout: `<dir>/<stream>/<partition>/<first offset, 20 digits>.jsonl`. Each line is the
+//! event (as on Kafka) with its `partition` and `offset`, and `"retried": true` when it was
+//! read from the stream's retry topic (its offset is then that topic's). Segment names sort
+//! in the order they were written.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::Envelope;
+
+/// The extension of a segment file.
+const EXTENSION: &str = "jsonl";
+
+/// The directory of one partition of `stream` under `dir`.
+pub fn partition_dir(dir: &Path, stream: &str, partition: i32) -> PathBuf {
+    dir.join(stream).join(partition.to_string())
+}
+
+/// The file name of a segment whose number (its first offset) is `number`.
+pub fn segment_name(number: i64) -> String {
+    format!("{number:020}.{EXTENSION}")
+}
+
+/// The number a segment is named after; -1 for a name that is not one.
+pub fn segment_number(path: &Path) -> i64 {
+    path.file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(-1)
+}
+
+/// Segments of a partition directory, oldest first.
+pub fn segments(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == EXTENSION))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// One line (without its newline): the event's JSON with its partition and offset, and
+/// `"retried": true` when read from the retry topic.
+pub fn line(envelope: &Envelope, partition: i32, offset: i64, retried: bool) -> Vec<u8> {
+    let mut v = serde_json::to_value(envelope).unwrap_or(Value::Null);
+    if let Value::Object(map) = &mut v {
+        map.insert("partition".to_owned(), partition.into());
+        map.insert("offset".to_owned(), offset.into());
+        if retried {
+            map.insert("retried".to_owned(), true.into());
+        }
+    }
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+/// What a line says of its record, without the event itself.
+#[derive(Debug, serde::Deserialize)]
+pub struct LineHead {
+    /// The event's id.
+    pub id: Option<String>,
+    /// Its offset (in the retry topic when `retried`).
+    pub offset: Option<i64>,
+    /// Whether it was read from the stream's retry topic.
+    #[serde(default)]
+    pub retried: bool,
+}
+
+/// Every line of every segment of `stream` under `dir`, in partition and offset order.
+pub fn read_all(dir: &Path, stream: &str) -> std::io::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    let root = dir.join(stream);
+    if !root.exists() {
+        return Ok(out);
+    }
+    let mut partitions: Vec<PathBuf> = std::fs::read_dir(&root)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    partitions.sort();
+    for p in partitions {
+        for segment in segments(&p)? {
+            for line in BufReader::new(File::open(&segment)?).lines() {
+                let line = line?;
+                out.push(serde_json::from_str(&line).map_err(std::io::Error::other)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn lines_carry_the_event_and_its_place_and_read_back_in_order() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut event = Envelope::new("s", None, json!({"n": 1}));
+        event.id = "a".to_owned();
+        let p0 = partition_dir(dir.path(), "s", 0);
+        std::fs::create_dir_all(&p0).expect("mkdir");
+        // Two segments written out of name order, and a file that is not a segment.
+        std::fs::write(
+            p0.join(segment_name(10)),
+            [line(&event, 0, 10, false), b"\n".to_vec()].concat(),
+        )
+        .expect("write");
+        event.id = "b".to_owned();
+        std::fs::write(
+            p0.join(segment_name(2)),
+            [line(&event, 0, 2, true), b"\n".to_vec()].concat(),
+        )
+        .expect("write");
+        std::fs::write(p0.join("notes.txt"), "not a segment").expect("write");
+        let lines = read_all(dir.path(), "s").expect("read");
+        let ids: Vec<&str> = lines
+            .iter()
+            .map(|l| l["id"].as_str().expect("id"))
+            .collect();
+        assert_eq!(ids, ["b", "a"]);
+        assert_eq!(lines[0]["retried"], true);
+        assert_eq!(lines[1]["offset"], 10);
+        assert_eq!(lines[1]["partition"], 0);
+        assert!(lines[1].get("retried").is_none());
+        assert_eq!(lines[1]["payload"], json!({"n": 1}));
+        let head: LineHead = serde_json::from_slice(&line(&event, 0, 2, true)).expect("head");
+        assert_eq!(
+            (head.id.as_deref(), head.offset, head.retried),
+            (Some("b"), Some(2), true)
+        );
+        assert_eq!(segment_number(&p0.join(segment_name(10))), 10);
+        assert_eq!(segment_number(Path::new("x.jsonl")), -1);
+        assert!(read_all(dir.path(), "other").expect("none").is_empty());
+    }
+}
