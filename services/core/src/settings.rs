@@ -477,6 +477,16 @@ pub fn retry_group(group: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_names_are_plain_identifiers() {
+        assert!(check_table("sluice_events").is_ok());
+        assert!(check_table("_t1").is_ok());
+        assert!(check_table("Events").is_err());
+        assert!(check_table("t; drop table x").is_err());
+        assert!(check_table("1t").is_err());
+        assert!(check_table(&"t".repeat(64)).is_err());
+    }
     use serde_json::json;
 
     #[test]

@@ -97,27 +97,33 @@ fn database_rejects_event(e: &sqlx::Error) -> bool {
     }
 }
 
-/// Runs `connect` until it succeeds, at most `attempts` times, `backoff` apart: the SQL
-/// sinks' start-up, which a database still starting must not fail.
-pub(crate) async fn connect_with_retries<T, F, Fut>(
+/// The SQL sinks' start-up: checks `table` as a name they can write unquoted, then
+/// connects with `options` (at most eight connections, five seconds to get one), at most
+/// `attempts` times, `backoff` apart, so that a database still starting does not fail it.
+pub(crate) async fn connect_sql<DB: sqlx::Database>(
+    url: &str,
+    table: &str,
     attempts: u32,
     backoff: std::time::Duration,
-    mut connect: F,
-) -> Result<T, sqlx::Error>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, sqlx::Error>>,
-{
+    options: sqlx::pool::PoolOptions<DB>,
+) -> Result<sqlx::Pool<DB>, SinkError> {
+    sluice_core::settings::check_table(table).map_err(|reason| SinkError::Unfit {
+        id: String::new(),
+        reason,
+    })?;
+    let options = options
+        .max_connections(8)
+        .acquire_timeout(std::time::Duration::from_secs(5));
     let mut attempt = 1;
     loop {
-        match connect().await {
+        match options.clone().connect(url).await {
             Ok(pool) => return Ok(pool),
             Err(e) if attempt < attempts => {
                 tracing::warn!(error = %e, attempt, of = attempts, retry_in = ?backoff, "cannot connect to the database");
                 tokio::time::sleep(backoff).await;
                 attempt += 1;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
 }

@@ -13,8 +13,7 @@ use std::time::Duration;
 
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
 
-use super::postgres::check_table;
-use super::{Record, Sink, SinkError, connect_with_retries};
+use super::{Record, Sink, SinkError, connect_sql};
 
 /// Rows per statement: six placeholders each, well under MySQL's 65,535.
 pub const ROWS_PER_STATEMENT: usize = 1_000;
@@ -38,26 +37,16 @@ impl MysqlSink {
         attempts: u32,
         backoff: Duration,
     ) -> Result<Self, SinkError> {
-        check_table(table).map_err(|reason| SinkError::Unfit {
-            id: String::new(),
-            reason,
-        })?;
-        let pool = connect_with_retries(attempts, backoff, || {
-            MySqlPoolOptions::new()
-                .max_connections(8)
-                .acquire_timeout(Duration::from_secs(5))
-                // Times are written and read as UTC.
-                .after_connect(|conn, _| {
-                    Box::pin(async move {
-                        sqlx::query("SET time_zone = '+00:00'")
-                            .execute(conn)
-                            .await
-                            .map(|_| ())
-                    })
-                })
-                .connect(url)
-        })
-        .await?;
+        // Times are written and read as UTC.
+        let utc = MySqlPoolOptions::new().after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::query("SET time_zone = '+00:00'")
+                    .execute(conn)
+                    .await
+                    .map(|_| ())
+            })
+        });
+        let pool = connect_sql(url, table, attempts, backoff, utc).await?;
         sqlx::query(&format!(
             "CREATE TABLE IF NOT EXISTS {table} (
                 stream varchar(200) NOT NULL,

@@ -12,15 +12,13 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
-use super::{Record, Sink, SinkError, connect_with_retries};
+use super::{Record, Sink, SinkError, connect_sql};
 
 /// Writes rows to PostgreSQL.
 pub struct PostgresSink {
     pool: PgPool,
     insert: String,
 }
-
-pub use sluice_core::settings::check_table;
 
 impl PostgresSink {
     /// Connects (retrying `attempts` times, `backoff` apart) and creates the table.
@@ -30,17 +28,7 @@ impl PostgresSink {
         attempts: u32,
         backoff: Duration,
     ) -> Result<Self, SinkError> {
-        check_table(table).map_err(|reason| SinkError::Unfit {
-            id: String::new(),
-            reason,
-        })?;
-        let pool = connect_with_retries(attempts, backoff, || {
-            PgPoolOptions::new()
-                .max_connections(8)
-                .acquire_timeout(Duration::from_secs(5))
-                .connect(url)
-        })
-        .await?;
+        let pool = connect_sql(url, table, attempts, backoff, PgPoolOptions::new()).await?;
         sqlx::query(&format!(
             "CREATE TABLE IF NOT EXISTS {table} (
                 stream text NOT NULL,
@@ -91,20 +79,5 @@ impl Sink for PostgresSink {
             .execute(&self.pool)
             .await?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn table_names_are_plain_identifiers() {
-        assert!(check_table("sluice_events").is_ok());
-        assert!(check_table("_t1").is_ok());
-        assert!(check_table("Events").is_err());
-        assert!(check_table("t; drop table x").is_err());
-        assert!(check_table("1t").is_err());
-        assert!(check_table(&"t".repeat(64)).is_err());
     }
 }
