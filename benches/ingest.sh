@@ -42,25 +42,24 @@ python3 - "$work/batch.json" <<'PY'
 import json, sys
 json.dump([{"userId": f"user-{i}", "page": "/products/42", "ms": i} for i in range(100)], open(sys.argv[1], "w"))
 PY
-cat >"$work/post.lua" <<LUA
+# Both scripts print one RESULT line: requests, errors, seconds, p50 and p99 in ms.
+cat >"$work/get.lua" <<'LUA'
+done = function(summary, latency, requests)
+  local errors = summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout
+  io.write(string.format("RESULT %d %d %.3f %.3f %.3f\n", summary.requests, errors,
+    summary.duration / 1e6, latency:percentile(50) / 1000, latency:percentile(99) / 1000))
+end
+LUA
+{
+  cat <<'LUA'
 local f = io.open(os.getenv("BODY"), "r")
 wrk.method = "POST"
 wrk.body = f:read("*a")
 f:close()
 wrk.headers["Content-Type"] = "application/json"
-done = function(summary, latency, requests)
-  local errors = summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout
-  io.write(string.format("RESULT %d %d %.3f %.3f %.3f\n", summary.requests, errors,
-    summary.duration / 1e6, latency:percentile(50) / 1000, latency:percentile(99) / 1000))
-end
 LUA
-cat >"$work/get.lua" <<LUA
-done = function(summary, latency, requests)
-  local errors = summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout
-  io.write(string.format("RESULT %d %d %.3f %.3f %.3f\n", summary.requests, errors,
-    summary.duration / 1e6, latency:percentile(50) / 1000, latency:percentile(99) / 1000))
-end
-LUA
+  cat "$work/get.lua"
+} >"$work/post.lua"
 
 run() { # name url script body events-per-request
   local out
