@@ -12,7 +12,7 @@ use clap::Parser;
 use redis::AsyncCommands;
 use serde_json::{Value, json};
 use sluice_collector::{Args, run};
-use sluice_core::settings::RetrySettings;
+use sluice_core::settings::{RetrySettings, retry_group};
 use sluice_core::{Envelope, PipelineSettings, StreamSettings};
 use sluice_testkit::{
     Pipeline, Proxy, Stack, committed_to_end, json_of, produce, produce_raw, read_topic, topic_len,
@@ -20,6 +20,11 @@ use sluice_testkit::{
 };
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
+
+/// The dead-letter topic of the stream `name` (whose topic is its name).
+fn dlq(name: &str) -> String {
+    StreamSettings::new(name).dead_letter_topic()
+}
 
 const LIMIT: Duration = Duration::from_secs(90);
 
@@ -463,7 +468,7 @@ async fn poison_goes_to_the_dead_letter_topic_and_the_events_behind_it_are_writt
     sent.extend(ids(&after));
     assert_eq!(stored, sent);
     let dlq = wait_for("the poison on the dead-letter topic", LIMIT, || async {
-        Ok((topic_len(&stack, &format!("{name}.dlq"))? >= 2).then_some(()))
+        Ok((topic_len(&stack, &dlq(&name))? >= 2).then_some(()))
     });
     dlq.await.expect("dlq");
     let dead = dead_letters(&stack, &name).await;
@@ -614,7 +619,7 @@ async fn sink_outage_under_load<F, Fut>(
         .expect("poison");
     tokio::time::sleep_until(cut_at + OUTAGE).await;
     assert_eq!(
-        topic_len(stack, &format!("{name}.dlq")).expect("dlq"),
+        topic_len(stack, &dlq(name)).expect("dlq"),
         0,
         "nothing dead-lettered during the outage"
     );
@@ -640,7 +645,7 @@ async fn sink_outage_under_load<F, Fut>(
     // The poison goes through the retry topic to the dead-letter topic on the default
     // policy (5 attempts, 1 s doubling).
     wait_for("the poison on the dead-letter topic", LIMIT, || async {
-        Ok((topic_len(stack, &format!("{name}.dlq"))? >= 1).then_some(()))
+        Ok((topic_len(stack, &dlq(name))? >= 1).then_some(()))
     })
     .await
     .expect("dlq");
@@ -652,7 +657,7 @@ async fn sink_outage_under_load<F, Fut>(
     assert!(reason.contains(rejected_for), "{reason}");
     for (g, topic) in [
         (group.to_owned(), name.to_owned()),
-        (format!("{group}.retry"), format!("{name}.retry")),
+        (retry_group(&group), StreamSettings::new(name).retry_topic()),
     ] {
         wait_for(
             &format!("{g} committed to the end of {topic}"),
@@ -793,7 +798,7 @@ async fn an_event_that_never_fits_ends_on_the_dead_letter_topic_after_its_last_a
     wait_for(
         "the unfit event on the dead-letter topic",
         LIMIT,
-        || async { Ok((topic_len(&stack, &format!("{name}.dlq"))? >= 1).then_some(())) },
+        || async { Ok((topic_len(&stack, &dlq(&name))? >= 1).then_some(())) },
     )
     .await
     .expect("dlq");
@@ -846,7 +851,7 @@ async fn redrive_sends_dead_lettered_events_back_once_the_sink_takes_them() {
     let group = unique("g");
     let running = start(&pipeline, &stack, &group, &["--write-attempts", "1"]);
     wait_for("both on the dead-letter topic", LIMIT, || async {
-        Ok((topic_len(&stack, &format!("{name}.dlq"))? >= 2).then_some(()))
+        Ok((topic_len(&stack, &dlq(&name))? >= 2).then_some(()))
     })
     .await
     .expect("dlq");
@@ -881,7 +886,7 @@ async fn redrive_sends_dead_lettered_events_back_once_the_sink_takes_them() {
     let done = redrive().await.expect("redrive");
     assert_eq!(
         (done.records, done.from.as_str(), done.to.as_str()),
-        (2, format!("{name}.dlq").as_str(), name.as_str())
+        (2, dlq(&name).as_str(), name.as_str())
     );
     let stored = await_redis(&stack, &pipeline.key_prefix, &name, 7).await;
     assert_eq!(stored, ids(&sent), "every event in the sink");
@@ -1038,7 +1043,7 @@ async fn the_file_sink_writes_events_from_the_retry_topic_once() {
     let main = events(&name, 20, "m");
     let retried = events(&name, 5, "r");
     produce(&stack, &name, &main).await.expect("produce");
-    produce(&stack, &format!("{name}.retry"), &retried)
+    produce(&stack, &StreamSettings::new(&name).retry_topic(), &retried)
         .await
         .expect("produce retry");
     let running = start(
@@ -1253,7 +1258,7 @@ async fn a_redis_killed_mid_write_with_the_operators_arguments_keeps_every_commi
         &missing[..missing.len().min(5)]
     );
     assert_eq!(
-        topic_len(&stack, &format!("{name}.dlq")).expect("dlq"),
+        topic_len(&stack, &dlq(&name)).expect("dlq"),
         0,
         "nothing dead-lettered"
     );
