@@ -110,6 +110,11 @@ impl Pipeline {
             }
         }
         ensure_topics(&stack.kafka(), &topics).await?;
+        Self::without_topics(settings)
+    }
+
+    /// The settings file and key prefix of a pipeline whose topics are not created.
+    pub fn without_topics(settings: PipelineSettings) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let settings_path = dir.path().join("pipeline.yaml");
         std::fs::write(&settings_path, settings.to_yaml())?;
@@ -261,22 +266,29 @@ pub fn commit_to_end(stack: &Stack, group: &str, topic: &str) -> anyhow::Result<
     Ok(offsets.count())
 }
 
-/// The number of members of consumer group `group` once it is stable (0 while it is
-/// rebalancing or empty).
+/// The number of members of consumer group `group` that have partitions, once it is stable
+/// (0 while it is rebalancing or empty).
 pub fn stable_members(stack: &Stack, group: &str) -> anyhow::Result<usize> {
+    Ok(stable_group(stack, group)?.1)
+}
+
+/// The members of consumer group `group` once it is stable, and how many of them have
+/// partitions ((0, 0) while it is rebalancing or empty).
+pub fn stable_group(stack: &Stack, group: &str) -> anyhow::Result<(usize, usize)> {
     let consumer: StreamConsumer = stack.kafka().consumer_config(&unique("probe")).create()?;
     let groups = consumer.fetch_group_list(Some(group), Duration::from_secs(10))?;
-    Ok(groups
+    let stable = groups
         .groups()
         .iter()
-        .filter(|g| g.name() == group && g.state() == "Stable")
-        .map(|g| {
-            g.members()
-                .iter()
-                .filter(|m| m.assignment().is_some_and(|a| !a.is_empty()))
-                .count()
-        })
-        .sum())
+        .filter(|g| g.name() == group && g.state() == "Stable");
+    Ok(stable.fold((0, 0), |(all, assigned), g| {
+        let members = g.members();
+        let with = members
+            .iter()
+            .filter(|m| m.assignment().is_some_and(|a| !a.is_empty()))
+            .count();
+        (all + members.len(), assigned + with)
+    }))
 }
 
 /// The payload of a Kafka record as JSON.
@@ -313,12 +325,34 @@ pub struct Process {
 impl Process {
     /// Starts a workspace binary with `args` and `envs`; its output goes to the test's.
     pub fn spawn(name: &str, args: &[&str], envs: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::start(name, args, envs, Stdio::inherit, Stdio::inherit)
+    }
+
+    /// Like [`Process::spawn`], with its output (stdout and stderr) written to `log`.
+    pub fn spawn_logged(
+        name: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        log: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let file = std::fs::File::create(log)?;
+        let copy = file.try_clone()?;
+        Self::start(name, args, envs, || file.into(), || copy.into())
+    }
+
+    fn start(
+        name: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        stdout: impl FnOnce() -> Stdio,
+        stderr: impl FnOnce() -> Stdio,
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(binary(name)?);
         cmd.args(args)
             .env("SLUICE_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit());
+            .stdout(stdout())
+            .stderr(stderr());
         for (k, v) in envs {
             cmd.env(k, v);
         }

@@ -88,6 +88,9 @@ pub struct WorkerConfig {
     /// The streams are named after their topics (no settings file): an event is stored
     /// under its topic's stream whatever stream its producer named, rather than refused.
     pub streams_are_topics: bool,
+    /// Some of its topics did not exist at start-up: the consumer looks for them every 10 s
+    /// rather than at librdkafka's five-minute metadata refresh.
+    pub awaits_topics: bool,
 }
 
 /// Turns librdkafka's statistics into the lag metric.
@@ -95,7 +98,21 @@ pub struct LagContext {
     metrics: Arc<Metrics>,
 }
 
+/// Whether a consumer error says a subscribed topic does not exist (yet): reported once at
+/// start-up ([`crate::run`]); the consumer takes the topic up once it exists.
+fn topic_missing(error: &KafkaError) -> bool {
+    error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition)
+}
+
 impl ClientContext for LagContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if topic_missing(&error) {
+            tracing::debug!(%error, reason, "subscribed topic not available");
+        } else {
+            tracing::error!("librdkafka: {error}: {reason}");
+        }
+    }
+
     fn stats(&self, statistics: Statistics) {
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
@@ -188,6 +205,9 @@ impl Worker {
             .collect();
         let mut client = kafka.consumer_config(&config.group);
         client.set("statistics.interval.ms", "5000");
+        if config.awaits_topics {
+            client.set("topic.metadata.refresh.interval.ms", "10000");
+        }
         if config.mode == Mode::Retry {
             // A retry may wait up to five minutes for its backoff.
             client.set("max.poll.interval.ms", "900000");
@@ -221,6 +241,10 @@ impl Worker {
             };
             let first = match first {
                 Ok(m) => m,
+                Err(e) if topic_missing(&e) => {
+                    tracing::debug!(error = %e, "subscribed topic not available");
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "kafka consumer error");
                     continue;

@@ -356,19 +356,20 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Collecto
         });
     }
     // Without a settings file no operator or script made the retry and dead-letter topics.
-    if args.service.create_topics || args.service.settings.is_none() {
-        let topics: Vec<TopicSpec> = plan
-            .values()
-            .flatten()
-            .flat_map(|s| {
-                [s.retry_topic(), s.dead_letter_topic()].map(|name| TopicSpec {
-                    name,
-                    partitions: s.partitions,
-                })
+    let own: Vec<TopicSpec> = plan
+        .values()
+        .flatten()
+        .flat_map(|s| {
+            [s.retry_topic(), s.dead_letter_topic()].map(|name| TopicSpec {
+                name,
+                partitions: s.partitions,
             })
-            .collect();
-        ensure_topics(&args.kafka, &topics).await?;
+        })
+        .collect();
+    if args.service.create_topics || args.service.settings.is_none() {
+        ensure_topics(&args.kafka, &own).await?;
     }
+    let missing = report_missing_topics(&args.kafka, &plan, &own).await;
     let sink = Arc::new(build_sink(&args, &settings).await?);
     let producer: Arc<rdkafka::producer::FutureProducer> =
         Arc::new(args.kafka.producer_config().create()?);
@@ -398,6 +399,13 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Collecto
                 concurrency: args.concurrent_count as usize,
                 write_attempts: args.write_attempts,
                 streams_are_topics: args.service.settings.is_none(),
+                awaits_topics: streams.iter().any(|s| {
+                    let topic = match mode {
+                        Mode::Main => s.topic().to_owned(),
+                        Mode::Retry => s.retry_topic(),
+                    };
+                    missing.contains(&topic)
+                }),
             };
             let worker = Worker::new(
                 &args.kafka,
@@ -423,6 +431,39 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Collecto
     }
     tracing::info!("collector stopped");
     Ok(())
+}
+
+/// Says once, at start-up, which of the collector's topics do not exist yet, and returns
+/// them: the consumers wait for them (and take them up once they exist) without further
+/// errors.
+async fn report_missing_topics(
+    kafka: &KafkaArgs,
+    plan: &BTreeMap<String, Vec<&StreamSettings>>,
+    own: &[TopicSpec],
+) -> Vec<String> {
+    let mut names: Vec<String> = plan
+        .values()
+        .flatten()
+        .map(|s| s.topic().to_owned())
+        .chain(own.iter().map(|t| t.name.clone()))
+        .collect();
+    names.sort();
+    names.dedup();
+    match sluice_core::kafka::missing_topics(kafka, &names).await {
+        Ok(missing) => {
+            if !missing.is_empty() {
+                tracing::warn!(
+                    topics = ?missing,
+                    "these topics do not exist yet: the collector consumes them once they exist, and events the sink rejects cannot be retried or dead-lettered until their stream's .retry and .dlq topics exist; the operator and scripts/stack create them, or start the collector with --create-topics"
+                );
+            }
+            missing
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the topics to check that the collector's exist");
+            Vec::new()
+        }
+    }
 }
 
 #[cfg(test)]

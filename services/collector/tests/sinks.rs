@@ -12,6 +12,7 @@ use clap::Parser;
 use redis::AsyncCommands;
 use serde_json::{Value, json};
 use sluice_collector::{Args, run};
+use sluice_core::kafka::{TopicSpec, ensure_topics};
 use sluice_core::settings::{RetrySettings, retry_group};
 use sluice_core::{Envelope, PipelineSettings, StreamSettings};
 use sluice_testkit::{
@@ -106,6 +107,90 @@ async fn dead_letters(stack: &Stack, stream: &str) -> Vec<rdkafka::message::Owne
     read_topic(stack, &format!("{stream}.dlq"))
         .await
         .expect("dlq")
+}
+
+/// The shipped default: with a settings file the collector does not create its topics.
+#[tokio::test]
+async fn a_collector_started_before_its_topics_exist_says_so_once_and_takes_them_up_once_made() {
+    let stack = Stack::from_env();
+    let mut s = StreamSettings::new(unique("late"));
+    s.partitions = 2;
+    let name = s.name.clone();
+    let topics: Vec<TopicSpec> = [name.clone(), s.retry_topic(), dlq(&name)]
+        .into_iter()
+        .map(|name| TopicSpec {
+            name,
+            partitions: 2,
+        })
+        .collect();
+    let pipeline =
+        Pipeline::without_topics(PipelineSettings::of_streams(vec![s]).expect("settings"))
+            .expect("pipeline");
+    let group = unique("g");
+    let log = pipeline.settings_path.with_file_name("collector.log");
+    let collector = sluice_testkit::Process::spawn_logged(
+        "sluice-collector",
+        &[
+            "--settings",
+            pipeline.settings_path.to_str().expect("path"),
+            "--kafka-brokers",
+            &stack.kafka_brokers,
+            "--redis-url",
+            &stack.redis_url,
+            "--key-prefix",
+            &pipeline.key_prefix,
+            "--group",
+            &group,
+        ],
+        &[],
+        &log,
+    )
+    .expect("collector");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for("both consumers subscribed", LIMIT, || {
+        let text = read_log();
+        async move { Ok((text.matches("collector subscribed").count() == 2).then_some(())) }
+    })
+    .await
+    .expect("subscribed");
+    assert!(
+        sluice_testkit::partitions(&stack, &name)
+            .expect("metadata")
+            .is_none(),
+        "the collector created no topic"
+    );
+    ensure_topics(&stack.kafka(), &topics)
+        .await
+        .expect("topics");
+    let sent = events(&name, 40, "late");
+    produce(&stack, &name, &sent).await.expect("produce");
+    let stored = await_redis(&stack, &pipeline.key_prefix, &name, sent.len()).await;
+    assert_eq!(
+        stored,
+        ids(&sent),
+        "every event written once the topics exist"
+    );
+    assert!(
+        collector.terminate(LIMIT).await.expect("stop"),
+        "clean exit"
+    );
+    let text = read_log();
+    let said: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("do not exist yet"))
+        .collect();
+    assert_eq!(said.len(), 1, "said once:\n{text}");
+    for topic in [&name, &dlq(&name)] {
+        assert!(
+            said[0].contains(&format!("\"{topic}\"")),
+            "{topic} named: {}",
+            said[0]
+        );
+    }
+    assert!(
+        !text.contains("ERROR") && !text.contains("kafka consumer error"),
+        "no error for a topic that did not exist yet:\n{text}"
+    );
 }
 
 #[tokio::test]

@@ -180,6 +180,34 @@ pub async fn ensure_topics(kafka: &KafkaArgs, topics: &[TopicSpec]) -> Result<()
     Ok(())
 }
 
+/// Which of `names` the cluster does not have (one metadata request).
+pub async fn missing_topics(
+    kafka: &KafkaArgs,
+    names: &[String],
+) -> Result<Vec<String>, KafkaError> {
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let admin = kafka.admin()?;
+    let names = names.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let metadata = admin
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(30))?;
+        Ok(names
+            .into_iter()
+            .filter(|n| {
+                !metadata
+                    .topics()
+                    .iter()
+                    .any(|t| t.name() == n && t.error().is_none())
+            })
+            .collect())
+    })
+    .await
+    .map_err(|_| KafkaError::Canceled)?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
