@@ -47,17 +47,20 @@ pub fn segments(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// One line (without its newline): the event's JSON with its partition and offset, and
-/// `"retried": true` when read from the retry topic.
+/// `"retried": true` when read from the retry topic. The event is serialized once, and its
+/// place appended inside the object (no intermediate JSON tree).
 pub fn line(envelope: &Envelope, partition: i32, offset: i64, retried: bool) -> Vec<u8> {
-    let mut v = serde_json::to_value(envelope).unwrap_or(Value::Null);
-    if let Value::Object(map) = &mut v {
-        map.insert("partition".to_owned(), partition.into());
-        map.insert("offset".to_owned(), offset.into());
-        if retried {
-            map.insert("retried".to_owned(), true.into());
-        }
+    let mut out = envelope.encode_value();
+    // An envelope always serializes to a JSON object: `{...}`.
+    if out.pop() != Some(b'}') {
+        return Vec::new();
     }
-    serde_json::to_vec(&v).unwrap_or_default()
+    out.extend_from_slice(format!(",\"partition\":{partition},\"offset\":{offset}").as_bytes());
+    if retried {
+        out.extend_from_slice(b",\"retried\":true");
+    }
+    out.push(b'}');
+    out
 }
 
 /// What a line says of its record, without the event itself.
