@@ -1,5 +1,5 @@
 //! The file sink's format on disk, shared by the collector that writes it and the tools
-//! that read it back (`sluice-loadgen --verify-files`, tests).
+//! that read it back (`sluice-loadgen --verify-file`, tests).
 //!
 //! Layout: `<dir>/<stream>/<partition>/<first offset, 20 digits>.jsonl`. Each line is the
 //! event (as on Kafka) with its `partition` and `offset`, and `"retried": true` when it was
