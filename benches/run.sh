@@ -11,15 +11,21 @@
 #   end to end into Redis (50,000 events, ingest -> Kafka -> collector -> Redis, verified
 #   by id)                                    vs redis-benchmark -P 16 SET on the same Redis
 #   POST /v1/work?ms=100 at 10, 100 and 1,000 clients vs the bound clients / 0.1 s
+#   open loop at OPEN_RATE events/s (default 5000): HTTP single event vs the bare producer,
+#                                             latency from each request's due time
+#   collectors beside their peers (benches/peers.sh; PEERS=0 leaves them out)
 #
-# Prints a Markdown table and writes it, with the date, commit and machine, to
-# docs/benchmarks.md. Starts the local stack if needed; stops what it started itself.
+# Prints Markdown tables and writes them, with the date, commit and machine, to
+# docs/benchmarks.md and to the performance section of README.md (one run for both); the
+# raw output of every scenario goes to docs/bench-results/. Starts the local stack if
+# needed; stops what it started itself.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 duration="${DURATION:-10}"
 clients="${CLIENTS:-64}"
+open_rate="${OPEN_RATE:-5000}"
 
 scripts/setup >/dev/null
 if ! command -v wrk >/dev/null; then
@@ -78,6 +84,8 @@ lg http-batch --protocol http-batch --batch-size 100 --concurrency "$clients"
 for c in 10 100 1000; do
   lg "work-$c" --protocol http --path "/v1/work?ms=100" --concurrency "$c"
 done
+lg kafka-open --protocol kafka --batch-size 1 --rate "$open_rate" --concurrency 512
+lg http-open --protocol http --rate "$open_rate" --concurrency 512
 
 echo "[bench] redis-benchmark -P 16 SET" >&2
 redis_port="${SLUICE_REDIS_URL##*:}"
@@ -94,12 +102,17 @@ echo "[bench] end to end into Redis" >&2
 lg ack-kafka --protocol http --path "/v1/streams/$tag-e2e/events?ack=kafka" --concurrency "$clients"
 lg ack-sink --protocol http --path "/v1/streams/$tag-e2e/events?ack=sink" --concurrency "$clients"
 curl -fsS "$health/metrics" | grep '^sluice_ingest_sink_acks_total' >"$work/sink-acks.txt" || true
+cleanup_services() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done; pids=(); }
+cleanup_services
+if [ "${PEERS:-1}" != 0 ]; then
+  PEERS_TABLE="$work/peers.md" benches/peers.sh
+fi
 
 mkdir -p docs
 commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-python3 - "$work" "$clients" "$duration" "$commit" <<'PY'
+python3 - "$work" "$clients" "$duration" "$commit" "$open_rate" <<'PY'
 import json, os, re, subprocess, sys, datetime
-work, clients, duration, commit = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+work, clients, duration, commit, open_rate = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], float(sys.argv[5])
 def load(name):
     with open(os.path.join(work, name + ".json")) as f:
         return json.load(f)
@@ -138,22 +151,52 @@ for c in (10, 100, 1000):
     r = load(f"work-{c}")
     bound = c / 0.1
     row(f"`POST /v1/work?ms=100`", c, r, "bound", bound, r["throughput"])
+ko, ho = load("kafka-open"), load("http-open")
+rows.append(f"| bare rdkafka producer, 1 record, open loop at {open_rate:,.0f}/s (ceiling) | ≤ 512 | {fmt(ko['throughput'])} | {fmt(ko['events_per_second'])} | {ko['latency_ms']['p50']:.2f} | {ko['latency_ms']['p99']:.2f} | – | – |")
+row(f"HTTP `POST`, 1 event, open loop at {open_rate:,.0f}/s", "≤ 512", ho, "producer", ko["events_per_second"], ho["events_per_second"])
 head = ("| scenario | clients | requests/s | events/s | p50 ms | p99 ms | ceiling (same run) | ratio |\n"
         "|---|---|---|---|---|---|---|---|")
 table = head + "\n" + "\n".join(rows)
-errors = {n: load(n)["errors"] for n in ["http-single", "ws-single", "tcp", "http-batch", "e2e", "ack-kafka", "ack-sink", "work-10", "work-100", "work-1000"] if load(n)["errors"]}
+errors = {n: load(n)["errors"] for n in ["http-single", "ws-single", "tcp", "http-batch", "e2e", "ack-kafka", "ack-sink", "work-10", "work-100", "work-1000", "http-open"] if load(n)["errors"]}
 cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
 when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 print(table)
 if errors:
     print("\nerrors:", json.dumps(errors))
-# The sections other scripts write (micro-benchmarks, the real node) are kept.
+peers = open(os.path.join(work, "peers.md")).read() if os.path.exists(os.path.join(work, "peers.md")) else ""
+stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+# The raw output of every scenario.
+os.makedirs("docs/bench-results", exist_ok=True)
+raw_name = f"run-{stamp}-{commit}.md"
+with open(os.path.join("docs/bench-results", raw_name), "w") as f:
+    f.write(f"# benches/run.sh, {when}, commit {commit}, {os.cpu_count()} cores ({cpu})\n\n")
+    for name in sorted(n[:-5] for n in os.listdir(work) if n.endswith(".json")):
+        f.write(f"## {name}\n\n```json\n{json.dumps(load(name), indent=1, sort_keys=True)}\n```\n\n")
+    f.write(f"## wrk GET /healthz\n\n```\n{wrk}```\n\n## redis-benchmark\n\n```\n{redis_txt}```\n")
+run_line = f"Run: {when}, commit `{commit}`, {os.cpu_count()} cores ({cpu})."
+peers_section = f"""
+## Collectors beside their peers
+
+`benches/peers.sh` (part of this run): one backlog of events (sluice-loadgen's visit
+reports, ~220 bytes, a 6-partition topic) drained from the start by each contender with a
+group of its own, three runs alternating the collector (shipped defaults) and its peer:
+Kafka Connect's FileStreamSink, the Debezium JDBC sink in Kafka Connect (upsert on the
+record's Kafka coordinates, the event in one text column), and for Redis the ceiling
+`redis-benchmark -P 16` SET on the same Redis. Steady rate: first event in the sink to the
+last; whole run: process start to the last event. Median of the runs, range in brackets;
+every event was checked to be in the sink exactly once.
+
+{peers}""" if peers else ""
+# Sections other scripts write (the real node, the operator at scale) are kept; this
+# script's own are replaced.
+own = {"Collectors beside their peers", "Micro-benchmarks (criterion)"}
 path = "docs/benchmarks.md"
 kept = ""
 if os.path.exists(path):
     old = open(path).read()
-    at = old.find("\n## ")
-    kept = old[at:] if at >= 0 else ""
+    for section in old.split("\n## ")[1:]:
+        if section.split("\n", 1)[0].strip() not in own:
+            kept += "\n## " + section
 with open(path, "w") as f:
     f.write(f"""# Benchmarks
 
@@ -163,15 +206,25 @@ the request-level ceiling is `wrk` on `GET /healthz`; acknowledged events are co
 a bare rdkafka producer configured as ingest's (idempotent, `acks=all`, `linger.ms=1`) on
 the same broker; the end-to-end drain into Redis with `redis-benchmark -P 16` SET on the
 same Redis; `ack=sink` (answered once the collector wrote the event to Redis) with
-`ack=kafka` on the same stream while the same collector runs; the compute endpoint with its bound, clients ÷ 0.1 s. Latencies are from
-sluice-loadgen's HDR histogram (closed loop, {duration} s per scenario).
+`ack=kafka` on the same stream while the same collector runs; the compute endpoint with its
+bound, clients ÷ 0.1 s. Latencies are from sluice-loadgen's HDR histogram: closed loop,
+{duration} s per scenario, except the open-loop rows, whose latency counts from each
+request's due time at a fixed rate (no coordinated omission). Raw output:
+[{raw_name}](bench-results/{raw_name}).
 
-Run: {when}, commit `{commit}`, {os.cpu_count()} cores ({cpu}).
+{run_line}
 
 {table}
 """ + (f"\nErrors during the run: `{json.dumps(errors)}`\n" if errors else "") + """
 Read the ratios, not the absolute numbers: on a shared two-core machine every scenario
 competes with the broker for the same cores.
-""" + kept)
+""" + peers_section + kept)
+# The README's performance figures come from this run too.
+readme = open("README.md").read()
+begin, end = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
+if begin in readme and end in readme:
+    block = f"{begin}\n{run_line} From [`docs/benchmarks.md`](docs/benchmarks.md):\n\n{table}\n" + (f"\n{peers}" if peers else "") + f"{end}"
+    readme = readme[:readme.index(begin)] + block + readme[readme.index(end) + len(end):]
+    open("README.md", "w").write(readme)
 PY
-echo "[bench] written to docs/benchmarks.md" >&2
+echo "[bench] written to docs/benchmarks.md and README.md" >&2

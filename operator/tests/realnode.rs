@@ -420,9 +420,13 @@ async fn pipeline_redis(
     let password =
         String::from_utf8(secret.data.expect("data")["password"].0.clone()).expect("text");
     assert_eq!(password.len(), 64, "256 random bits, hex");
+    // Thousands of lookups in one round trip take longer than the client's default half
+    // second on a loaded machine.
+    let config = redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(std::time::Duration::from_secs(30)));
     sluice_core::store::redis_client(&url, Some(&password))
         .expect("redis url")
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&config)
         .await
         .expect("the pipeline's Redis with its password")
 }

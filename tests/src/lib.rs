@@ -56,8 +56,12 @@ impl Stack {
 
     /// A Redis connection to the primary.
     pub async fn redis(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+        // Tests send large pipelines; the client's default half-second answer timeout is
+        // too short on a loaded machine.
+        let config = redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(std::time::Duration::from_secs(30)));
         Ok(redis::Client::open(self.redis_url.as_str())?
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await?)
     }
 }

@@ -282,9 +282,13 @@ impl Worker {
     /// Handles one batch. Returns false when shutdown interrupted it.
     async fn process(&self, batch: &[BorrowedMessage<'_>], shutdown: &CancellationToken) -> bool {
         let mut work: Vec<PartitionWork> = Vec::new();
+        let mut consumed: Vec<(&str, u64)> = Vec::new();
         for m in batch {
-            let stream = self.stream_of(m.topic()).to_owned();
-            self.metrics.consumed(&stream, 1);
+            let stream = self.stream_of(m.topic());
+            match consumed.iter_mut().find(|(s, _)| *s == stream) {
+                Some((_, n)) => *n += 1,
+                None => consumed.push((stream, 1)),
+            }
             let index = match work
                 .iter()
                 .position(|w| w.topic == m.topic() && w.partition == m.partition())
@@ -310,7 +314,7 @@ impl Worker {
                     if envelope.stream == stream {
                         Ok(envelope)
                     } else if self.config.streams_are_topics {
-                        envelope.stream = stream.clone();
+                        stream.clone_into(&mut envelope.stream);
                         Ok(envelope)
                     } else {
                         Err(format!(
@@ -350,7 +354,7 @@ impl Worker {
                     if already {
                         continue;
                     }
-                    if !self.dead_letter_raw(m, &stream, &reason, shutdown).await {
+                    if !self.dead_letter_raw(m, stream, &reason, shutdown).await {
                         return false;
                     }
                     self.dead_lettered_through
@@ -359,6 +363,9 @@ impl Worker {
                         .insert(key, m.offset());
                 }
             }
+        }
+        for (stream, n) in consumed {
+            self.metrics.consumed(stream, n);
         }
         let outcomes: Vec<(PartitionWork, Progress)> = futures::stream::iter(work)
             .map(|mut w| async move {
@@ -404,10 +411,13 @@ impl Worker {
         complete
     }
 
-    /// Writes the events of one partition, with a span per event continuing its trace.
+    /// Writes the events of one partition, with a span per event continuing its trace when
+    /// spans are recorded (an OTLP endpoint is configured).
     async fn write(&self, records: &[Record]) -> Result<(), crate::sink::SinkError> {
+        let traced = sluice_core::telemetry::spans_recorded();
         let spans: Vec<tracing::Span> = records
             .iter()
+            .filter(|_| traced)
             .map(|r| {
                 let e = &r.envelope;
                 let span = tracing::info_span!("sink.write", otel.kind = "consumer", sink = self.sink.name(), stream = %e.stream, event.id = %e.id);

@@ -17,13 +17,14 @@ use jiff::Timestamp;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 /// The longest event id accepted, in characters.
 pub const MAX_ID_LEN: usize = 128;
 
 /// One event, as ingest publishes it and collectors consume it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Envelope {
     /// Unique id: given by the client, or a UUIDv7 assigned at ingest.
     pub id: String,
@@ -36,8 +37,11 @@ pub struct Envelope {
     pub event_time: Timestamp,
     /// When ingest accepted the event.
     pub ingest_time: Timestamp,
-    /// The event itself: the JSON the client sent.
-    pub payload: Value,
+    /// The event itself: the JSON the client sent, kept as JSON text. Decoding an
+    /// envelope checks that it is JSON without building a tree of it; sinks that store the
+    /// event copy the text, and [`Envelope::payload_value`] parses it where fields are
+    /// needed.
+    pub payload: Box<RawValue>,
     /// Headers carried as Kafka headers (for example `traceparent`); not part of the value.
     #[serde(skip)]
     pub headers: BTreeMap<String, String>,
@@ -87,9 +91,27 @@ pub fn validate_id(id: &str) -> Result<(), InvalidId> {
     Ok(())
 }
 
+/// `value` as JSON text.
+fn raw(value: &Value) -> Box<RawValue> {
+    // A `Value` always serializes, to valid JSON.
+    serde_json::value::to_raw_value(value).unwrap_or_else(|_| RawValue::NULL.to_owned())
+}
+
 /// A new time-ordered event id (UUIDv7).
 pub fn new_id() -> String {
     Uuid::now_v7().to_string()
+}
+
+impl PartialEq for Envelope {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+            && self.stream == other.stream
+            && self.key == other.key
+            && self.event_time == other.event_time
+            && self.ingest_time == other.ingest_time
+            && self.payload.get() == other.payload.get()
+            && self.headers == other.headers
+    }
 }
 
 impl Envelope {
@@ -102,9 +124,15 @@ impl Envelope {
             key,
             event_time: now,
             ingest_time: now,
-            payload,
+            payload: raw(&payload),
             headers: BTreeMap::new(),
         }
+    }
+
+    /// The payload as a JSON tree (parsed from its text on every call).
+    pub fn payload_value(&self) -> Value {
+        // The text was checked to be JSON when the envelope was made or decoded.
+        serde_json::from_str(self.payload.get()).unwrap_or(Value::Null)
     }
 
     /// The Kafka value: the envelope as JSON, without the headers.

@@ -8,11 +8,14 @@
 //! (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, spans are exported there over OTLP
 //! (HTTP/protobuf); otherwise they still get real trace ids, so the W3C `traceparent`
 //! that ingest puts in each event's Kafka headers ([`inject`]) lets the collector continue
-//! the same trace ([`extract`]) whether or not anything records it. `SLUICE_TRACES=off`
-//! turns spans off altogether (no `traceparent` is then written).
+//! the same trace ([`extract`]) whether or not anything records it. Spans that exist only
+//! to be recorded, such as the collector's span per event written, are made only when
+//! something records them ([`spans_recorded`]). `SLUICE_TRACES=off` turns spans off
+//! altogether (no `traceparent` is then written).
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
@@ -67,14 +70,33 @@ pub fn tracer_provider(service: &'static str) -> SdkTracerProvider {
     builder.build()
 }
 
+/// Whether finished spans go anywhere: an OTLP endpoint is configured, or the caller of
+/// [`init_with`] gave its own tracer provider.
+static RECORDED: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are recorded anywhere. Work that makes spans only for the record (one per
+/// event on a hot path) can be left out when they are not.
+pub fn spans_recorded() -> bool {
+    RECORDED.load(Ordering::Relaxed)
+}
+
 /// Installs logging and tracing for `service`. `filter` takes `tracing` directives, for
 /// example `info`. A second call (as in tests) keeps the first subscriber.
 pub fn init(service: &'static str, filter: &str) -> Telemetry {
-    init_with(tracer_provider(service), service, filter)
+    install(tracer_provider(service), service, filter, otlp_configured())
 }
 
 /// Like [`init`], with a tracer provider made by the caller (tests use an in-memory one).
 pub fn init_with(provider: SdkTracerProvider, service: &'static str, filter: &str) -> Telemetry {
+    install(provider, service, filter, true)
+}
+
+fn install(
+    provider: SdkTracerProvider,
+    service: &'static str,
+    filter: &str,
+    recorded: bool,
+) -> Telemetry {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|e| {
         eprintln!("invalid log filter {filter:?} ({e}); using \"info\"");
@@ -90,6 +112,9 @@ pub fn init_with(provider: SdkTracerProvider, service: &'static str, filter: &st
         fmt.boxed()
     };
     let traces_off = std::env::var("SLUICE_TRACES").is_ok_and(|v| v.eq_ignore_ascii_case("off"));
+    if recorded && !traces_off {
+        RECORDED.store(true, Ordering::Relaxed);
+    }
     let otel =
         (!traces_off).then(|| tracing_opentelemetry::layer().with_tracer(provider.tracer(service)));
     let _ = tracing_subscriber::registry()

@@ -506,7 +506,7 @@ async fn write_line(app: &App, line: &str, ack: Ack) -> String {
     };
     let envelope = envelopes.remove(0);
     let id = envelope.id.clone();
-    let line = envelope.payload.to_string();
+    let line = envelope.payload.get().to_owned();
     let (reply, answer) = oneshot::channel();
     if buffer.queue.try_send(Job { envelope, reply }).is_err() {
         app.inner

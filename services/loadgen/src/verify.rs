@@ -107,8 +107,12 @@ impl Sink {
         let mut found = BTreeMap::new();
         match self {
             Self::Redis { url, prefix } => {
+                // A thousand lookups in one round trip can take longer than the client's
+                // default half second on a loaded machine.
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_response_timeout(Some(std::time::Duration::from_secs(30)));
                 let mut redis = redis::Client::open(url.as_str())?
-                    .get_multiplexed_async_connection()
+                    .get_multiplexed_async_connection_with_config(&config)
                     .await?;
                 for chunk in ids.chunks(1000) {
                     let keys: Vec<String> = chunk

@@ -244,7 +244,7 @@ impl Segment {
 
     fn write(&mut self, lines: Vec<Line>, policy: FilePolicy) -> std::io::Result<usize> {
         self.load()?;
-        let mut in_batch = HashSet::new();
+        let mut in_batch = HashSet::with_capacity(lines.len());
         let fresh: Vec<Line> = lines
             .into_iter()
             .filter(|l| l.retried || l.offset > self.last_offset)

@@ -14,7 +14,23 @@ pub mod postgres;
 pub mod redis;
 pub mod redis_index;
 
+use std::time::Duration;
+
 use sluice_core::Envelope;
+
+/// Longest a Redis sink waits for an answer before it counts the write as failed (and
+/// tries it again). One batch is one script call; under load it can take well over the
+/// client's default half second, and a timed-out call is an outage, not a rejection.
+pub const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A connection to the Redis of `client` that reconnects by itself, for a sink.
+pub async fn redis_connection(
+    client: ::redis::Client,
+) -> Result<::redis::aio::ConnectionManager, SinkError> {
+    let config = ::redis::aio::ConnectionManagerConfig::new()
+        .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT));
+    Ok(client.get_connection_manager_with_config(config).await?)
+}
 
 /// An event with where it was read from.
 #[derive(Debug, Clone)]

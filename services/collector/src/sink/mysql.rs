@@ -90,7 +90,7 @@ impl Sink for MysqlSink {
                     .push_bind(&r.envelope.key)
                     .push_bind(datetime(r.envelope.event_time))
                     .push_bind(datetime(r.envelope.ingest_time))
-                    .push_bind(r.envelope.payload.to_string());
+                    .push_bind(r.envelope.payload.get());
             });
             insert.push(" ON DUPLICATE KEY UPDATE id = id");
             insert.build().execute(&self.pool).await?;

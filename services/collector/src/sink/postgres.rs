@@ -75,7 +75,7 @@ impl Sink for PostgresSink {
             .bind(column(|r| r.envelope.key.clone()))
             .bind(column(|r| Some(r.envelope.event_time.to_string())))
             .bind(column(|r| Some(r.envelope.ingest_time.to_string())))
-            .bind(column(|r| Some(r.envelope.payload.to_string())))
+            .bind(column(|r| Some(r.envelope.payload.get().to_owned())))
             .execute(&self.pool)
             .await?;
         Ok(())

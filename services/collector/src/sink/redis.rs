@@ -89,7 +89,7 @@ impl RedisSink {
         ttl: Option<Duration>,
         settings: &PipelineSettings,
     ) -> Result<Self, SinkError> {
-        let conn = client.get_connection_manager().await?;
+        let conn = super::redis_connection(client).await?;
         Ok(Self {
             conn,
             prefix: prefix.into(),
@@ -126,13 +126,14 @@ impl Sink for RedisSink {
             let e = &r.envelope;
             let second = e.event_time.as_second();
             let (minute, hour) = (second.div_euclid(60) * 60, second.div_euclid(3600) * 3600);
-            let fields: Vec<String> = self
-                .dimensions
-                .get(&e.stream)
+            let dimensions = self.dimensions.get(&e.stream).filter(|d| !d.is_empty());
+            // Parsed only for the streams that count by payload fields.
+            let payload = dimensions.map(|_| e.payload_value());
+            let fields: Vec<String> = dimensions
                 .into_iter()
                 .flatten()
                 .filter_map(|pointer| {
-                    let v = e.payload.pointer(pointer)?;
+                    let v = payload.as_ref()?.pointer(pointer)?;
                     let v = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
                     Some(format!("{pointer}={v}"))
                 })

@@ -6,6 +6,7 @@
 //! when their messages are marked delivered.
 
 use redis::aio::ConnectionManager;
+use serde_json::Value;
 use sluice_core::store;
 
 use super::{Record, Sink, SinkError};
@@ -22,7 +23,7 @@ impl RedisIndexSink {
         client: redis::Client,
         prefix: impl Into<String>,
     ) -> Result<Self, SinkError> {
-        let conn = client.get_connection_manager().await?;
+        let conn = super::redis_connection(client).await?;
         Ok(Self {
             conn,
             prefix: prefix.into(),
@@ -30,12 +31,12 @@ impl RedisIndexSink {
     }
 }
 
-fn field<'a>(r: &'a Record, name: &str) -> Result<&'a str, SinkError> {
-    r.envelope
-        .payload
+fn field(payload: &Value, r: &Record, name: &str) -> Result<String, SinkError> {
+    payload
         .get(name)
         .and_then(|v| v.as_str())
         .filter(|s| !s.is_empty())
+        .map(str::to_owned)
         .ok_or_else(|| SinkError::Unfit {
             id: r.envelope.id.clone(),
             reason: format!("a chat message needs a string field {name:?}"),
@@ -51,9 +52,10 @@ impl Sink for RedisIndexSink {
         let mut pipe = redis::pipe();
         pipe.atomic();
         for r in batch {
-            let from = field(r, "fromuser")?;
-            let to = field(r, "touser")?;
-            pipe.sadd(store::unsent_key(&self.prefix, to), from)
+            let payload = r.envelope.payload_value();
+            let from = field(&payload, r, "fromuser")?;
+            let to = field(&payload, r, "touser")?;
+            pipe.sadd(store::unsent_key(&self.prefix, &to), from)
                 .ignore();
         }
         let mut conn = self.conn.clone();
