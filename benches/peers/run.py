@@ -358,9 +358,9 @@ class Bench:
     def redis_ids(self, prefix):
         """Every event's record is in Redis: its key exists (read in pipelined batches)."""
         port = urllib.parse.urlparse(REDIS_URL).port
-        keys = subprocess.run(["redis-cli", "-p", str(port), "--scan", "--pattern", f"{prefix}:{self.stream}:*",
-                               "--count", "10000"], capture_output=True, text=True, check=True).stdout.split()
-        subprocess.run(["sh", "-c", f"redis-cli -p {port} --scan --pattern '{prefix}:*' --count 10000 | "
+        keys = subprocess.run(["redis-cli", "-p", str(port), "--scan", "--pattern", f"{prefix}:{self.stream}:*"],
+                              capture_output=True, text=True, check=True).stdout.split()
+        subprocess.run(["sh", "-c", f"redis-cli -p {port} --scan --pattern '{prefix}:*' | "
                         f"xargs -r -n 1000 redis-cli -p {port} unlink >/dev/null"], check=True)
         return {"lines": len(keys), "missing": max(0, EVENTS - len(keys)), "duplicated": 0}
 
