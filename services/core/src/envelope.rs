@@ -137,7 +137,7 @@ impl Envelope {
 
     /// The Kafka value: the envelope as JSON, without the headers.
     pub fn encode_value(&self) -> Vec<u8> {
-        // Serialising a struct of strings, timestamps and a `Value` cannot fail.
+        // Serialising a struct of strings, timestamps and JSON text cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
     }
 
