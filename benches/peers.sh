@@ -44,8 +44,11 @@ if [ ! -f "$plugins/.complete-$debezium_version" ]; then
 fi
 command -v redis-benchmark >/dev/null || { echo "redis-benchmark not found: run scripts/setup" >&2; exit 1; }
 
-echo "[peers] building release binaries" >&2
-cargo build --release --locked --bins -q
-export SLUICE_BIN="${CARGO_TARGET_DIR:-$root/target}/release"
+# SLUICE_BIN=<dir> runs binaries built elsewhere (another commit, for a before/after).
+if [ -z "${SLUICE_BIN:-}" ]; then
+  echo "[peers] building release binaries" >&2
+  cargo build --release --locked --bins -q
+fi
+export SLUICE_BIN="${SLUICE_BIN:-${CARGO_TARGET_DIR:-$root/target}/release}"
 export CONNECT_LIB="$connect_lib" CONNECT_PLUGINS="$plugins" KAFKA_VERSION="$kafka_version" DEBEZIUM_VERSION="$debezium_version"
 exec python3 benches/peers/run.py "$@"

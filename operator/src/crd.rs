@@ -545,7 +545,7 @@ fn default_concurrency() -> i32 {
 }
 
 fn default_batch_size() -> i32 {
-    500
+    5000
 }
 
 /// A collector's sink: exactly one of the fields.

@@ -1,13 +1,15 @@
 //! The consumer loop of a collector, for its main topics and for its retry topics.
 //!
 //! 1. Wait for a record, then take whatever else is already fetched, up to `--batch-size`.
-//! 2. Decode each record into an event; a record that is not an event, or an event that
-//!    names another stream than the one its topic belongs to, goes to the stream's
-//!    dead-letter topic at once, with the reason in the `sluice-error` header.
-//! 3. Split the events by partition and write the partitions concurrently (at most
-//!    `--concurrent-count` at once); within a partition, order is kept.
-//! 4. For each partition that is done, store the offset of its last record; the consumer
-//!    commits stored offsets every second and on shutdown.
+//! 2. Split the records by partition. Each partition's records are handled by a task of
+//!    their own (at most `--concurrent-count` at once, on all the runtime's threads), in
+//!    offset order: decoded into events, then written.
+//! 3. Decoding: a record that is not an event, or an event that names another stream than
+//!    the one its topic belongs to, goes to the stream's dead-letter topic at once, with
+//!    the reason in the `sluice-error` header.
+//! 4. Once every partition's task is finished, store, for each partition that is done, the
+//!    offset of its last record; the consumer commits stored offsets every second and on
+//!    shutdown.
 //!
 //! "Done" means every event of the partition is in the sink or acknowledged on the retry or
 //! dead-letter topic. Two kinds of failure are told apart ([`SinkError::is_retriable`]):
@@ -38,7 +40,7 @@ use futures::{FutureExt, StreamExt};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
 use sluice_core::Envelope;
@@ -128,8 +130,13 @@ impl ConsumerContext for LagContext {}
 
 /// One consumer with its loop.
 pub struct Worker {
-    config: WorkerConfig,
     consumer: StreamConsumer<LagContext>,
+    shared: Arc<Shared>,
+}
+
+/// What the consumer loop shares with the tasks that handle its partitions.
+struct Shared {
+    config: WorkerConfig,
     producer: Arc<FutureProducer>,
     sink: Arc<AnySink>,
     health: Arc<SinkHealth>,
@@ -151,13 +158,14 @@ struct Item {
     timestamp_ms: Option<i64>,
 }
 
-/// The records of one partition in a batch.
+/// The records of one partition in a batch, copied out of the consumer's buffers for the
+/// partition's task.
 struct PartitionWork {
     topic: String,
     partition: i32,
     first_offset: i64,
     last_offset: i64,
-    items: Vec<Item>,
+    messages: Vec<OwnedMessage>,
 }
 
 /// How far the worker got with the records of one partition.
@@ -219,15 +227,17 @@ impl Worker {
         consumer.subscribe(&topics)?;
         tracing::info!(group = %config.group, ?topics, sink = sink.name(), "collector subscribed");
         Ok(Self {
-            config,
             consumer,
-            producer,
-            sink,
-            health,
-            metrics,
-            confirmer,
-            streams,
-            dead_lettered_through: Mutex::new(HashMap::new()),
+            shared: Arc::new(Shared {
+                config,
+                producer,
+                sink,
+                health,
+                metrics,
+                confirmer,
+                streams,
+                dead_lettered_through: Mutex::new(HashMap::new()),
+            }),
         })
     }
 
@@ -251,7 +261,7 @@ impl Worker {
                 }
             };
             let mut batch = vec![first];
-            while batch.len() < self.config.batch_size {
+            while batch.len() < self.shared.config.batch_size {
                 match self.consumer.recv().now_or_never() {
                     Some(Ok(m)) => batch.push(m),
                     Some(Err(e)) => {
@@ -272,26 +282,16 @@ impl Worker {
                 tracing::warn!(error = %e, "final commit failed; uncommitted records will be delivered again")
             }
         }
-        tracing::info!(group = %self.config.group, "consumer stopped");
-    }
-
-    fn stream_of<'a>(&'a self, topic: &'a str) -> &'a str {
-        self.streams.get(topic).map_or(topic, String::as_str)
+        tracing::info!(group = %self.shared.config.group, "consumer stopped");
     }
 
     /// Handles one batch. Returns false when shutdown interrupted it.
     async fn process(&self, batch: &[BorrowedMessage<'_>], shutdown: &CancellationToken) -> bool {
         let mut work: Vec<PartitionWork> = Vec::new();
-        let mut consumed: Vec<(&str, u64)> = Vec::new();
         for m in batch {
-            let stream = self.stream_of(m.topic());
-            match consumed.iter_mut().find(|(s, _)| *s == stream) {
-                Some((_, n)) => *n += 1,
-                None => consumed.push((stream, 1)),
-            }
             let index = match work
                 .iter()
-                .position(|w| w.topic == m.topic() && w.partition == m.partition())
+                .position(|w| w.partition == m.partition() && w.topic == m.topic())
             {
                 Some(i) => i,
                 None => {
@@ -300,87 +300,36 @@ impl Worker {
                         partition: m.partition(),
                         first_offset: m.offset(),
                         last_offset: m.offset(),
-                        items: Vec::new(),
+                        messages: Vec::new(),
                     });
                     work.len() - 1
                 }
             };
             work[index].last_offset = m.offset();
-            // The topic says which stream a record belongs to, not the record: one that
-            // names another stream would land in that stream's keys, rows or files.
-            let decoded = Envelope::decode(m.payload(), m.headers())
-                .map_err(|e| e.to_string())
-                .and_then(|mut envelope| {
-                    if envelope.stream == stream {
-                        Ok(envelope)
-                    } else if self.config.streams_are_topics {
-                        stream.clone_into(&mut envelope.stream);
-                        Ok(envelope)
-                    } else {
-                        Err(format!(
-                            "the event names stream {:?} but was read from {:?}, a topic of stream {stream:?}",
-                            envelope.stream,
-                            m.topic()
-                        ))
-                    }
-                });
-            match decoded {
-                Ok(envelope) => {
-                    let attempts = envelope
-                        .headers
-                        .get(ATTEMPT_HEADER)
-                        .and_then(|a| a.parse().ok())
-                        .unwrap_or(0);
-                    work[index].items.push(Item {
-                        record: Record {
-                            envelope,
-                            topic: m.topic().to_owned(),
-                            partition: m.partition(),
-                            offset: m.offset(),
-                            retried: self.config.mode == Mode::Retry,
-                        },
-                        attempts,
-                        timestamp_ms: m.timestamp().to_millis(),
-                    });
-                }
-                Err(reason) => {
-                    let key = (m.topic().to_owned(), m.partition());
-                    let already = self
-                        .dead_lettered_through
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .get(&key)
-                        .is_some_and(|through| *through >= m.offset());
-                    if already {
-                        continue;
-                    }
-                    if !self.dead_letter_raw(m, stream, &reason, shutdown).await {
-                        return false;
-                    }
-                    self.dead_lettered_through
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .insert(key, m.offset());
-                }
-            }
+            work[index].messages.push(m.detach());
         }
-        for (stream, n) in consumed {
-            self.metrics.consumed(stream, n);
-        }
-        let outcomes: Vec<(PartitionWork, Progress)> = futures::stream::iter(work)
-            .map(|mut w| async move {
-                let items = std::mem::take(&mut w.items);
-                let progress = match self.config.mode {
-                    Mode::Main => self.write_main(items, shutdown).await,
-                    Mode::Retry => self.write_retry(items, shutdown).await,
-                };
-                (w, progress)
+        let outcomes: Vec<_> = futures::stream::iter(work)
+            .map(|w| {
+                let shared = self.shared.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move { shared.handle(w, &shutdown).await })
             })
-            .buffer_unordered(self.config.concurrency.max(1))
+            .buffer_unordered(self.shared.config.concurrency.max(1))
             .collect()
             .await;
         let mut complete = true;
-        for (w, progress) in outcomes {
+        for outcome in outcomes {
+            let (w, progress) = match outcome {
+                Ok(done) => done,
+                Err(e) => match e.try_into_panic() {
+                    Ok(panic) => std::panic::resume_unwind(panic),
+                    // Only a runtime shutting down cancels a task: nothing is stored.
+                    Err(_) => {
+                        complete = false;
+                        continue;
+                    }
+                },
+            };
             let (topic, partition) = (w.topic.as_str(), w.partition);
             let done_through = match progress {
                 Progress::Done => Some(w.last_offset),
@@ -409,6 +358,101 @@ impl Worker {
             }
         }
         complete
+    }
+}
+
+impl Shared {
+    fn stream_of<'a>(&'a self, topic: &'a str) -> &'a str {
+        self.streams.get(topic).map_or(topic, String::as_str)
+    }
+
+    /// Decodes and writes the records of one partition, in order. The records that are not
+    /// events go to the dead-letter topic as they come.
+    async fn handle(
+        &self,
+        mut w: PartitionWork,
+        shutdown: &CancellationToken,
+    ) -> (PartitionWork, Progress) {
+        let messages = std::mem::take(&mut w.messages);
+        let stream = self.stream_of(&w.topic);
+        self.metrics.consumed(stream, messages.len() as u64);
+        let mut items = Vec::with_capacity(messages.len());
+        for m in &messages {
+            // The topic says which stream a record belongs to, not the record: one that
+            // names another stream would land in that stream's keys, rows or files.
+            let decoded = Envelope::decode_verbatim(m.payload(), m.headers())
+                .map_err(|e| e.to_string())
+                .and_then(|(mut envelope, verbatim)| {
+                    if envelope.stream == stream {
+                        let value = m.payload().filter(|_| verbatim).map(<[u8]>::to_vec);
+                        Ok((envelope, value))
+                    } else if self.config.streams_are_topics {
+                        // Stored under another stream than its value names.
+                        stream.clone_into(&mut envelope.stream);
+                        Ok((envelope, None))
+                    } else {
+                        Err(format!(
+                            "the event names stream {:?} but was read from {:?}, a topic of stream {stream:?}",
+                            envelope.stream,
+                            m.topic()
+                        ))
+                    }
+                });
+            match decoded {
+                Ok((envelope, verbatim)) => {
+                    let attempts = envelope
+                        .headers
+                        .get(ATTEMPT_HEADER)
+                        .and_then(|a| a.parse().ok())
+                        .unwrap_or(0);
+                    items.push(Item {
+                        record: Record {
+                            envelope,
+                            topic: w.topic.clone(),
+                            partition: w.partition,
+                            offset: m.offset(),
+                            retried: self.config.mode == Mode::Retry,
+                            verbatim,
+                        },
+                        attempts,
+                        timestamp_ms: m.timestamp().to_millis(),
+                    });
+                }
+                Err(reason) => {
+                    let key = (w.topic.clone(), w.partition);
+                    let already = self
+                        .dead_lettered_through
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .get(&key)
+                        .is_some_and(|through| *through >= m.offset());
+                    if already {
+                        continue;
+                    }
+                    if !self.dead_letter_raw(m, stream, &reason, shutdown).await {
+                        // Nothing of the partition is written yet.
+                        let resume_at = w.first_offset;
+                        return (
+                            w,
+                            Progress::Partial {
+                                resume_at,
+                                stopped: true,
+                            },
+                        );
+                    }
+                    self.dead_lettered_through
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(key, m.offset());
+                }
+            }
+        }
+        drop(messages);
+        let progress = match self.config.mode {
+            Mode::Main => self.write_main(items, shutdown).await,
+            Mode::Retry => self.write_retry(items, shutdown).await,
+        };
+        (w, progress)
     }
 
     /// Writes the events of one partition, with a span per event continuing its trace when
@@ -647,7 +691,7 @@ impl Worker {
     /// Sends a record that is not an event to the stream's dead-letter topic.
     async fn dead_letter_raw(
         &self,
-        m: &BorrowedMessage<'_>,
+        m: &OwnedMessage,
         stream: &str,
         reason: &str,
         shutdown: &CancellationToken,

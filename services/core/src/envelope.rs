@@ -155,13 +155,31 @@ impl Envelope {
     }
 
     /// Decodes an event from a Kafka value and its headers. Headers that are not UTF-8
-    /// are left out.
+    /// are left out. Fields the envelope does not have are ignored.
     pub fn decode<H: Headers>(
         value: Option<&[u8]>,
         headers: Option<&H>,
     ) -> Result<Self, DecodeError> {
+        Self::decode_verbatim(value, headers).map(|(envelope, _)| envelope)
+    }
+
+    /// Decodes like [`Envelope::decode`], and tells whether the value holds the envelope's
+    /// fields and nothing else, on one line. Such a value (what [`Envelope::encode_value`]
+    /// makes, and so what ingest publishes) can be stored as it is in place of encoding the
+    /// event again.
+    pub fn decode_verbatim<H: Headers>(
+        value: Option<&[u8]>,
+        headers: Option<&H>,
+    ) -> Result<(Self, bool), DecodeError> {
         let value = value.filter(|v| !v.is_empty()).ok_or(DecodeError::Empty)?;
-        let mut envelope: Envelope = serde_json::from_slice(value)?;
+        let (mut envelope, verbatim) = match serde_json::from_slice::<Exact>(value) {
+            Ok(exact) => (
+                exact.into(),
+                !value.iter().any(|b| *b == b'\n' || *b == b'\r'),
+            ),
+            // Other fields as well, or not an event at all: the lenient decode says which.
+            Err(_) => (serde_json::from_slice::<Envelope>(value)?, false),
+        };
         validate_id(&envelope.id)?;
         if let Some(headers) = headers {
             for header in headers.iter() {
@@ -170,7 +188,34 @@ impl Envelope {
                 }
             }
         }
-        Ok(envelope)
+        Ok((envelope, verbatim))
+    }
+}
+
+/// The envelope's fields and no others: what [`Envelope::decode_verbatim`] tries first.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Exact {
+    id: String,
+    stream: String,
+    #[serde(default)]
+    key: Option<String>,
+    event_time: Timestamp,
+    ingest_time: Timestamp,
+    payload: Box<RawValue>,
+}
+
+impl From<Exact> for Envelope {
+    fn from(e: Exact) -> Self {
+        Self {
+            id: e.id,
+            stream: e.stream,
+            key: e.key,
+            event_time: e.event_time,
+            ingest_time: e.ingest_time,
+            payload: e.payload,
+            headers: BTreeMap::new(),
+        }
     }
 }
 
@@ -207,6 +252,31 @@ mod tests {
         assert_eq!(v["payload"], json!({"page": "/", "n": 3}));
         assert!(v["event_time"].as_str().expect("string").ends_with('Z'));
         assert!(v.get("headers").is_none());
+    }
+
+    #[test]
+    fn a_value_is_verbatim_only_with_the_envelopes_fields_on_one_line() {
+        let e = sample();
+        let value = e.encode_value();
+        let none = None::<&OwnedHeaders>;
+        let (back, verbatim) = Envelope::decode_verbatim(Some(&value), none).expect("decodes");
+        assert!(verbatim);
+        assert_eq!(back.payload.get(), e.payload.get());
+        let mut tree: Value = serde_json::from_slice(&value).expect("json");
+        let pretty = serde_json::to_vec_pretty(&tree).expect("pretty");
+        let (back, verbatim) = Envelope::decode_verbatim(Some(&pretty), none).expect("decodes");
+        assert!(!verbatim, "a value over several lines is not one line");
+        assert_eq!(back.id, e.id);
+        tree["partition"] = json!(3);
+        let extra = serde_json::to_vec(&tree).expect("json");
+        let (back, verbatim) = Envelope::decode_verbatim(Some(&extra), none).expect("decodes");
+        assert!(
+            !verbatim,
+            "a value with other fields is not the envelope alone"
+        );
+        assert_eq!(back.id, e.id);
+        let err = Envelope::decode_verbatim(Some(br#"{"id":"x"}"#), none).expect_err("no stream");
+        assert!(err.to_string().contains("missing field `stream`"), "{err}");
     }
 
     #[test]

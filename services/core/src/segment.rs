@@ -50,11 +50,19 @@ pub fn segments(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// `"retried": true` when read from the retry topic. The event is serialized once, and its
 /// place appended inside the object (no intermediate JSON tree).
 pub fn line(envelope: &Envelope, partition: i32, offset: i64, retried: bool) -> Vec<u8> {
-    let mut out = envelope.encode_value();
-    // An envelope always serializes to a JSON object: `{...}`.
-    if out.pop() != Some(b'}') {
+    line_from_value(&envelope.encode_value(), partition, offset, retried)
+}
+
+/// The same line as [`line`], from the event's Kafka value as read, when that value holds
+/// the envelope's fields and nothing else on one line ([`Envelope::decode_verbatim`]): the
+/// event is not serialized again.
+pub fn line_from_value(value: &[u8], partition: i32, offset: i64, retried: bool) -> Vec<u8> {
+    // An envelope is a JSON object: `{...}`.
+    let Some(body) = value.trim_ascii_end().strip_suffix(b"}") else {
         return Vec::new();
-    }
+    };
+    let mut out = Vec::with_capacity(body.len() + 64);
+    out.extend_from_slice(body);
     out.extend_from_slice(format!(",\"partition\":{partition},\"offset\":{offset}").as_bytes());
     if retried {
         out.extend_from_slice(b",\"retried\":true");
@@ -135,6 +143,17 @@ mod tests {
         assert_eq!(lines[1]["partition"], 0);
         assert!(lines[1].get("retried").is_none());
         assert_eq!(lines[1]["payload"], json!({"n": 1}));
+        let value = event.encode_value();
+        assert_eq!(
+            line_from_value(&value, 0, 2, true),
+            line(&event, 0, 2, true)
+        );
+        let padded = [value.as_slice(), b" \n"].concat();
+        assert_eq!(
+            line_from_value(&padded, 1, 7, false),
+            line(&event, 1, 7, false)
+        );
+        assert!(line_from_value(b"[1]", 0, 0, false).is_empty());
         let head: LineHead = serde_json::from_slice(&line(&event, 0, 2, true)).expect("head");
         assert_eq!(
             (head.id.as_deref(), head.offset, head.retried),

@@ -24,7 +24,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sluice_core::segment::{LineHead, line, partition_dir, segment_name, segment_number, segments};
+use sluice_core::segment::{
+    LineHead, line, line_from_value, partition_dir, segment_name, segment_number, segments,
+};
 
 use super::{Record, Sink, SinkError};
 
@@ -65,11 +67,12 @@ struct Segment {
     recent: IdWindow,
 }
 
-/// The latest ids, at most `capacity`, oldest first.
+/// The latest ids, at most `capacity`, oldest first. Each id is stored once, shared by the
+/// order and the set.
 struct IdWindow {
     capacity: usize,
-    order: VecDeque<String>,
-    set: HashSet<String>,
+    order: VecDeque<Arc<str>>,
+    set: HashSet<Arc<str>, foldhash::fast::RandomState>,
 }
 
 impl IdWindow {
@@ -77,7 +80,7 @@ impl IdWindow {
         Self {
             capacity,
             order: VecDeque::new(),
-            set: HashSet::new(),
+            set: HashSet::default(),
         }
     }
 
@@ -85,7 +88,7 @@ impl IdWindow {
         self.set.contains(id)
     }
 
-    fn push(&mut self, id: String) {
+    fn push(&mut self, id: Arc<str>) {
         if self.capacity == 0 || !self.set.insert(id.clone()) {
             return;
         }
@@ -100,7 +103,7 @@ impl IdWindow {
 
 /// A record ready to be written.
 struct Line {
-    id: String,
+    id: Arc<str>,
     offset: i64,
     retried: bool,
     bytes: Vec<u8>,
@@ -218,7 +221,7 @@ impl Segment {
                 if ids.len() < self.recent.capacity
                     && let Some(id) = head.id
                 {
-                    ids.push(id);
+                    ids.push(Arc::from(id));
                 }
             }
         }
@@ -244,7 +247,8 @@ impl Segment {
 
     fn write(&mut self, lines: Vec<Line>, policy: FilePolicy) -> std::io::Result<usize> {
         self.load()?;
-        let mut in_batch = HashSet::with_capacity(lines.len());
+        let mut in_batch: HashSet<Arc<str>, foldhash::fast::RandomState> =
+            HashSet::with_capacity_and_hasher(lines.len(), Default::default());
         let fresh: Vec<Line> = lines
             .into_iter()
             .filter(|l| l.retried || l.offset > self.last_offset)
@@ -310,10 +314,13 @@ impl Sink for FileSink {
         let lines: Vec<Line> = batch
             .iter()
             .map(|r| Line {
-                id: r.envelope.id.clone(),
+                id: Arc::from(r.envelope.id.as_str()),
                 offset: r.offset,
                 retried: r.retried,
-                bytes: line(&r.envelope, r.partition, r.offset, r.retried),
+                bytes: match &r.verbatim {
+                    Some(value) => line_from_value(value, r.partition, r.offset, r.retried),
+                    None => line(&r.envelope, r.partition, r.offset, r.retried),
+                },
             })
             .collect();
         let policy = self.policy;
@@ -345,13 +352,23 @@ mod tests {
     fn record(offset: i64) -> Record {
         let mut envelope = Envelope::new("s", None, json!({"n": offset}));
         envelope.id = format!("id-{offset}");
+        // Every other record as read from Kafka, value and all: both ways to a line.
+        let verbatim = (offset % 2 == 0).then(|| envelope.encode_value());
         Record {
             envelope,
             topic: "s".into(),
             partition: 0,
             offset,
             retried: false,
+            verbatim,
         }
+    }
+
+    /// `r` under another id, its value as read from Kafka (if any) to match.
+    fn renamed(mut r: Record, id: &str) -> Record {
+        id.clone_into(&mut r.envelope.id);
+        r.verbatim = r.verbatim.map(|_| r.envelope.encode_value());
+        r
     }
 
     fn policy(max_bytes: u64) -> FilePolicy {
@@ -382,7 +399,7 @@ mod tests {
         let retried: Vec<Record> = (0..2)
             .map(|o| {
                 let mut r = record(o);
-                r.envelope.id = format!("retried-{o}");
+                r = renamed(r, &format!("retried-{o}"));
                 r.topic = "s.retry".into();
                 r.retried = true;
                 r
@@ -391,8 +408,8 @@ mod tests {
         sink.write(&retried).await.expect("retried");
         // A client's retry of id-3 arrives at a new offset; id-5 is new, twice in a batch.
         let mut again = vec![record(5), record(6), record(7)];
-        again[1].envelope.id = "id-3".into();
-        again[2].envelope.id = "id-5".into();
+        again[1] = renamed(again[1].clone(), "id-3");
+        again[2] = renamed(again[2].clone(), "id-5");
         sink.write(&again).await.expect("repeats");
         let want = [
             "id-0",

@@ -46,6 +46,10 @@ pub struct Record {
     /// Read from the stream's retry topic rather than its own: its offset is the retry
     /// topic's, not comparable with the offsets of the stream's topic.
     pub retried: bool,
+    /// The Kafka value as read, when it holds the event and nothing else on one line
+    /// ([`Envelope::decode_verbatim`]) and the event was stored as it came: a sink can store
+    /// it in place of [`Envelope::encode_value`].
+    pub verbatim: Option<Vec<u8>>,
 }
 
 /// Why a sink write failed. Nothing of the batch counts as written.

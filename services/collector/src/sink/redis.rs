@@ -1,9 +1,10 @@
 //! The Redis sink: each event's JSON under `<prefix>:<stream>:<id>`, and per-minute and
 //! hourly aggregates per stream for the dashboard and the aggregates API.
 //!
-//! A batch is one Lua script call, so Redis applies it atomically; it first checks that no
-//! record key holds a value of another type (`WRONGTYPE`, which refuses the batch before
-//! anything is written, and then the event alone). For each event the script
+//! Up to [`EVENTS_PER_CALL`] events of a batch are one Lua script call, which Redis applies
+//! atomically (a larger batch is several calls, so that none holds Redis for long); a call
+//! first checks that no record key holds a value of another type (`WRONGTYPE`, which refuses
+//! the call before anything of it is written, and then each event of the batch alone). For each event the script
 //! sets the record only if it is new (`SET NX`, with the optional TTL) and, only then,
 //! counts it for the hashes `<prefix>:agg:<stream>:<minute>` and
 //! `<prefix>:agg-hour:<stream>:<hour>` of its event time (field `count`, and one field
@@ -19,6 +20,10 @@ use redis::aio::ConnectionManager;
 use sluice_core::{PipelineSettings, store};
 
 use super::{Record, Sink, SinkError};
+
+/// Most events in one script call. Writing a call again after a failure changes nothing
+/// (records are set only if absent, and counted only then).
+pub const EVENTS_PER_CALL: usize = 500;
 
 const SCRIPT: &str = r"
 for _, key in ipairs(KEYS) do
@@ -114,15 +119,22 @@ impl Sink for RedisSink {
     }
 
     async fn write(&self, batch: &[Record]) -> Result<(), SinkError> {
-        if batch.is_empty() {
-            return Ok(());
+        for chunk in batch.chunks(EVENTS_PER_CALL) {
+            self.call(chunk).await?;
         }
+        Ok(())
+    }
+}
+
+impl RedisSink {
+    /// One script call for `events`.
+    async fn call(&self, events: &[Record]) -> Result<(), SinkError> {
         let mut invocation = self.script.prepare_invoke();
         invocation
             .arg(self.ttl.map_or(0, |t| t.as_secs().max(1)))
             .arg(self.aggregate_ttls.0)
             .arg(self.aggregate_ttls.1);
-        for r in batch {
+        for r in events {
             let e = &r.envelope;
             let second = e.event_time.as_second();
             let (minute, hour) = (second.div_euclid(60) * 60, second.div_euclid(3600) * 3600);
@@ -138,9 +150,13 @@ impl Sink for RedisSink {
                     Some(format!("{pointer}={v}"))
                 })
                 .collect();
+            invocation.key(store::record_key(&self.prefix, &e.stream, &e.id));
+            // The value as read from Kafka when it is the event alone, else encoded again.
+            match &r.verbatim {
+                Some(value) => invocation.arg(value.as_slice()),
+                None => invocation.arg(e.encode_value()),
+            };
             invocation
-                .key(store::record_key(&self.prefix, &e.stream, &e.id))
-                .arg(e.encode_value())
                 .arg(store::minute_aggregate_key(&self.prefix, &e.stream, minute))
                 .arg(store::hour_aggregate_key(&self.prefix, &e.stream, hour))
                 .arg(fields.len());
