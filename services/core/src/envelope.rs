@@ -81,11 +81,21 @@ pub fn validate_id(id: &str) -> Result<(), InvalidId> {
     if id.is_empty() {
         return Err(InvalidId::Empty);
     }
-    let length = id.chars().count();
+    // Most ids are ASCII (UUIDs): counted and checked byte by byte. For ASCII, Unicode's
+    // whitespace is ASCII whitespace or a control character.
+    let (length, bad) = if id.is_ascii() {
+        let bad = id
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control());
+        (id.len(), bad)
+    } else {
+        let bad = id.chars().any(|c| c.is_whitespace() || c.is_control());
+        (id.chars().count(), bad)
+    };
     if length > MAX_ID_LEN {
         return Err(InvalidId::TooLong(length));
     }
-    if id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if bad {
         return Err(InvalidId::BadCharacter);
     }
     Ok(())
@@ -175,7 +185,7 @@ impl Envelope {
         let (mut envelope, verbatim) = match serde_json::from_slice::<Exact>(value) {
             Ok(exact) => (
                 exact.into(),
-                !value.iter().any(|b| *b == b'\n' || *b == b'\r'),
+                !value.contains(&b'\n') && !value.contains(&b'\r'),
             ),
             // Other fields as well, or not an event at all: the lenient decode says which.
             Err(_) => (serde_json::from_slice::<Envelope>(value)?, false),
@@ -321,6 +331,14 @@ mod tests {
         );
         assert_eq!(validate_id("a\nb"), Err(InvalidId::BadCharacter));
         assert_eq!(validate_id("order-42:v1"), Ok(()));
+        assert_eq!(validate_id("a\u{b}b"), Err(InvalidId::BadCharacter));
+        assert_eq!(validate_id("a\u{7f}"), Err(InvalidId::BadCharacter));
+        assert_eq!(validate_id("caf\u{e9}\u{a0}"), Err(InvalidId::BadCharacter));
+        assert_eq!(validate_id(&"\u{e9}".repeat(MAX_ID_LEN)), Ok(()));
+        assert_eq!(
+            validate_id(&"\u{e9}".repeat(MAX_ID_LEN + 1)),
+            Err(InvalidId::TooLong(MAX_ID_LEN + 1))
+        );
     }
 
     #[test]

@@ -2,11 +2,12 @@
 //! hourly aggregates per stream for the dashboard and the aggregates API.
 //!
 //! Up to [`EVENTS_PER_CALL`] events of a batch are one Lua script call, which Redis applies
-//! atomically (a larger batch is several calls, so that none holds Redis for long); a call
-//! first checks that no record key holds a value of another type (`WRONGTYPE`, which refuses
-//! the call before anything of it is written, and then each event of the batch alone). For each event the script
-//! sets the record only if it is new (`SET NX`, with the optional TTL) and, only then,
-//! counts it for the hashes `<prefix>:agg:<stream>:<minute>` and
+//! atomically (a larger batch is several calls, so that none holds Redis for long). A record
+//! key that already holds a value of another type (`WRONGTYPE`) fails the call once the
+//! others are stored and counted; the batch is then written again (which changes nothing
+//! for the events already stored) and then each event alone, so that only that event is
+//! refused. For each event the script sets the record only if it is new (`SET NX`, with the
+//! optional TTL) and, only then, counts it for the hashes `<prefix>:agg:<stream>:<minute>` and
 //! `<prefix>:agg-hour:<stream>:<hour>` of its event time (field `count`, and one field
 //! `<pointer>=<value>` per configured dimension); the counts of the batch are added with
 //! one `HINCRBY` per hash and field at the end, and each hash expires after the pipeline's
@@ -26,17 +27,12 @@ use super::{Record, Sink, SinkError};
 pub const EVENTS_PER_CALL: usize = 500;
 
 const SCRIPT: &str = r"
-for _, key in ipairs(KEYS) do
-  local t = redis.call('TYPE', key)['ok']
-  if t ~= 'none' and t ~= 'string' then
-    return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. t .. ', not a record')
-  end
-end
 local ttl = tonumber(ARGV[1])
 local ttls = {minute = tonumber(ARGV[2]), hour = tonumber(ARGV[3])}
 local counts = {}
 local expiry = {}
 local n = 0
+local refused = nil
 local a = 4
 for i, key in ipairs(KEYS) do
   local value = ARGV[a]
@@ -63,6 +59,11 @@ for i, key in ipairs(KEYS) do
         fields[field] = (fields[field] or 0) + 1
       end
     end
+  elseif not refused then
+    local t = redis.call('TYPE', key)['ok']
+    if t ~= 'string' then
+      refused = 'WRONGTYPE ' .. key .. ' holds a ' .. t .. ', not a record'
+    end
   end
   a = a + 4 + nfields
 end
@@ -71,6 +72,9 @@ for agg, fields in pairs(counts) do
     redis.call('HINCRBY', agg, field, c)
   end
   redis.call('EXPIRE', agg, expiry[agg])
+end
+if refused then
+  return redis.error_reply(refused)
 end
 return n
 ";
