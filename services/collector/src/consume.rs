@@ -40,7 +40,7 @@ use futures::{FutureExt, StreamExt};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
 use sluice_core::Envelope;
@@ -165,7 +165,29 @@ struct PartitionWork {
     partition: i32,
     first_offset: i64,
     last_offset: i64,
-    messages: Vec<OwnedMessage>,
+    messages: Vec<Fetched>,
+}
+
+/// A record copied out of the consumer's buffers. Its value moves on into the record
+/// written when the sink can store it as read ([`Record::verbatim`]).
+struct Fetched {
+    offset: i64,
+    timestamp_ms: Option<i64>,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    headers: Option<OwnedHeaders>,
+}
+
+impl Fetched {
+    fn copy(m: &BorrowedMessage<'_>) -> Self {
+        Self {
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec),
+            headers: m.headers().map(|h| h.detach()),
+        }
+    }
 }
 
 /// How far the worker got with the records of one partition.
@@ -306,7 +328,7 @@ impl Worker {
                 }
             };
             work[index].last_offset = m.offset();
-            work[index].messages.push(m.detach());
+            work[index].messages.push(Fetched::copy(m));
         }
         let outcomes: Vec<_> = futures::stream::iter(work)
             .map(|w| {
@@ -377,24 +399,22 @@ impl Shared {
         let stream = self.stream_of(&w.topic);
         self.metrics.consumed(stream, messages.len() as u64);
         let mut items = Vec::with_capacity(messages.len());
-        for m in &messages {
+        for mut m in messages {
             // The topic says which stream a record belongs to, not the record: one that
             // names another stream would land in that stream's keys, rows or files.
-            let decoded = Envelope::decode_verbatim(m.payload(), m.headers())
+            let decoded = Envelope::decode_verbatim(m.value.as_deref(), m.headers.as_ref())
                 .map_err(|e| e.to_string())
                 .and_then(|(mut envelope, verbatim)| {
                     if envelope.stream == stream {
-                        let value = m.payload().filter(|_| verbatim).map(<[u8]>::to_vec);
-                        Ok((envelope, value))
+                        Ok((envelope, verbatim))
                     } else if self.config.streams_are_topics {
                         // Stored under another stream than its value names.
                         stream.clone_into(&mut envelope.stream);
-                        Ok((envelope, None))
+                        Ok((envelope, false))
                     } else {
                         Err(format!(
                             "the event names stream {:?} but was read from {:?}, a topic of stream {stream:?}",
-                            envelope.stream,
-                            m.topic()
+                            envelope.stream, w.topic
                         ))
                     }
                 });
@@ -410,12 +430,12 @@ impl Shared {
                             envelope,
                             topic: w.topic.clone(),
                             partition: w.partition,
-                            offset: m.offset(),
+                            offset: m.offset,
                             retried: self.config.mode == Mode::Retry,
-                            verbatim,
+                            verbatim: m.value.take().filter(|_| verbatim),
                         },
                         attempts,
-                        timestamp_ms: m.timestamp().to_millis(),
+                        timestamp_ms: m.timestamp_ms,
                     });
                 }
                 Err(reason) => {
@@ -425,11 +445,14 @@ impl Shared {
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .get(&key)
-                        .is_some_and(|through| *through >= m.offset());
+                        .is_some_and(|through| *through >= m.offset);
                     if already {
                         continue;
                     }
-                    if !self.dead_letter_raw(m, stream, &reason, shutdown).await {
+                    if !self
+                        .dead_letter_raw(&w.topic, w.partition, &m, stream, &reason, shutdown)
+                        .await
+                    {
                         // Nothing of the partition is written yet.
                         let resume_at = w.first_offset;
                         return (
@@ -443,11 +466,10 @@ impl Shared {
                     self.dead_lettered_through
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
-                        .insert(key, m.offset());
+                        .insert(key, m.offset);
                 }
             }
         }
-        drop(messages);
         let progress = match self.config.mode {
             Mode::Main => self.write_main(items, shutdown).await,
             Mode::Retry => self.write_retry(items, shutdown).await,
@@ -691,21 +713,23 @@ impl Shared {
     /// Sends a record that is not an event to the stream's dead-letter topic.
     async fn dead_letter_raw(
         &self,
-        m: &OwnedMessage,
+        source: &str,
+        partition: i32,
+        m: &Fetched,
         stream: &str,
         reason: &str,
         shutdown: &CancellationToken,
     ) -> bool {
         let topic = self.settings_of(stream).dead_letter_topic();
-        tracing::error!(%topic, source = m.topic(), partition = m.partition(), offset = m.offset(), %reason, "record is not an event; dead-lettering it");
+        tracing::error!(%topic, source, partition, offset = m.offset, %reason, "record is not an event; dead-lettering it");
         let mut headers = OwnedHeaders::new();
-        if let Some(h) = m.headers() {
+        if let Some(h) = &m.headers {
             for header in h.iter() {
                 headers = headers.insert(header);
             }
         }
-        let partition = m.partition().to_string();
-        let offset = m.offset().to_string();
+        let partition = partition.to_string();
+        let offset = m.offset.to_string();
         headers = headers
             .insert(Header {
                 key: ERROR_HEADER,
@@ -713,7 +737,7 @@ impl Shared {
             })
             .insert(Header {
                 key: "sluice-source-topic",
-                value: Some(m.topic()),
+                value: Some(source),
             })
             .insert(Header {
                 key: "sluice-source-partition",
@@ -724,11 +748,17 @@ impl Shared {
                 value: Some(&offset),
             });
         let sent = self
-            .produce(&topic, m.key(), m.payload(), headers, shutdown)
+            .produce(
+                &topic,
+                m.key.as_deref(),
+                m.value.as_deref(),
+                headers,
+                shutdown,
+            )
             .await;
         if sent {
             self.metrics.dead_lettered(stream, 1);
-            let waiting = m.headers().and_then(|h| {
+            let waiting = m.headers.as_ref().and_then(|h| {
                 h.iter()
                     .find(|h| h.key == sluice_core::confirm::HEADER)
                     .and_then(|h| h.value)
