@@ -11,7 +11,7 @@
 #
 # The peers come from Maven Central like the broker (cached under .cache/connect). Prints a
 # Markdown table (median and spread of the runs) and keeps the raw output of every run in
-# docs/bench-results/peers-<date>-<commit>.md.
+# docs/bench-results/peers-<date>-<time>-<commit>.md.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -442,7 +442,7 @@ def main():
     raw += ["", table, ""]
     out_dir = os.path.join(ROOT, "docs", "bench-results")
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"peers-{when:%Y-%m-%d}-{commit}.md")
+    path = os.path.join(out_dir, f"peers-{when:%Y-%m-%d-%H%M}-{commit}.md")
     with open(path, "w") as f:
         f.write("\n".join(raw))
     log(f"raw output in {os.path.relpath(path, ROOT)}")

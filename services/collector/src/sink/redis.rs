@@ -9,8 +9,10 @@
 //! refused. For each event the script sets the record only if it is new (`SET NX`, with the
 //! optional TTL) and, only then, counts it for the hashes `<prefix>:agg:<stream>:<minute>` and
 //! `<prefix>:agg-hour:<stream>:<hour>` of its event time (field `count`, and one field
-//! `<pointer>=<value>` per configured dimension); the counts of the batch are added with
-//! one `HINCRBY` per hash and field at the end, and each hash expires after the pipeline's
+//! `<pointer>=<value>` per configured dimension). Consecutive events that count for the same
+//! hashes and fields are one run, whose hashes and fields are passed once; the counts of
+//! the batch are added with one `HINCRBY` per hash and field at the end, and each hash
+//! expires after the pipeline's
 //! `aggregates` retention. A replay after a crash therefore adds neither a record nor a
 //! count.
 
@@ -28,44 +30,57 @@ pub const EVENTS_PER_CALL: usize = 500;
 
 const SCRIPT: &str = r"
 local ttl = tonumber(ARGV[1])
-local ttls = {minute = tonumber(ARGV[2]), hour = tonumber(ARGV[3])}
+local ttls = {tonumber(ARGV[2]), tonumber(ARGV[3])}
 local counts = {}
 local expiry = {}
-local n = 0
+local total = 0
 local refused = nil
 local a = 4
-for i, key in ipairs(KEYS) do
-  local value = ARGV[a]
-  local aggs = {minute = ARGV[a + 1], hour = ARGV[a + 2]}
-  local nfields = tonumber(ARGV[a + 3])
-  local set
-  if ttl > 0 then
-    set = redis.call('SET', key, value, 'NX', 'EX', ttl)
-  else
-    set = redis.call('SET', key, value, 'NX')
+local k = 1
+while a <= #ARGV do
+  -- A run: the minute and hour hashes, the dimension fields, then the events' values.
+  local aggs = {ARGV[a], ARGV[a + 1]}
+  local nfields = tonumber(ARGV[a + 2])
+  local first_field = a + 3
+  local nevents = tonumber(ARGV[first_field + nfields])
+  a = first_field + nfields + 1
+  local new = 0
+  for e = 1, nevents do
+    local key = KEYS[k]
+    local set
+    if ttl > 0 then
+      set = redis.call('SET', key, ARGV[a], 'NX', 'EX', ttl)
+    else
+      set = redis.call('SET', key, ARGV[a], 'NX')
+    end
+    if set then
+      new = new + 1
+    elseif not refused then
+      local t = redis.call('TYPE', key)['ok']
+      if t ~= 'string' then
+        refused = 'WRONGTYPE ' .. key .. ' holds a ' .. t .. ', not a record'
+      end
+    end
+    k = k + 1
+    a = a + 1
   end
-  if set then
-    n = n + 1
-    for span, agg in pairs(aggs) do
+  if new > 0 then
+    total = total + new
+    for span = 1, 2 do
+      local agg = aggs[span]
       local fields = counts[agg]
       if not fields then
         fields = {}
         counts[agg] = fields
         expiry[agg] = ttls[span]
       end
-      fields['count'] = (fields['count'] or 0) + 1
-      for f = 1, nfields do
-        local field = ARGV[a + 3 + f]
-        fields[field] = (fields[field] or 0) + 1
+      fields['count'] = (fields['count'] or 0) + new
+      for f = first_field, first_field + nfields - 1 do
+        local field = ARGV[f]
+        fields[field] = (fields[field] or 0) + new
       end
     end
-  elseif not refused then
-    local t = redis.call('TYPE', key)['ok']
-    if t ~= 'string' then
-      refused = 'WRONGTYPE ' .. key .. ' holds a ' .. t .. ', not a record'
-    end
   end
-  a = a + 4 + nfields
 end
 for agg, fields in pairs(counts) do
   for field, c in pairs(fields) do
@@ -76,7 +91,7 @@ end
 if refused then
   return redis.error_reply(refused)
 end
-return n
+return total
 ";
 
 /// Writes records and aggregates to Redis.
@@ -130,42 +145,83 @@ impl Sink for RedisSink {
     }
 }
 
+/// Consecutive events of one stream, minute and dimension values: their counts go to the
+/// same hash fields, so the script is told the hashes and fields once per run.
+struct Run<'a> {
+    stream: &'a str,
+    minute: i64,
+    fields: Vec<String>,
+    events: Vec<&'a Record>,
+}
+
 impl RedisSink {
-    /// One script call for `events`.
+    /// The dimension fields `<pointer>=<value>` that `e` counts for.
+    fn fields(&self, e: &sluice_core::Envelope) -> Vec<String> {
+        let Some(dimensions) = self.dimensions.get(&e.stream).filter(|d| !d.is_empty()) else {
+            return Vec::new();
+        };
+        // Parsed only for the streams that count by payload fields.
+        let payload = e.payload_value();
+        dimensions
+            .iter()
+            .filter_map(|pointer| {
+                let v = payload.pointer(pointer)?;
+                let v = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+                Some(format!("{pointer}={v}"))
+            })
+            .collect()
+    }
+
+    /// One script call for `events`: the arguments are the record TTL and the aggregate
+    /// TTLs, then per run the minute and hour hashes, the number of fields, the fields,
+    /// the number of events and their values; the keys are the events' record keys.
     async fn call(&self, events: &[Record]) -> Result<(), SinkError> {
+        let mut runs: Vec<Run<'_>> = Vec::new();
+        for r in events {
+            let e = &r.envelope;
+            let minute = e.event_time.as_second().div_euclid(60) * 60;
+            let fields = self.fields(e);
+            match runs.last_mut() {
+                Some(run)
+                    if run.stream == e.stream && run.minute == minute && run.fields == fields =>
+                {
+                    run.events.push(r);
+                }
+                _ => runs.push(Run {
+                    stream: &e.stream,
+                    minute,
+                    fields,
+                    events: vec![r],
+                }),
+            }
+        }
         let mut invocation = self.script.prepare_invoke();
         invocation
             .arg(self.ttl.map_or(0, |t| t.as_secs().max(1)))
             .arg(self.aggregate_ttls.0)
             .arg(self.aggregate_ttls.1);
-        for r in events {
-            let e = &r.envelope;
-            let second = e.event_time.as_second();
-            let (minute, hour) = (second.div_euclid(60) * 60, second.div_euclid(3600) * 3600);
-            let dimensions = self.dimensions.get(&e.stream).filter(|d| !d.is_empty());
-            // Parsed only for the streams that count by payload fields.
-            let payload = dimensions.map(|_| e.payload_value());
-            let fields: Vec<String> = dimensions
-                .into_iter()
-                .flatten()
-                .filter_map(|pointer| {
-                    let v = payload.as_ref()?.pointer(pointer)?;
-                    let v = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
-                    Some(format!("{pointer}={v}"))
-                })
-                .collect();
-            invocation.key(store::record_key(&self.prefix, &e.stream, &e.id));
-            // The value as read from Kafka when it is the event alone, else encoded again.
-            match &r.verbatim {
-                Some(value) => invocation.arg(value.as_slice()),
-                None => invocation.arg(e.encode_value()),
-            };
+        for run in &runs {
+            let hour = run.minute.div_euclid(3600) * 3600;
             invocation
-                .arg(store::minute_aggregate_key(&self.prefix, &e.stream, minute))
-                .arg(store::hour_aggregate_key(&self.prefix, &e.stream, hour))
-                .arg(fields.len());
-            for f in fields {
-                invocation.arg(f);
+                .arg(store::minute_aggregate_key(
+                    &self.prefix,
+                    run.stream,
+                    run.minute,
+                ))
+                .arg(store::hour_aggregate_key(&self.prefix, run.stream, hour))
+                .arg(run.fields.len());
+            for f in &run.fields {
+                invocation.arg(f.as_str());
+            }
+            invocation.arg(run.events.len());
+            for r in &run.events {
+                let e = &r.envelope;
+                invocation.key(store::record_key(&self.prefix, &e.stream, &e.id));
+                // The value as read from Kafka when it is the event alone, else encoded again.
+                match &r.verbatim {
+                    Some(value) => invocation.arg(value.as_slice()),
+                    None => invocation.arg(e.encode_value()),
+                };
             }
         }
         let mut conn = self.conn.clone();
