@@ -2,7 +2,7 @@
 # Sluice's collector beside the tools a user would pick instead: the same topic, the same
 # machine, the same run, each scenario RUNS times alternating with its peer.
 #
-#   benches/peers.sh          (EVENTS=500000 RUNS=3 SCENARIOS="file postgres redis";
+#   benches/peers.sh          (EVENTS=2000000 RUNS=3 SCENARIOS="file postgres redis";
 #                              COLLECTOR_ARGS="--batch-size 2000" to try other settings)
 #
 #   file      collector --sink file (shipped defaults)   vs Kafka Connect FileStreamSink

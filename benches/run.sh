@@ -164,7 +164,7 @@ print(table)
 if errors:
     print("\nerrors:", json.dumps(errors))
 peers = open(os.path.join(work, "peers.md")).read() if os.path.exists(os.path.join(work, "peers.md")) else ""
-stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d-%H%M")
 # The raw output of every scenario.
 os.makedirs("docs/bench-results", exist_ok=True)
 raw_name = f"run-{stamp}-{commit}.md"
