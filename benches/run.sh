@@ -223,7 +223,7 @@ competes with the broker for the same cores.
 readme = open("README.md").read()
 begin, end = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 if begin in readme and end in readme:
-    block = f"{begin}\n{run_line} From [`docs/benchmarks.md`](docs/benchmarks.md):\n\n{table}\n" + (f"\n{peers}" if peers else "") + f"{end}"
+    block = f"{begin}\n{run_line} From [`docs/benchmarks.md`](docs/benchmarks.md):\n\n{table}\n" + (f"\n{peers}".replace("](bench-results/", "](docs/bench-results/") if peers else "") + f"{end}"
     readme = readme[:readme.index(begin)] + block + readme[readme.index(end) + len(end):]
     open("README.md", "w").write(readme)
 PY
