@@ -1,6 +1,6 @@
 //! The HTTP API in process, against the real Kafka and Redis of the stack.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The TCP doors of the buffered store against the real Kafka and Redis, with a real
 //! collector storing what ingest published.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
