@@ -9,7 +9,7 @@ use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 use rdkafka::message::Headers;
 use serde_json::{Value, json};
 use sluice_core::StreamSettings;
-use sluice_ingest::{App, Args, run};
+use sluice_ingest::{App, run};
 use sluice_testkit::{Pipeline, Stack, read_topic, unique, wait_for};
 use tokio_util::sync::CancellationToken;
 
@@ -27,12 +27,7 @@ async fn the_trace_follows_an_event_from_http_through_kafka_to_redis() {
     let s = StreamSettings::new(unique("traced"));
     let (name, topic) = (s.name.clone(), s.topic().to_owned());
     let pipeline = Pipeline::create(&stack, vec![s]).await.expect("pipeline");
-    let mut args = Args::new(
-        pipeline.settings_path.clone(),
-        stack.kafka(),
-        stack.redis_url.clone(),
-    );
-    args.redis.key_prefix = pipeline.key_prefix.clone();
+    let args = common::args(&stack, &pipeline);
     let app = App::connect(&args).await.expect("ingest");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

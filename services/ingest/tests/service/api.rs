@@ -9,18 +9,13 @@ use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use sluice_core::{Envelope, StreamSettings, store};
-use sluice_ingest::{App, Args, router};
+use sluice_ingest::{App, router};
 use sluice_testkit::{Pipeline, Stack, json_of, produce, read_topic, unique, wait_for};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 async fn app_for(stack: &Stack, pipeline: &Pipeline) -> App {
-    let mut args = Args::new(
-        pipeline.settings_path.clone(),
-        stack.kafka(),
-        stack.redis_url.clone(),
-    );
-    args.redis.key_prefix = pipeline.key_prefix.clone();
+    let mut args = common::args(stack, pipeline);
     args.max_body_bytes = 1024;
     App::connect(&args).await.expect("ingest starts")
 }

@@ -43,12 +43,7 @@ async fn start_with(
     tweak: impl FnOnce(&mut Args),
     watch_kafka: bool,
 ) -> Server {
-    let mut args = Args::new(
-        pipeline.settings_path.clone(),
-        stack.kafka(),
-        stack.redis_url.clone(),
-    );
-    args.redis.key_prefix = pipeline.key_prefix.clone();
+    let mut args = crate::common::args(stack, pipeline);
     args.redis_replica_url = Some(stack.redis_replica_url.clone());
     tweak(&mut args);
     let app = App::connect(&args).await.expect("ingest starts");

@@ -54,12 +54,7 @@ async fn start_ports(
     stream: &str,
     tweak: impl FnOnce(&mut Args),
 ) -> (String, String, CancellationToken) {
-    let mut args = Args::new(
-        pipeline.settings_path.clone(),
-        stack.kafka(),
-        stack.redis_url.clone(),
-    );
-    args.redis.key_prefix = pipeline.key_prefix.clone();
+    let mut args = common::args(stack, pipeline);
     args.redis_replica_url = Some(stack.redis_replica_url.clone());
     args.tcp_stream = stream.to_owned();
     tweak(&mut args);
