@@ -1,5 +1,6 @@
 //! Collectors as real processes: two in one group share the partitions and one takes over
-//! when the other is killed; the file sink survives a kill in the middle of its writes.
+//! when the other is killed; partitions change hands in the middle of a backlog without an
+//! event written twice; the file sink survives a kill in the middle of its writes.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -138,6 +139,97 @@ async fn two_collectors_share_the_partitions_and_one_takes_over_from_the_other()
         },
     )
     .await?;
+    Ok(())
+}
+
+/// The ids on the lines under `dir` (a collector's record directory) for `stream`.
+fn ids_on_disk(dir: &std::path::Path, stream: &str) -> Vec<String> {
+    sluice_core::segment::read_all(dir, stream)
+        .unwrap_or_default()
+        .iter()
+        .map(|l| l["id"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn partitions_change_hands_mid_backlog_and_every_event_is_written_once() -> anyhow::Result<()>
+{
+    // Two file collectors with a directory each (a volume per replica): an event in both
+    // directories was written by both, because a partition changed hands before what its
+    // first owner had in flight was stored.
+    let stack = Stack::from_env();
+    let mut s = StreamSettings::new(unique("handover"));
+    s.partitions = 6;
+    let name = s.name.clone();
+    let pipeline = Pipeline::create(&stack, vec![s]).await?;
+    let sent = events(&name, 0..120_000);
+    for chunk in sent.chunks(40_000) {
+        produce(&stack, &name, chunk).await?;
+    }
+    let group = unique("group");
+    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    // Small fetches per partition: each batch holds records of every partition, so that
+    // every partition has records in flight and left to write when it changes hands; and
+    // frequent heartbeats, so that the group rebalances well before the backlog is drained.
+    let args = |dir: &tempfile::TempDir| -> [String; 10] {
+        [
+            "--group".to_owned(),
+            group.clone(),
+            "--sink".to_owned(),
+            "file".to_owned(),
+            "--record-directory".to_owned(),
+            dir.path().display().to_string(),
+            "--kafka-option".to_owned(),
+            "max.partition.fetch.bytes=16384".to_owned(),
+            "--kafka-option".to_owned(),
+            "heartbeat.interval.ms=100".to_owned(),
+        ]
+    };
+    let on_disk = |dir: &tempfile::TempDir, want: usize| {
+        let (dir, name) = (dir.path().to_owned(), name.clone());
+        async move {
+            wait_for(&format!("{want} lines in {}", dir.display()), LIMIT, || {
+                let (dir, name) = (dir.clone(), name.clone());
+                async move { Ok((ids_on_disk(&dir, &name).len() >= want).then_some(())) }
+            })
+            .await
+        }
+    };
+    let args_a = args(&dir_a);
+    let mut a = collector(&stack, &pipeline, &args_a.each_ref().map(String::as_str))?;
+    on_disk(&dir_a, 1000).await?;
+    // B joins while A is in the middle of the backlog, then leaves again before it is
+    // drained: the partitions move from A to both, and back to A.
+    let args_b = args(&dir_b);
+    let b = collector(&stack, &pipeline, &args_b.each_ref().map(String::as_str))?;
+    on_disk(&dir_b, 500).await?;
+    let written_by_a_then = ids_on_disk(dir_a.path(), &name).len();
+    assert!(b.terminate(LIMIT).await?, "B stops when asked");
+    wait_for("every event on disk", LIMIT, || async {
+        let n = ids_on_disk(dir_a.path(), &name).len() + ids_on_disk(dir_b.path(), &name).len();
+        Ok((n >= sent.len()).then_some(()))
+    })
+    .await?;
+    let mut ids = ids_on_disk(dir_a.path(), &name);
+    let written_by_a = ids.len();
+    ids.extend(ids_on_disk(dir_b.path(), &name));
+    let once: BTreeSet<String> = ids.iter().cloned().collect();
+    assert_eq!(
+        once.len(),
+        ids.len(),
+        "{} events written twice (A wrote {written_by_a}, B {})",
+        ids.len() - once.len(),
+        ids.len() - written_by_a
+    );
+    assert_eq!(
+        once,
+        sent.iter().map(|e| e.id.clone()).collect::<BTreeSet<_>>()
+    );
+    eprintln!(
+        "A wrote {written_by_a_then} before B left and {written_by_a} in all, B {}",
+        ids.len() - written_by_a
+    );
+    assert!(a.running());
     Ok(())
 }
 

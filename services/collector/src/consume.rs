@@ -3,13 +3,15 @@
 //! 1. Wait for a record, then take whatever else is already fetched, up to `--batch-size`.
 //! 2. Split the records by partition. Each partition's records are handled by a task of
 //!    their own (at most `--concurrent-count` at once, on all the runtime's threads), in
-//!    offset order: decoded into events, then written.
-//! 3. Decoding: a record that is not an event, or an event that names another stream than
+//!    offset order: decoded into events, then written. A partition's task starts once its
+//!    previous one is done, so the partition's records are written in order.
+//! 3. Receive the next batch while this one is written: the loop only waits for the tasks
+//!    when more than a batch of records is in flight.
+//! 4. Decoding: a record that is not an event, or an event that names another stream than
 //!    the one its topic belongs to, goes to the stream's dead-letter topic at once, with
 //!    the reason in the `sluice-error` header.
-//! 4. Once every partition's task is finished, store, for each partition that is done, the
-//!    offset of its last record; the consumer commits stored offsets every second and on
-//!    shutdown.
+//! 5. As each task finishes, store the offset of the last record it got through; the
+//!    consumer commits stored offsets every second and on shutdown.
 //!
 //! "Done" means every event of the partition is in the sink or acknowledged on the retry or
 //! dead-letter topic. Two kinds of failure are told apart ([`SinkError::is_retriable`]):
@@ -20,32 +22,41 @@
 //!   dead-letter topics for it. Every [`HOLD`] the worker gives the records back to Kafka
 //!   (it stores the offsets of what is done and seeks the partition back to the first
 //!   record that is not), so that it keeps polling and stays in its group, and reads them
-//!   again.
+//!   again. The partition's tasks already under way for later records then write nothing.
 //! - **The sink rejects events** (a value it cannot store): on the main topics the batch is
 //!   tried `--write-attempts` times, then each event alone, and those it rejects go to
 //!   `<stream>.retry` with `sluice-attempt: 1`. On the retry topics each event waits for
 //!   its backoff, is tried once, and goes back to `<stream>.retry` with its attempt count
 //!   raised, or, after the last attempt, to `<stream>.dlq`.
 //!
-//! Rebalances happen inside `recv`, between batches, so work in flight always finishes
-//! before its partitions are given up. When shutdown interrupts a batch, only the offsets of
-//! what is done are stored; the rest is delivered again to whoever takes the partitions
-//! next.
+//! Rebalances: when the group takes partitions away, the consumer hands them over only
+//! after every task in flight is finished and its offsets are stored ([`Handover`]), so a
+//! partition never has two writers and its next owner starts after what was written. When
+//! shutdown interrupts a task, only the offsets of what is done are stored; the rest is
+//! delivered again to whoever takes the partitions next.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::TopicPartitionList;
+use rdkafka::types::RDKafkaRespErr;
 use sluice_core::Envelope;
 use sluice_core::kafka::KafkaArgs;
 use sluice_core::settings::{RetrySettings, StreamSettings};
+use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio::task::{JoinError, JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::confirm::Confirmer;
@@ -95,9 +106,49 @@ pub struct WorkerConfig {
     pub awaits_topics: bool,
 }
 
-/// Turns librdkafka's statistics into the lag metric.
+/// The consumer's context: turns librdkafka's statistics into the lag metric, and passes
+/// revoked partitions to the consumer loop ([`Handover`]).
 pub struct LagContext {
     metrics: Arc<Metrics>,
+    handover: Arc<Handover>,
+}
+
+/// Partitions the group takes from this consumer. librdkafka waits for the consumer to
+/// give them up (the group's rebalance waits with it); the consumer loop does so once the
+/// work in flight is finished and its offsets are stored.
+#[derive(Default)]
+struct Handover {
+    /// The partitions revoked and not yet given up.
+    revoked: Mutex<Option<TopicPartitionList>>,
+    /// Set once the loop has stopped: partitions revoked from then on (as the consumer
+    /// closes) are given up at once.
+    closing: AtomicBool,
+    /// Wakes the loop when partitions are revoked.
+    wake: Notify,
+}
+
+impl Handover {
+    fn take(&self) -> Option<TopicPartitionList> {
+        self.revoked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+}
+
+/// Gives up `partitions` (all of them with the eager protocol, librdkafka's default).
+fn give_up<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    partitions: &TopicPartitionList,
+) -> KafkaResult<()> {
+    if matches!(
+        consumer.rebalance_protocol(),
+        RebalanceProtocol::Cooperative
+    ) {
+        consumer.incremental_unassign(partitions)
+    } else {
+        consumer.unassign()
+    }
 }
 
 /// Whether a consumer error says a subscribed topic does not exist (yet): reported once at
@@ -126,11 +177,53 @@ impl ClientContext for LagContext {
     }
 }
 
-impl ConsumerContext for LagContext {}
+impl ConsumerContext for LagContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        partitions: &mut TopicPartitionList,
+    ) {
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                tracing::info!(partitions = partitions.count(), "partitions assigned");
+                if matches!(
+                    consumer.rebalance_protocol(),
+                    RebalanceProtocol::Cooperative
+                ) {
+                    consumer.incremental_assign(partitions)
+                } else {
+                    consumer.assign(partitions)
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS
+                if !self.handover.closing.load(Ordering::Acquire) =>
+            {
+                *self
+                    .handover
+                    .revoked
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(partitions.clone());
+                self.handover.wake.notify_one();
+                return;
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => give_up(consumer, partitions),
+            other => {
+                let code = rdkafka::types::RDKafkaErrorCode::from(other);
+                tracing::error!(error = %code, "rebalance failed; giving up the partitions");
+                give_up(consumer, partitions)
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "cannot apply the group's assignment");
+        }
+    }
+}
 
 /// One consumer with its loop.
 pub struct Worker {
     consumer: StreamConsumer<LagContext>,
+    handover: Arc<Handover>,
     shared: Arc<Shared>,
 }
 
@@ -165,7 +258,32 @@ struct PartitionWork {
     partition: i32,
     first_offset: i64,
     last_offset: i64,
+    /// How many records there are (`messages` is emptied as they are handled).
+    count: usize,
     messages: Vec<Fetched>,
+}
+
+/// What a partition's task comes back with.
+enum Settled {
+    /// It handled its records this far.
+    Ran(PartitionWork, Progress),
+    /// The partition's previous task did not get through its records (they are read again
+    /// after a seek back, or shutdown came): this one wrote nothing.
+    Skipped(usize),
+}
+
+/// The partitions' tasks in flight.
+struct Flight {
+    tasks: FuturesUnordered<JoinHandle<Settled>>,
+    /// Per partition, what its next task waits for: whether the last task spawned got
+    /// through all its records.
+    tails: HashMap<(String, i32), oneshot::Receiver<bool>>,
+    /// Per partition, the highest offset stored.
+    stored: HashMap<(String, i32), i64>,
+    /// Records in the tasks.
+    records: usize,
+    /// Partitions written at once.
+    slots: Arc<Semaphore>,
 }
 
 /// A record copied out of the consumer's buffers. Its value moves on into the record
@@ -242,14 +360,17 @@ impl Worker {
             // A retry may wait up to five minutes for its backoff.
             client.set("max.poll.interval.ms", "900000");
         }
+        let handover = Arc::new(Handover::default());
         let consumer: StreamConsumer<LagContext> = client.create_with_context(LagContext {
             metrics: metrics.clone(),
+            handover: handover.clone(),
         })?;
         let topics: Vec<&str> = streams.keys().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         tracing::info!(group = %config.group, ?topics, sink = sink.name(), "collector subscribed");
         Ok(Self {
             consumer,
+            handover,
             shared: Arc::new(Shared {
                 config,
                 producer,
@@ -265,10 +386,25 @@ impl Worker {
 
     /// Consumes and writes until `shutdown` is cancelled; then commits and leaves the group.
     pub async fn run(self, shutdown: CancellationToken) {
+        let mut flight = Flight {
+            tasks: FuturesUnordered::new(),
+            tails: HashMap::new(),
+            stored: HashMap::new(),
+            records: 0,
+            slots: Arc::new(Semaphore::new(self.shared.config.concurrency.max(1))),
+        };
         loop {
             let first = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
+                () = self.handover.wake.notified() => {
+                    self.hand_over(&mut flight).await;
+                    continue;
+                }
+                Some(joined) = flight.tasks.next() => {
+                    self.settle(&mut flight, joined);
+                    continue;
+                }
                 m = self.consumer.recv() => m,
             };
             let first = match first {
@@ -293,10 +429,26 @@ impl Worker {
                     None => break,
                 }
             }
-            if !self.process(&batch, &shutdown).await {
-                break;
+            self.dispatch(&batch, &mut flight, &shutdown);
+            drop(batch);
+            // One batch is written while the next is received; not more.
+            while flight.records > self.shared.config.batch_size {
+                match flight.tasks.next().await {
+                    Some(joined) => self.settle(&mut flight, joined),
+                    None => break,
+                }
             }
         }
+        // Shutdown: the tasks stop at the next record boundary; store what they finished.
+        while let Some(joined) = flight.tasks.next().await {
+            self.settle(&mut flight, joined);
+        }
+        if let Some(revoked) = self.handover.take()
+            && let Err(e) = give_up(&self.consumer, &revoked)
+        {
+            tracing::warn!(error = %e, "cannot give up the revoked partitions");
+        }
+        self.handover.closing.store(true, Ordering::Release);
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(())
             | Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
@@ -307,8 +459,14 @@ impl Worker {
         tracing::info!(group = %self.shared.config.group, "consumer stopped");
     }
 
-    /// Handles one batch. Returns false when shutdown interrupted it.
-    async fn process(&self, batch: &[BorrowedMessage<'_>], shutdown: &CancellationToken) -> bool {
+    /// Splits a batch by partition and starts a task for each partition's records, after
+    /// the partition's previous task.
+    fn dispatch(
+        &self,
+        batch: &[BorrowedMessage<'_>],
+        flight: &mut Flight,
+        shutdown: &CancellationToken,
+    ) {
         let mut work: Vec<PartitionWork> = Vec::new();
         for m in batch {
             let index = match work
@@ -322,64 +480,112 @@ impl Worker {
                         partition: m.partition(),
                         first_offset: m.offset(),
                         last_offset: m.offset(),
+                        count: 0,
                         messages: Vec::new(),
                     });
                     work.len() - 1
                 }
             };
-            work[index].last_offset = m.offset();
-            work[index].messages.push(Fetched::copy(m));
+            let w = &mut work[index];
+            w.last_offset = m.offset();
+            w.count += 1;
+            w.messages.push(Fetched::copy(m));
         }
-        let outcomes: Vec<_> = futures::stream::iter(work)
-            .map(|w| {
-                let shared = self.shared.clone();
-                let shutdown = shutdown.clone();
-                tokio::spawn(async move { shared.handle(w, &shutdown).await })
-            })
-            .buffer_unordered(self.shared.config.concurrency.max(1))
-            .collect()
-            .await;
-        let mut complete = true;
-        for outcome in outcomes {
-            let (w, progress) = match outcome {
-                Ok(done) => done,
-                Err(e) => match e.try_into_panic() {
-                    Ok(panic) => std::panic::resume_unwind(panic),
-                    // Only a runtime shutting down cancels a task: nothing is stored.
-                    Err(_) => {
-                        complete = false;
-                        continue;
-                    }
-                },
-            };
-            let (topic, partition) = (w.topic.as_str(), w.partition);
-            let done_through = match progress {
-                Progress::Done => Some(w.last_offset),
-                Progress::Partial { resume_at, stopped } => {
-                    complete &= !stopped;
-                    if !stopped {
-                        // Read again from the first record not done. Without a timeout the
-                        // seek is asynchronous; records fetched before it are dropped.
-                        if let Err(e) = self.consumer.seek(
-                            topic,
-                            partition,
-                            rdkafka::Offset::Offset(resume_at),
-                            Duration::ZERO,
-                        ) {
-                            tracing::warn!(error = %e, %topic, partition, resume_at, "cannot seek back; the records are read again after the next rebalance");
-                        }
-                    }
-                    (resume_at > w.first_offset).then_some(resume_at - 1)
+        for w in work {
+            let (done, next) = oneshot::channel();
+            let previous = flight.tails.insert((w.topic.clone(), w.partition), next);
+            flight.records += w.count;
+            let shared = self.shared.clone();
+            let shutdown = shutdown.clone();
+            let slots = flight.slots.clone();
+            flight.tasks.push(tokio::spawn(async move {
+                if let Some(previous) = previous
+                    && !previous.await.unwrap_or(false)
+                {
+                    let _ = done.send(false);
+                    return Settled::Skipped(w.count);
                 }
-            };
-            if let Some(offset) = done_through
-                && let Err(e) = self.consumer.store_offset(topic, partition, offset)
-            {
-                // The partition was taken away meanwhile; its new owner replays the records.
-                tracing::debug!(error = %e, %topic, partition, "offset not stored");
+                let Ok(_slot) = slots.acquire().await else {
+                    let _ = done.send(false);
+                    return Settled::Skipped(w.count);
+                };
+                let (w, progress) = shared.handle(w, &shutdown).await;
+                let _ = done.send(progress == Progress::Done);
+                Settled::Ran(w, progress)
+            }));
+        }
+    }
+
+    /// Stores the offsets of what a finished task got through, or seeks its partition back
+    /// to the first record it did not.
+    fn settle(&self, flight: &mut Flight, joined: Result<Settled, JoinError>) {
+        let (w, progress) = match joined {
+            Ok(Settled::Ran(w, progress)) => (w, progress),
+            Ok(Settled::Skipped(count)) => {
+                flight.records -= count;
+                return;
+            }
+            Err(e) => match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                // Only a runtime shutting down cancels a task: nothing is stored.
+                Err(_) => return,
+            },
+        };
+        flight.records -= w.count;
+        let (topic, partition) = (w.topic.as_str(), w.partition);
+        let done_through = match progress {
+            Progress::Done => Some(w.last_offset),
+            Progress::Partial { resume_at, stopped } => {
+                if !stopped {
+                    // Read again from the first record not done. Without a timeout the
+                    // seek is asynchronous; records fetched before it are dropped, and the
+                    // partition's tasks already started for them write nothing.
+                    flight.tails.remove(&(w.topic.clone(), partition));
+                    if let Err(e) = self.consumer.seek(
+                        topic,
+                        partition,
+                        rdkafka::Offset::Offset(resume_at),
+                        Duration::ZERO,
+                    ) {
+                        tracing::warn!(error = %e, %topic, partition, resume_at, "cannot seek back; the records are read again after the next rebalance");
+                    }
+                }
+                (resume_at > w.first_offset).then_some(resume_at - 1)
+            }
+        };
+        if let Some(offset) = done_through {
+            let stored = flight
+                .stored
+                .entry((w.topic.clone(), partition))
+                .or_insert(-1);
+            if offset > *stored {
+                *stored = offset;
+                if let Err(e) = self.consumer.store_offset(topic, partition, offset) {
+                    // The partition was taken away meanwhile; its new owner replays the records.
+                    tracing::debug!(error = %e, %topic, partition, "offset not stored");
+                }
             }
         }
-        complete
+    }
+
+    /// Gives up the partitions the group took away, once every task in flight is finished
+    /// and its offsets are stored (giving them up commits the stored offsets).
+    async fn hand_over(&self, flight: &mut Flight) {
+        let Some(revoked) = self.handover.take() else {
+            return;
+        };
+        while let Some(joined) = flight.tasks.next().await {
+            self.settle(flight, joined);
+        }
+        flight.tails.clear();
+        flight.stored.clear();
+        match give_up(&self.consumer, &revoked) {
+            Ok(()) => tracing::info!(
+                partitions = revoked.count(),
+                "partitions handed over after the work in flight"
+            ),
+            Err(e) => tracing::error!(error = %e, "cannot give up the revoked partitions"),
+        }
     }
 }
 
