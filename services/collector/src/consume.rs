@@ -393,6 +393,8 @@ impl Worker {
             records: 0,
             slots: Arc::new(Semaphore::new(self.shared.config.concurrency.max(1))),
         };
+        // One stream for the loop: `recv` would make (and register) one per record.
+        let mut messages = self.consumer.stream();
         loop {
             let first = tokio::select! {
                 biased;
@@ -405,28 +407,30 @@ impl Worker {
                     self.settle(&mut flight, joined);
                     continue;
                 }
-                m = self.consumer.recv() => m,
+                m = messages.next() => m,
             };
             let first = match first {
-                Ok(m) => m,
-                Err(e) if topic_missing(&e) => {
+                // The consumer's stream never ends.
+                None => break,
+                Some(Ok(m)) => m,
+                Some(Err(e)) if topic_missing(&e) => {
                     tracing::debug!(error = %e, "subscribed topic not available");
                     continue;
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     tracing::warn!(error = %e, "kafka consumer error");
                     continue;
                 }
             };
             let mut batch = vec![first];
             while batch.len() < self.shared.config.batch_size {
-                match self.consumer.recv().now_or_never() {
-                    Some(Ok(m)) => batch.push(m),
-                    Some(Err(e)) => {
+                match messages.next().now_or_never() {
+                    Some(Some(Ok(m))) => batch.push(m),
+                    Some(Some(Err(e))) => {
                         tracing::warn!(error = %e, "kafka consumer error");
                         break;
                     }
-                    None => break,
+                    Some(None) | None => break,
                 }
             }
             self.dispatch(&batch, &mut flight, &shutdown);

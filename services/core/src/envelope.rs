@@ -183,10 +183,7 @@ impl Envelope {
     ) -> Result<(Self, bool), DecodeError> {
         let value = value.filter(|v| !v.is_empty()).ok_or(DecodeError::Empty)?;
         let (mut envelope, verbatim) = match serde_json::from_slice::<Exact>(value) {
-            Ok(exact) => (
-                exact.into(),
-                !value.contains(&b'\n') && !value.contains(&b'\r'),
-            ),
+            Ok(exact) => (exact.into(), memchr::memchr2(b'\n', b'\r', value).is_none()),
             // Other fields as well, or not an event at all: the lenient decode says which.
             Err(_) => (serde_json::from_slice::<Envelope>(value)?, false),
         };

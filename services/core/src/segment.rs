@@ -63,7 +63,11 @@ pub fn line_from_value(value: &[u8], partition: i32, offset: i64, retried: bool)
     };
     let mut out = Vec::with_capacity(body.len() + 64);
     out.extend_from_slice(body);
-    out.extend_from_slice(format!(",\"partition\":{partition},\"offset\":{offset}").as_bytes());
+    let mut number = itoa::Buffer::new();
+    out.extend_from_slice(b",\"partition\":");
+    out.extend_from_slice(number.format(partition).as_bytes());
+    out.extend_from_slice(b",\"offset\":");
+    out.extend_from_slice(number.format(offset).as_bytes());
     if retried {
         out.extend_from_slice(b",\"retried\":true");
     }
