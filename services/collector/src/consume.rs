@@ -2,9 +2,9 @@
 //!
 //! 1. Wait for a record, then take whatever else is already fetched, up to `--batch-size`.
 //! 2. Split the records by partition. Each partition's records are handled by a task of
-//!    their own (at most `--concurrent-count` at once, on all the runtime's threads), in
-//!    offset order: decoded into events, then written. A partition's task starts once its
-//!    previous one is done, so the partition's records are written in order.
+//!    their own, in offset order: decoded into events at once, then written once the
+//!    partition's previous task is done (at most `--concurrent-count` partitions written at
+//!    once, on all the runtime's threads), so the partition's records are written in order.
 //! 3. Receive the next batch while this one is written: the loop only waits for the tasks
 //!    when more than a batch of records is in flight.
 //! 4. Decoding: a record that is not an event, or an event that names another stream than
@@ -503,6 +503,8 @@ impl Worker {
             let shutdown = shutdown.clone();
             let slots = flight.slots.clone();
             flight.tasks.push(tokio::spawn(async move {
+                // Decoding needs no order: it goes ahead while the previous task writes.
+                let (w, decoded) = shared.decode(w, &shutdown).await;
                 if let Some(previous) = previous
                     && !previous.await.unwrap_or(false)
                 {
@@ -513,7 +515,10 @@ impl Worker {
                     let _ = done.send(false);
                     return Settled::Skipped(w.count);
                 };
-                let (w, progress) = shared.handle(w, &shutdown).await;
+                let progress = match decoded {
+                    Ok(items) => shared.write_items(items, &shutdown).await,
+                    Err(stopped) => stopped,
+                };
                 let _ = done.send(progress == Progress::Done);
                 Settled::Ran(w, progress)
             }));
@@ -598,13 +603,14 @@ impl Shared {
         self.streams.get(topic).map_or(topic, String::as_str)
     }
 
-    /// Decodes and writes the records of one partition, in order. The records that are not
-    /// events go to the dead-letter topic as they come.
-    async fn handle(
+    /// Decodes the records of one partition, in order. The records that are not events go
+    /// to the dead-letter topic as they come. Without events when shutdown came first, with
+    /// how far it got.
+    async fn decode(
         &self,
         mut w: PartitionWork,
         shutdown: &CancellationToken,
-    ) -> (PartitionWork, Progress) {
+    ) -> (PartitionWork, Result<Vec<Item>, Progress>) {
         let messages = std::mem::take(&mut w.messages);
         let stream = self.stream_of(&w.topic);
         self.metrics.consumed(stream, messages.len() as u64);
@@ -667,10 +673,10 @@ impl Shared {
                         let resume_at = w.first_offset;
                         return (
                             w,
-                            Progress::Partial {
+                            Err(Progress::Partial {
                                 resume_at,
                                 stopped: true,
-                            },
+                            }),
                         );
                     }
                     self.dead_lettered_through
@@ -680,11 +686,15 @@ impl Shared {
                 }
             }
         }
-        let progress = match self.config.mode {
+        (w, Ok(items))
+    }
+
+    /// Writes the events of one partition, in order.
+    async fn write_items(&self, items: Vec<Item>, shutdown: &CancellationToken) -> Progress {
+        match self.config.mode {
             Mode::Main => self.write_main(items, shutdown).await,
             Mode::Retry => self.write_retry(items, shutdown).await,
-        };
-        (w, progress)
+        }
     }
 
     /// Writes the events of one partition, with a span per event continuing its trace when
