@@ -268,7 +268,9 @@ enum Settled {
     /// It handled its records this far.
     Ran(PartitionWork, Progress),
     /// The partition's previous task did not get through its records (they are read again
-    /// after a seek back, or shutdown came): this one wrote nothing.
+    /// after a seek back, or shutdown came): this one wrote nothing to the sink. Records of
+    /// it that are not events may already be on the dead-letter topic; read again, they are
+    /// not sent twice.
     Skipped(usize),
 }
 
