@@ -227,6 +227,20 @@ pub struct Worker {
     shared: Arc<Shared>,
 }
 
+impl Drop for Worker {
+    /// However the loop ends (shutdown, or its task dropped with the runtime), partitions
+    /// revoked and not yet given up, and any revoked from now on (as the consumer closes),
+    /// are given up at once: closing the consumer waits for that.
+    fn drop(&mut self) {
+        self.handover.closing.store(true, Ordering::Release);
+        if let Some(revoked) = self.handover.take()
+            && let Err(e) = give_up(&self.consumer, &revoked)
+        {
+            tracing::warn!(error = %e, "cannot give up the revoked partitions");
+        }
+    }
+}
+
 /// What the consumer loop shares with the tasks that handle its partitions.
 struct Shared {
     config: WorkerConfig,
@@ -449,12 +463,6 @@ impl Worker {
         while let Some(joined) = flight.tasks.next().await {
             self.settle(&mut flight, joined);
         }
-        if let Some(revoked) = self.handover.take()
-            && let Err(e) = give_up(&self.consumer, &revoked)
-        {
-            tracing::warn!(error = %e, "cannot give up the revoked partitions");
-        }
-        self.handover.closing.store(true, Ordering::Release);
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(())
             | Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
