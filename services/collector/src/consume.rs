@@ -521,10 +521,8 @@ impl Worker {
                     let _ = done.send(false);
                     return Settled::Skipped(w.count);
                 }
-                let Ok(_slot) = slots.acquire().await else {
-                    let _ = done.send(false);
-                    return Settled::Skipped(w.count);
-                };
+                // The semaphore is never closed: a permit always comes.
+                let _slot = slots.acquire().await.ok();
                 let progress = match decoded {
                     Ok(items) => shared.write_items(items, &shutdown).await,
                     Err(stopped) => stopped,
