@@ -652,7 +652,6 @@ impl Shared {
                     items.push(Item {
                         record: Record {
                             envelope,
-                            topic: w.topic.clone(),
                             partition: w.partition,
                             offset: m.offset,
                             retried: self.config.mode == Mode::Retry,

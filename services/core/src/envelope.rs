@@ -53,6 +53,9 @@ pub enum DecodeError {
     /// The record has no value.
     #[error("the record has no value")]
     Empty,
+    /// The value is not UTF-8 text (JSON is).
+    #[error("the value is not a Sluice event envelope: it is not UTF-8 text ({0})")]
+    Utf8(#[from] std::str::Utf8Error),
     /// The value is not a JSON envelope.
     #[error("the value is not a Sluice event envelope: {0}")]
     Json(#[from] serde_json::Error),
@@ -182,10 +185,12 @@ impl Envelope {
         headers: Option<&H>,
     ) -> Result<(Self, bool), DecodeError> {
         let value = value.filter(|v| !v.is_empty()).ok_or(DecodeError::Empty)?;
-        let (mut envelope, verbatim) = match serde_json::from_slice::<Exact>(value) {
+        // Checked as UTF-8 once, in one pass, rather than string by string as it is parsed.
+        let text = std::str::from_utf8(value)?;
+        let (mut envelope, verbatim) = match serde_json::from_str::<Exact>(text) {
             Ok(exact) => (exact.into(), memchr::memchr2(b'\n', b'\r', value).is_none()),
             // Other fields as well, or not an event at all: the lenient decode says which.
-            Err(_) => (serde_json::from_slice::<Envelope>(value)?, false),
+            Err(_) => (serde_json::from_str::<Envelope>(text)?, false),
         };
         validate_id(&envelope.id)?;
         if let Some(headers) = headers {
@@ -310,6 +315,10 @@ mod tests {
             Envelope::decode::<OwnedHeaders>(Some(br#"{"id":"1"}"#), None),
             Err(DecodeError::Json(_))
         ));
+        let err = Envelope::decode::<OwnedHeaders>(Some(b"{\"id\":\"\xff\"}"), None)
+            .expect_err("not UTF-8");
+        assert!(matches!(err, DecodeError::Utf8(_)), "{err:?}");
+        assert!(err.to_string().contains("not UTF-8"), "{err}");
         let mut e = sample();
         e.id = "has space".into();
         assert!(matches!(

@@ -57,11 +57,24 @@ pub fn line(envelope: &Envelope, partition: i32, offset: i64, retried: bool) -> 
 /// the envelope's fields and nothing else on one line ([`Envelope::decode_verbatim`]): the
 /// event is not serialized again.
 pub fn line_from_value(value: &[u8], partition: i32, offset: i64, retried: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(value.len() + 64);
+    push_line_from_value(&mut out, value, partition, offset, retried);
+    out
+}
+
+/// Appends the line [`line_from_value`] makes to `out` (without a newline); false, and
+/// nothing appended, when `value` is not a JSON object.
+pub fn push_line_from_value(
+    out: &mut Vec<u8>,
+    value: &[u8],
+    partition: i32,
+    offset: i64,
+    retried: bool,
+) -> bool {
     // An envelope is a JSON object: `{...}`.
     let Some(body) = value.trim_ascii_end().strip_suffix(b"}") else {
-        return Vec::new();
+        return false;
     };
-    let mut out = Vec::with_capacity(body.len() + 64);
     out.extend_from_slice(body);
     let mut number = itoa::Buffer::new();
     out.extend_from_slice(b",\"partition\":");
@@ -72,7 +85,7 @@ pub fn line_from_value(value: &[u8], partition: i32, offset: i64, retried: bool)
         out.extend_from_slice(b",\"retried\":true");
     }
     out.push(b'}');
-    out
+    true
 }
 
 /// What a line says of its record, without the event itself.

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sluice_core::segment::{
-    LineHead, line, line_from_value, partition_dir, segment_name, segment_number, segments,
+    LineHead, line, partition_dir, push_line_from_value, segment_name, segment_number, segments,
 };
 
 use super::{Record, Sink, SinkError};
@@ -101,12 +101,50 @@ impl IdWindow {
     }
 }
 
-/// A record ready to be written.
+/// A record ready to be written: its line is `bytes[start..end]` of its [`Lines`].
 struct Line {
     id: Arc<str>,
     offset: i64,
     retried: bool,
+    start: usize,
+    end: usize,
+}
+
+/// The lines of a batch, newlines included, one after the other in one buffer.
+struct Lines {
     bytes: Vec<u8>,
+    lines: Vec<Line>,
+}
+
+impl Lines {
+    fn of(batch: &[Record]) -> Self {
+        let size = batch
+            .iter()
+            .map(|r| r.verbatim.as_ref().map_or(256, |v| v.len() + 48))
+            .sum();
+        let mut bytes = Vec::with_capacity(size);
+        let lines = batch
+            .iter()
+            .map(|r| {
+                let start = bytes.len();
+                let as_read = r.verbatim.as_ref().is_some_and(|value| {
+                    push_line_from_value(&mut bytes, value, r.partition, r.offset, r.retried)
+                });
+                if !as_read {
+                    bytes.extend(line(&r.envelope, r.partition, r.offset, r.retried));
+                }
+                bytes.push(b'\n');
+                Line {
+                    id: Arc::from(r.envelope.id.as_str()),
+                    offset: r.offset,
+                    retried: r.retried,
+                    start,
+                    end: bytes.len(),
+                }
+            })
+            .collect();
+        Self { bytes, lines }
+    }
 }
 
 /// The open segment of each (stream, partition).
@@ -245,10 +283,12 @@ impl Segment {
         Ok(())
     }
 
-    fn write(&mut self, lines: Vec<Line>, policy: FilePolicy) -> std::io::Result<usize> {
+    fn write(&mut self, batch: Lines, policy: FilePolicy) -> std::io::Result<usize> {
         self.load()?;
+        let Lines { bytes, lines } = batch;
+        let count = lines.len();
         let mut in_batch: HashSet<Arc<str>, foldhash::fast::RandomState> =
-            HashSet::with_capacity_and_hasher(lines.len(), Default::default());
+            HashSet::with_capacity_and_hasher(count, Default::default());
         let fresh: Vec<Line> = lines
             .into_iter()
             .filter(|l| l.retried || l.offset > self.last_offset)
@@ -278,11 +318,16 @@ impl Segment {
             self.file = Some((file, path));
             self.newest_name = number;
         }
-        let mut buf = Vec::with_capacity(fresh.iter().map(|l| l.bytes.len() + 1).sum());
-        for line in &fresh {
-            buf.extend_from_slice(&line.bytes);
-            buf.push(b'\n');
-        }
+        // Usually every line is new and the batch's buffer is written as it is.
+        let buf = if fresh.len() == count {
+            bytes
+        } else {
+            let mut buf = Vec::with_capacity(fresh.iter().map(|l| l.end - l.start).sum());
+            for line in &fresh {
+                buf.extend_from_slice(&bytes[line.start..line.end]);
+            }
+            buf
+        };
         if let Some((file, _)) = &mut self.file {
             file.write_all(&buf)?;
             if policy.fsync == Fsync::Batch {
@@ -311,18 +356,7 @@ impl Sink for FileSink {
             return Ok(());
         };
         let segment = self.segment(&first.envelope.stream, first.partition);
-        let lines: Vec<Line> = batch
-            .iter()
-            .map(|r| Line {
-                id: Arc::from(r.envelope.id.as_str()),
-                offset: r.offset,
-                retried: r.retried,
-                bytes: match &r.verbatim {
-                    Some(value) => line_from_value(value, r.partition, r.offset, r.retried),
-                    None => line(&r.envelope, r.partition, r.offset, r.retried),
-                },
-            })
-            .collect();
+        let lines = Lines::of(batch);
         let policy = self.policy;
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || {
@@ -356,7 +390,6 @@ mod tests {
         let verbatim = (offset % 2 == 0).then(|| envelope.encode_value());
         Record {
             envelope,
-            topic: "s".into(),
             partition: 0,
             offset,
             retried: false,
@@ -400,7 +433,6 @@ mod tests {
             .map(|o| {
                 let mut r = record(o);
                 r = renamed(r, &format!("retried-{o}"));
-                r.topic = "s.retry".into();
                 r.retried = true;
                 r
             })

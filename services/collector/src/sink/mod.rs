@@ -37,8 +37,6 @@ pub async fn redis_connection(
 pub struct Record {
     /// The event.
     pub envelope: Envelope,
-    /// The Kafka topic it was read from.
-    pub topic: String,
     /// Its partition.
     pub partition: i32,
     /// Its offset in that partition.
