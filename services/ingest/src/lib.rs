@@ -495,14 +495,23 @@ impl App {
     }
 
     /// Asks Kafka for metadata every `interval` and keeps [`App::kafka_ready`] up to date,
-    /// until `shutdown` is cancelled.
+    /// until `shutdown` is cancelled. The metadata asked for is one stream's topic, not the
+    /// whole cluster's (thousands of topics on a shared cluster, every second, from every
+    /// replica).
     pub async fn watch_kafka(self, interval: Duration, shutdown: CancellationToken) {
+        let probe = self
+            .inner
+            .streams
+            .all()
+            .first()
+            .map(|s| s.settings.topic().to_owned());
         loop {
             let producer = self.inner.publisher.producer().clone();
+            let probe = probe.clone();
             let answer = tokio::task::spawn_blocking(move || {
                 producer
                     .client()
-                    .fetch_metadata(None, Duration::from_secs(2))
+                    .fetch_metadata(probe.as_deref(), Duration::from_secs(2))
                     .map(|_| ())
             })
             .await;
