@@ -84,12 +84,13 @@ pub fn validate_id(id: &str) -> Result<(), InvalidId> {
     if id.is_empty() {
         return Err(InvalidId::Empty);
     }
-    // Most ids are ASCII (UUIDs): counted and checked byte by byte. For ASCII, Unicode's
-    // whitespace is ASCII whitespace or a control character.
+    // Most ids are ASCII (UUIDs): counted and checked byte by byte, in one pass without
+    // branches. For ASCII, Unicode's white space and control characters are the bytes up to
+    // the space, and DEL.
     let (length, bad) = if id.is_ascii() {
         let bad = id
             .bytes()
-            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control());
+            .fold(false, |bad, b| bad | (b <= b' ') | (b == 0x7f));
         (id.len(), bad)
     } else {
         let bad = id.chars().any(|c| c.is_whitespace() || c.is_control());
@@ -339,6 +340,14 @@ mod tests {
         assert_eq!(validate_id("order-42:v1"), Ok(()));
         assert_eq!(validate_id("a\u{b}b"), Err(InvalidId::BadCharacter));
         assert_eq!(validate_id("a\u{7f}"), Err(InvalidId::BadCharacter));
+        for c in (0u8..128).map(char::from) {
+            let refused = c.is_whitespace() || c.is_control();
+            assert_eq!(
+                validate_id(&format!("a{c}b")).is_err(),
+                refused,
+                "{c:?} is refused exactly when it is white space or a control character"
+            );
+        }
         assert_eq!(validate_id("caf\u{e9}\u{a0}"), Err(InvalidId::BadCharacter));
         assert_eq!(validate_id(&"\u{e9}".repeat(MAX_ID_LEN)), Ok(()));
         assert_eq!(
