@@ -50,20 +50,17 @@ pub fn segments(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// `"retried": true` when read from the retry topic. The event is serialized once, and its
 /// place appended inside the object (no intermediate JSON tree).
 pub fn line(envelope: &Envelope, partition: i32, offset: i64, retried: bool) -> Vec<u8> {
-    line_from_value(&envelope.encode_value(), partition, offset, retried)
-}
-
-/// The same line as [`line`], from the event's Kafka value as read, when that value holds
-/// the envelope's fields and nothing else on one line ([`Envelope::decode_verbatim`]): the
-/// event is not serialized again.
-pub fn line_from_value(value: &[u8], partition: i32, offset: i64, retried: bool) -> Vec<u8> {
+    let value = envelope.encode_value();
     let mut out = Vec::with_capacity(value.len() + 64);
-    push_line_from_value(&mut out, value, partition, offset, retried);
+    // An envelope encodes to a JSON object: the line is always made.
+    push_line_from_value(&mut out, &value, partition, offset, retried);
     out
 }
 
-/// Appends the line [`line_from_value`] makes to `out` (without a newline); false, and
-/// nothing appended, when `value` is not a JSON object.
+/// Appends the same line as [`line`] to `out`, from the event's Kafka value as read, when
+/// that value holds the envelope's fields and nothing else on one line
+/// ([`Envelope::decode_verbatim`]): the event is not serialized again. False, and nothing
+/// appended, when `value` is not a JSON object.
 pub fn push_line_from_value(
     out: &mut Vec<u8>,
     value: &[u8],
@@ -160,17 +157,25 @@ mod tests {
         assert_eq!(lines[1]["partition"], 0);
         assert!(lines[1].get("retried").is_none());
         assert_eq!(lines[1]["payload"], json!({"n": 1}));
+        // From the value as read, after what is already in the buffer; trailing white space
+        // of the value is not part of the line.
         let value = event.encode_value();
-        assert_eq!(
-            line_from_value(&value, 0, 2, true),
-            line(&event, 0, 2, true)
-        );
         let padded = [value.as_slice(), b" \n"].concat();
+        let mut out = b"before\n".to_vec();
+        assert!(push_line_from_value(&mut out, &padded, 1, 7, false));
         assert_eq!(
-            line_from_value(&padded, 1, 7, false),
-            line(&event, 1, 7, false)
+            out,
+            [b"before\n".as_slice(), &line(&event, 1, 7, false)].concat()
         );
-        assert!(line_from_value(b"[1]", 0, 0, false).is_empty());
+        let mut out = Vec::new();
+        assert!(push_line_from_value(&mut out, &value, 0, 2, true));
+        assert_eq!(out, line(&event, 0, 2, true));
+        assert!(!push_line_from_value(&mut out, b"[1]", 0, 0, false));
+        assert_eq!(
+            out,
+            line(&event, 0, 2, true),
+            "nothing appended for a non-object"
+        );
         let head: LineHead = serde_json::from_slice(&line(&event, 0, 2, true)).expect("head");
         assert_eq!(
             (head.id.as_deref(), head.offset, head.retried),
