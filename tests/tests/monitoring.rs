@@ -71,8 +71,9 @@ fn run_promtool(args: &[&str], dir: &Path) -> String {
 fn exported() -> Vec<(String, Vec<String>)> {
     let second = Duration::from_secs(1);
     let ingest = sluice_ingest::metrics::Metrics::new();
-    ingest.request_started("/v1/streams/{stream}/events");
-    ingest.request("/v1/streams/{stream}/events", "POST", 202, second);
+    let route = ingest.route("/v1/streams/{stream}/events");
+    route.started();
+    route.finished("POST", 202, second);
     ingest.produced("visit", 1);
     ingest.rejected("visit", "schema");
     ingest.delivery_failed("visit");

@@ -111,6 +111,23 @@ fn raw(value: &Value) -> Box<RawValue> {
     serde_json::value::to_raw_value(value).unwrap_or_else(|_| RawValue::NULL.to_owned())
 }
 
+/// `payload` on one line: JSON text over several lines has its line breaks turned into
+/// spaces, so that a stored event never spans lines. Nothing else of the text changes: a
+/// JSON string cannot hold a raw line break, so every one is white space between tokens.
+pub fn one_line(payload: Box<RawValue>) -> Box<RawValue> {
+    if memchr::memchr2(b'\n', b'\r', payload.get().as_bytes()).is_none() {
+        return payload;
+    }
+    let flat = payload.get().replace(['\n', '\r'], " ");
+    RawValue::from_string(flat).unwrap_or(payload)
+}
+
+/// Appends `text` as a JSON string.
+fn push_json_str(out: &mut Vec<u8>, text: &str) {
+    // Writing a string to a vector cannot fail.
+    let _ = serde_json::to_writer(&mut *out, text);
+}
+
 /// A new time-ordered event id (UUIDv7).
 pub fn new_id() -> String {
     Uuid::now_v7().to_string()
@@ -131,6 +148,16 @@ impl PartialEq for Envelope {
 impl Envelope {
     /// A new event for `stream` with a fresh id, ingested now.
     pub fn new(stream: impl Into<String>, key: Option<String>, payload: Value) -> Self {
+        Self::with_payload(stream, key, raw(&payload))
+    }
+
+    /// Like [`Envelope::new`], with the payload as JSON text, kept as it is but on one line
+    /// ([`one_line`]).
+    pub fn with_payload(
+        stream: impl Into<String>,
+        key: Option<String>,
+        payload: Box<RawValue>,
+    ) -> Self {
         let now = Timestamp::now();
         Self {
             id: new_id(),
@@ -138,7 +165,7 @@ impl Envelope {
             key,
             event_time: now,
             ingest_time: now,
-            payload: raw(&payload),
+            payload: one_line(payload),
             headers: BTreeMap::new(),
         }
     }
@@ -151,8 +178,38 @@ impl Envelope {
 
     /// The Kafka value: the envelope as JSON, without the headers.
     pub fn encode_value(&self) -> Vec<u8> {
-        // Serialising a struct of strings, timestamps and JSON text cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+        use std::io::Write as _;
+        // What `serde_json::to_vec(self)` writes (a unit test holds them equal), with a
+        // timestamp printed once when both are the same, as they are for events ingest makes.
+        let size = self.id.len()
+            + self.stream.len()
+            + self.key.as_ref().map_or(0, String::len)
+            + self.payload.get().len()
+            + 128;
+        let mut out = Vec::with_capacity(size);
+        out.extend_from_slice(b"{\"id\":");
+        push_json_str(&mut out, &self.id);
+        out.extend_from_slice(b",\"stream\":");
+        push_json_str(&mut out, &self.stream);
+        if let Some(key) = &self.key {
+            out.extend_from_slice(b",\"key\":");
+            push_json_str(&mut out, key);
+        }
+        // RFC 3339 text needs no escaping; writing to a vector cannot fail.
+        out.extend_from_slice(b",\"event_time\":\"");
+        let start = out.len();
+        let _ = write!(out, "{}", self.event_time);
+        let end = out.len();
+        out.extend_from_slice(b"\",\"ingest_time\":\"");
+        if self.ingest_time == self.event_time {
+            out.extend_from_within(start..end);
+        } else {
+            let _ = write!(out, "{}", self.ingest_time);
+        }
+        out.extend_from_slice(b"\",\"payload\":");
+        out.extend_from_slice(self.payload.get().as_bytes());
+        out.push(b'}');
+        out
     }
 
     /// The Kafka headers of this event.
@@ -188,11 +245,16 @@ impl Envelope {
         let value = value.filter(|v| !v.is_empty()).ok_or(DecodeError::Empty)?;
         // Checked as UTF-8 once, in one pass, rather than string by string as it is parsed.
         let text = std::str::from_utf8(value)?;
+        let one_line_value = memchr::memchr2(b'\n', b'\r', value).is_none();
         let (mut envelope, verbatim) = match serde_json::from_str::<Exact>(text) {
-            Ok(exact) => (exact.into(), memchr::memchr2(b'\n', b'\r', value).is_none()),
+            Ok(exact) => (Envelope::from(exact), one_line_value),
             // Other fields as well, or not an event at all: the lenient decode says which.
             Err(_) => (serde_json::from_str::<Envelope>(text)?, false),
         };
+        if !one_line_value {
+            // Written by another producer over several lines: stored on one.
+            envelope.payload = one_line(envelope.payload);
+        }
         validate_id(&envelope.id)?;
         if let Some(headers) = headers {
             for header in headers.iter() {
@@ -280,6 +342,11 @@ mod tests {
         let (back, verbatim) = Envelope::decode_verbatim(Some(&pretty), none).expect("decodes");
         assert!(!verbatim, "a value over several lines is not one line");
         assert_eq!(back.id, e.id);
+        assert!(
+            !back.encode_value().contains(&b'\n'),
+            "its payload is stored on one line"
+        );
+        assert_eq!(back.payload_value(), e.payload_value());
         tree["partition"] = json!(3);
         let extra = serde_json::to_vec(&tree).expect("json");
         let (back, verbatim) = Envelope::decode_verbatim(Some(&extra), none).expect("decodes");
@@ -354,6 +421,35 @@ mod tests {
             validate_id(&"\u{e9}".repeat(MAX_ID_LEN + 1)),
             Err(InvalidId::TooLong(MAX_ID_LEN + 1))
         );
+    }
+
+    #[test]
+    fn the_value_is_what_serde_writes() {
+        let mut e = sample();
+        let serde = |e: &Envelope| serde_json::to_vec(e).expect("json");
+        assert_eq!(e.encode_value(), serde(&e));
+        e.key = None;
+        e.id = "quote\"back\\slash\u{7f}é\u{1F600}".to_owned();
+        e.stream = "tab\there".to_owned();
+        assert_eq!(e.encode_value(), serde(&e));
+        e.key = Some("\u{1}".to_owned());
+        e.event_time = "2026-01-01T00:00:00Z".parse().expect("timestamp");
+        e.ingest_time = "2026-01-01T00:00:00.5Z".parse().expect("timestamp");
+        assert_eq!(e.encode_value(), serde(&e));
+        e.ingest_time = e.event_time;
+        assert_eq!(e.encode_value(), serde(&e));
+    }
+
+    #[test]
+    fn a_payload_over_several_lines_is_kept_on_one() {
+        let text = "{\"a\": [1,\r\n  2],\n \"b\": \"x\\ny\"}";
+        let payload = RawValue::from_string(text.to_owned()).expect("json");
+        let e = Envelope::with_payload("s", None, payload);
+        assert_eq!(e.payload.get(), "{\"a\": [1,    2],  \"b\": \"x\\ny\"}");
+        assert_eq!(e.payload_value(), json!({"a": [1, 2], "b": "x\ny"}));
+        let compact = RawValue::from_string(r#"{"b":1,"a":2}"#.to_owned()).expect("json");
+        let e = Envelope::with_payload("s", None, compact);
+        assert_eq!(e.payload.get(), r#"{"b":1,"a":2}"#, "kept as it came");
     }
 
     #[test]

@@ -165,16 +165,19 @@ pub fn extract(headers: &BTreeMap<String, String>) -> opentelemetry::Context {
 
 /// The trace context carried in HTTP headers.
 pub fn extract_http(headers: &http::HeaderMap) -> opentelemetry::Context {
-    let map: BTreeMap<String, String> = ["traceparent", "tracestate"]
-        .iter()
-        .filter_map(|k| {
-            headers
-                .get(*k)
-                .and_then(|v| v.to_str().ok())
-                .map(|v| ((*k).to_owned(), v.to_owned()))
-        })
-        .collect();
-    extract(&map)
+    TraceContextPropagator::new().extract(&HttpExtractor(headers))
+}
+
+struct HttpExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HttpExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
 }
 
 #[cfg(test)]
@@ -201,6 +204,24 @@ mod tests {
         let mut out = BTreeMap::new();
         TraceContextPropagator::new().inject_context(&cx, &mut MapInjector(&mut out));
         assert_eq!(out.get("traceparent"), headers.get("traceparent"));
+    }
+
+    #[test]
+    fn a_traceparent_is_read_from_http_headers() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "Traceparent",
+            http::HeaderValue::from_static(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+        );
+        let cx = extract_http(&headers);
+        assert_eq!(
+            cx.span().span_context().trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        let none = extract_http(&http::HeaderMap::new());
+        assert!(!none.span().span_context().is_valid());
     }
 
     #[test]

@@ -140,12 +140,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// A span per request, continuing the caller's trace (`traceparent`), and request metrics.
 async fn observe(State(app): State<App>, request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_owned();
-    let method = request.method().as_str().to_owned();
+    let matched = request.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
+    let method = request.method().clone();
     let span = tracing::info_span!(
         "http.request",
         otel.name = format!("{method} {route}"),
@@ -154,9 +151,12 @@ async fn observe(State(app): State<App>, request: Request, next: Next) -> Respon
         http.route = %route,
         http.response.status_code = tracing::field::Empty,
     );
-    let _ = span.set_parent(telemetry::extract_http(request.headers()));
+    if !span.is_disabled() {
+        let _ = span.set_parent(telemetry::extract_http(request.headers()));
+    }
     let start = Instant::now();
-    app.inner.metrics.request_started(&route);
+    let metrics = app.inner.metrics.route(route);
+    metrics.started();
     let mut response = next.run(request).instrument(span.clone()).await;
     if app.draining() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // Clients finish this exchange and open their next connection elsewhere.
@@ -166,9 +166,7 @@ async fn observe(State(app): State<App>, request: Request, next: Next) -> Respon
     }
     let status = response.status().as_u16();
     span.record("http.response.status_code", status);
-    app.inner
-        .metrics
-        .request(&route, &method, status, start.elapsed());
+    metrics.finished(method.as_str(), status, start.elapsed());
     response
 }
 
@@ -644,8 +642,9 @@ async fn post_message(
         status: r.status(),
         message: r.body_text(),
     })?;
-    let value: Value = serde_json::from_slice(&body).map_err(ApiError::MalformedJson)?;
-    let message: Message = serde_json::from_value(value.clone()).map_err(|e| {
+    let value: Box<serde_json::value::RawValue> =
+        serde_json::from_slice(&body).map_err(ApiError::MalformedJson)?;
+    let message: Message = serde_json::from_str(value.get()).map_err(|e| {
         ApiError::InvalidField(format!(
             "a message is {{\"fromuser\", \"touser\", \"msg\"}}, all strings: {e}"
         ))

@@ -2,16 +2,18 @@
 //! NDJSON (one object per line, `Content-Type: application/x-ndjson`).
 //!
 //! Parsing happens before anything is published, so a malformed body changes nothing.
+//! Each event is checked to be JSON and kept as the JSON text it came as; a tree of it is
+//! built only where a stream needs one (a schema, a key pointer).
 
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::error::ApiError;
 
 /// The payloads of a body, and whether they came as a batch.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 pub struct Payloads {
-    /// The events.
-    pub events: Vec<Value>,
+    /// The events, each as its JSON text.
+    pub events: Vec<Box<RawValue>>,
     /// True for an array or NDJSON, whose errors name each event's position.
     pub batch: bool,
 }
@@ -63,50 +65,46 @@ pub fn parse(body: &[u8], ndjson: bool, max_events: usize) -> Result<Payloads, A
             batch: true,
         });
     }
-    match serde_json::from_slice(body).map_err(ApiError::MalformedJson)? {
-        Value::Array(events) => {
-            if events.is_empty() {
-                return Err(ApiError::Empty);
-            }
-            if events.len() > max_events {
-                return Err(ApiError::TooManyEvents(events.len(), max_events));
-            }
-            Ok(Payloads {
-                events,
-                batch: true,
-            })
+    if body.trim_ascii_start().starts_with(b"[") {
+        let events: Vec<Box<RawValue>> =
+            serde_json::from_slice(body).map_err(ApiError::MalformedJson)?;
+        if events.is_empty() {
+            return Err(ApiError::Empty);
         }
-        single => Ok(Payloads {
-            events: vec![single],
-            batch: false,
-        }),
+        if events.len() > max_events {
+            return Err(ApiError::TooManyEvents(events.len(), max_events));
+        }
+        return Ok(Payloads {
+            events,
+            batch: true,
+        });
     }
+    let single = serde_json::from_slice(body).map_err(ApiError::MalformedJson)?;
+    Ok(Payloads {
+        events: vec![single],
+        batch: false,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    fn texts(p: &Payloads) -> Vec<&str> {
+        p.events.iter().map(|e| e.get()).collect()
+    }
 
     #[test]
     fn one_object_an_array_or_ndjson() {
-        assert_eq!(
-            parse(br#"{"a":1}"#, false, 10).expect("ok"),
-            Payloads {
-                events: vec![json!({"a": 1})],
-                batch: false
-            }
-        );
-        assert_eq!(
-            parse(br#"[{"a":1},{"a":2}]"#, false, 10)
-                .expect("ok")
-                .events
-                .len(),
-            2
-        );
+        let single = parse(b" {\"a\": 1}\n", false, 10).expect("ok");
+        assert_eq!(texts(&single), [r#"{"a": 1}"#]);
+        assert!(!single.batch);
+        let array = parse(b" [{\"a\":1}, {\"a\":2}]", false, 10).expect("ok");
+        assert_eq!(texts(&array), [r#"{"a":1}"#, r#"{"a":2}"#]);
+        assert!(array.batch);
         let nd = parse(b"{\"a\":1}\r\n\n{\"a\":2}\n", true, 10).expect("ok");
-        assert_eq!(nd.events, vec![json!({"a": 1}), json!({"a": 2})]);
+        assert_eq!(texts(&nd), [r#"{"a":1}"#, r#"{"a":2}"#]);
         assert!(nd.batch);
+        assert_eq!(texts(&parse(b"3", false, 10).expect("ok")), ["3"]);
     }
 
     #[test]
@@ -128,6 +126,14 @@ mod tests {
         ));
         assert!(matches!(
             parse(b"{", false, 2),
+            Err(ApiError::MalformedJson(_))
+        ));
+        assert!(matches!(
+            parse(b"[{},", false, 2),
+            Err(ApiError::MalformedJson(_))
+        ));
+        assert!(matches!(
+            parse(b"{} {}", false, 2),
             Err(ApiError::MalformedJson(_))
         ));
     }

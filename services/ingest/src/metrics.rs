@@ -4,7 +4,9 @@
 //! concrete path), the status code, the stream (only streams of the settings) and a fixed
 //! set of reject reasons.
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicI64;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -48,6 +50,85 @@ struct SinkAckLabels {
     outcome: String,
 }
 
+/// Handles on the metrics of one label value, kept so that a request finds them with one
+/// lookup and no allocation (a family's own lookup builds its label set and hashes it with
+/// SipHash every time). Label values are bounded (routes, streams), and so is this.
+struct Handles<M> {
+    by: RwLock<HashMap<String, M, foldhash::fast::RandomState>>,
+}
+
+impl<M: Clone> Handles<M> {
+    fn new() -> Self {
+        Self {
+            by: RwLock::new(HashMap::default()),
+        }
+    }
+
+    fn get(&self, key: &str, make: impl FnOnce() -> M) -> M {
+        if let Some(m) = self
+            .by
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+        {
+            return m.clone();
+        }
+        self.by
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key.to_owned())
+            .or_insert_with(make)
+            .clone()
+    }
+}
+
+/// The metrics of one route, from [`Metrics::route`]: count a request with
+/// [`RouteMetrics::started`], then [`RouteMetrics::finished`].
+pub struct RouteMetrics {
+    route: String,
+    in_flight: Gauge<i64, AtomicI64>,
+    latency: Histogram,
+    requests: Family<RequestLabels, Counter>,
+    /// The route's request counters by method and status.
+    by_status: RwLock<Vec<(String, u16, Counter)>>,
+}
+
+impl RouteMetrics {
+    /// Counts a request as being served until [`RouteMetrics::finished`].
+    pub fn started(&self) {
+        self.in_flight.inc();
+    }
+
+    /// Counts one request served.
+    pub fn finished(&self, method: &str, status: u16, elapsed: Duration) {
+        self.in_flight.dec();
+        self.latency.observe(elapsed.as_secs_f64());
+        let found = self
+            .by_status
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|(m, s, _)| m == method && *s == status)
+            .map(|(_, _, c)| c.clone());
+        let counter = found.unwrap_or_else(|| {
+            let counter = self
+                .requests
+                .get_or_create(&RequestLabels {
+                    route: self.route.clone(),
+                    method: method.to_owned(),
+                    status,
+                })
+                .clone();
+            self.by_status
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((method.to_owned(), status, counter.clone()));
+            counter
+        });
+        counter.inc();
+    }
+}
+
 /// The metrics of one ingest process.
 pub struct Metrics {
     registry: Registry,
@@ -65,6 +146,8 @@ pub struct Metrics {
     sink_acks_waiting: Gauge<i64, AtomicI64>,
     unauthorized: Family<DoorLabels, Counter>,
     api_key_reloads: Family<ResultLabels, Counter>,
+    routes: Handles<Arc<RouteMetrics>>,
+    produced_by_stream: Handles<Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -184,7 +267,25 @@ impl Metrics {
             sink_acks_waiting,
             unauthorized,
             api_key_reloads,
+            routes: Handles::new(),
+            produced_by_stream: Handles::new(),
         }
+    }
+
+    /// The metrics of requests to `route` (a route template).
+    pub fn route(&self, route: &str) -> Arc<RouteMetrics> {
+        self.routes.get(route, || {
+            let labels = RouteLabels {
+                route: route.to_owned(),
+            };
+            Arc::new(RouteMetrics {
+                route: route.to_owned(),
+                in_flight: self.in_flight.get_or_create(&labels).clone(),
+                latency: self.latency.get_or_create(&labels).clone(),
+                requests: self.requests.clone(),
+                by_status: RwLock::new(Vec::new()),
+            })
+        })
     }
 
     /// Counts a caller refused at `door` for a missing or unknown API key.
@@ -220,41 +321,15 @@ impl Metrics {
         self.sink_acks_waiting.set(n as i64);
     }
 
-    /// Counts a request as being served until [`Metrics::request`] records it.
-    pub fn request_started(&self, route: &str) {
-        self.in_flight
-            .get_or_create(&RouteLabels {
-                route: route.to_owned(),
-            })
-            .inc();
-    }
-
-    /// Counts one HTTP request.
-    pub fn request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
-        self.in_flight
-            .get_or_create(&RouteLabels {
-                route: route.to_owned(),
-            })
-            .dec();
-        self.requests
-            .get_or_create(&RequestLabels {
-                route: route.to_owned(),
-                method: method.to_owned(),
-                status,
-            })
-            .inc();
-        self.latency
-            .get_or_create(&RouteLabels {
-                route: route.to_owned(),
-            })
-            .observe(elapsed.as_secs_f64());
-    }
-
     /// Counts events handed to the producer.
     pub fn produced(&self, stream: &str, n: u64) {
-        self.produced
-            .get_or_create(&StreamLabels {
-                stream: stream.to_owned(),
+        self.produced_by_stream
+            .get(stream, || {
+                self.produced
+                    .get_or_create(&StreamLabels {
+                        stream: stream.to_owned(),
+                    })
+                    .clone()
             })
             .inc_by(n);
     }
@@ -306,5 +381,55 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of the series `name{labels}` in `text`.
+    fn series(text: &str, name: &str, labels: &str) -> f64 {
+        let prefix = format!("{name}{{{labels}}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no series {prefix}in:\n{text}"))
+            .parse()
+            .expect("a number")
+    }
+
+    #[test]
+    fn kept_handles_count_in_the_registry_families() {
+        let m = Metrics::new();
+        let route = "/v1/streams/{stream}/events";
+        for status in [202, 202, 400] {
+            let r = m.route(route);
+            r.started();
+            r.finished("POST", status, Duration::from_millis(2));
+        }
+        m.route(route).started();
+        m.route("/healthz").started();
+        m.produced("visit", 2);
+        m.produced("visit", 3);
+        m.produced("chat", 1);
+        let text = m.encode(0, true, false);
+        let requests = "sluice_ingest_http_requests_total";
+        let post = format!("route=\"{route}\",method=\"POST\"");
+        assert_eq!(
+            series(&text, requests, &format!("{post},status=\"202\"")),
+            2.0
+        );
+        assert_eq!(
+            series(&text, requests, &format!("{post},status=\"400\"")),
+            1.0
+        );
+        let in_flight = "sluice_ingest_http_requests_in_flight";
+        assert_eq!(series(&text, in_flight, &format!("route=\"{route}\"")), 1.0);
+        assert_eq!(series(&text, in_flight, "route=\"/healthz\""), 1.0);
+        let latency = "sluice_ingest_http_request_duration_seconds_count";
+        assert_eq!(series(&text, latency, &format!("route=\"{route}\"")), 3.0);
+        let produced = "sluice_ingest_events_produced_total";
+        assert_eq!(series(&text, produced, "stream=\"visit\""), 5.0);
+        assert_eq!(series(&text, produced, "stream=\"chat\""), 1.0);
     }
 }

@@ -24,8 +24,9 @@ use futures::stream::FuturesUnordered;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use sluice_core::envelope::{InvalidId, validate_id};
 use sluice_core::settings::KeyError;
 use sluice_core::{Envelope, PipelineSettings, StreamSettings};
@@ -391,7 +392,7 @@ impl Publisher {
     pub async fn publish(
         &self,
         stream: &Stream,
-        payloads: Vec<Value>,
+        payloads: Vec<Box<RawValue>>,
         hints: &Hints,
         batch: bool,
         ack: Ack,
@@ -659,44 +660,105 @@ fn integer_id(n: &serde_json::Number) -> Option<String> {
     (f.fract() == 0.0 && f.abs() < EXACT).then(|| (f as i64).to_string())
 }
 
-/// Checks every payload and wraps it in an envelope; the first bad one fails them all.
+/// The `id` field of a payload, when it has one, as its JSON text (`null` included).
+#[derive(Default)]
+struct IdField<'a>(Option<&'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for IdField<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <&RawValue>::deserialize(d).map(|id| Self(Some(id)))
+    }
+}
+
+/// What is read of a payload that no schema or key pointer needs as a tree.
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(borrow, default)]
+    id: IdField<'a>,
+}
+
+/// The `id` field of `payload`: absent, or its value (parsed from its text when the payload
+/// is not parsed as a whole).
+enum OwnId<'a> {
+    Absent,
+    Tree(&'a Value),
+    Text(&'a RawValue),
+}
+
+impl OwnId<'_> {
+    /// The id it stands for; `Err` when it is neither a string nor an integer.
+    fn id(&self) -> Result<Option<String>, ()> {
+        let parsed;
+        let value = match self {
+            Self::Absent => return Ok(None),
+            Self::Tree(value) => *value,
+            Self::Text(text) => {
+                parsed = serde_json::from_str::<Value>(text.get()).map_err(|_| ())?;
+                &parsed
+            }
+        };
+        match value {
+            Value::String(id) => Some(id.clone()),
+            Value::Number(n) => integer_id(n),
+            _ => None,
+        }
+        .map(Some)
+        .ok_or(())
+    }
+}
+
+/// Checks every payload and wraps it in an envelope; the first bad one fails them all. A
+/// payload is stored as the JSON text it came as (on one line); it is parsed into a tree
+/// only for a stream's schema or key pointer.
 pub fn prepare(
     stream: &Stream,
-    payloads: Vec<Value>,
+    payloads: Vec<Box<RawValue>>,
     hints: &Hints,
     batch: bool,
 ) -> Result<Vec<Envelope>, PublishError> {
     let settings = &stream.settings;
+    let needs_tree = stream.schema.is_some() || settings.key.is_some();
     let mut out = Vec::with_capacity(payloads.len());
     for (n, payload) in payloads.into_iter().enumerate() {
-        let at = if batch {
-            format!("event {n}: ")
-        } else {
-            String::new()
+        // Where in the request, for an error.
+        let at = || {
+            if batch {
+                format!("event {n}: ")
+            } else {
+                String::new()
+            }
         };
-        let Value::Object(fields) = &payload else {
+        if !payload.get().starts_with('{') {
             return Err(PublishError::NotAnObject {
-                at,
-                kind: json_kind(&payload),
+                at: at(),
+                kind: raw_kind(&payload),
             });
+        }
+        // A payload whose `id` field is given twice is read as a tree too (the last wins).
+        let head = (!needs_tree)
+            .then(|| serde_json::from_str::<Head<'_>>(payload.get()).ok())
+            .flatten();
+        let tree: Option<Value> = match head {
+            Some(_) => None,
+            // Valid JSON text: it parses.
+            None => Some(serde_json::from_str(payload.get()).unwrap_or(Value::Null)),
+        };
+        let own = match (&head, &tree) {
+            (
+                Some(Head {
+                    id: IdField(Some(id)),
+                }),
+                _,
+            ) => OwnId::Text(id),
+            (_, Some(tree)) => tree.get("id").map_or(OwnId::Absent, OwnId::Tree),
+            _ => OwnId::Absent,
         };
         // The payload's `id` is checked even where the header's id takes its place.
-        let own = match fields.get("id") {
-            None => None,
-            Some(value) => Some(
-                match value {
-                    Value::String(id) => Some(id.clone()),
-                    Value::Number(n) => integer_id(n),
-                    _ => None,
-                }
-                .ok_or_else(|| PublishError::IdNotScalar { at: at.clone() })?,
-            ),
-        };
+        let own = own
+            .id()
+            .map_err(|()| PublishError::IdNotScalar { at: at() })?;
         let check = |id: &str| {
-            validate_id(id).map_err(|source| PublishError::InvalidId {
-                at: at.clone(),
-                source,
-            })
+            validate_id(id).map_err(|source| PublishError::InvalidId { at: at(), source })
         };
         if let Some(own) = &own {
             check(own)?;
@@ -710,27 +772,24 @@ pub fn prepare(
         };
         // A stream with a key pointer keys every event by it, so that the events of one
         // key keep their order; the hint keys the events of a stream without one.
-        let key = match &settings.key {
-            Some(_) => settings
-                .key_of(&payload)
-                .map_err(|source| PublishError::Key {
-                    at: at.clone(),
-                    source,
-                })?,
-            None => hints.key.clone(),
+        let key = match (&settings.key, &tree) {
+            (Some(_), Some(tree)) => settings
+                .key_of(tree)
+                .map_err(|source| PublishError::Key { at: at(), source })?,
+            _ => hints.key.clone(),
         };
-        if let Some(schema) = &stream.schema
-            && let Some(error) = schema.iter_errors(&payload).next()
+        if let (Some(schema), Some(tree)) = (&stream.schema, &tree)
+            && let Some(error) = schema.iter_errors(tree).next()
         {
             return Err(PublishError::Schema(Box::new(SchemaViolation {
-                at,
+                at: at(),
                 stream: settings.name.clone(),
                 path: error.instance_path().to_string(),
                 message: error.to_string(),
                 rule: error.schema_path().to_string(),
             })));
         }
-        let mut envelope = Envelope::new(&settings.name, key, payload);
+        let mut envelope = Envelope::with_payload(&settings.name, key, payload);
         if let Some(id) = id {
             envelope.id = id;
         }
@@ -744,15 +803,15 @@ pub fn prepare(
     Ok(out)
 }
 
-/// A name for the kind of a JSON value, for error messages.
-pub fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+/// A name for the kind of a JSON text, for error messages.
+fn raw_kind(text: &RawValue) -> &'static str {
+    match text.get().as_bytes().first() {
+        Some(b'{') => "an object",
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
     }
 }
 
@@ -760,6 +819,19 @@ pub fn json_kind(v: &Value) -> &'static str {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// `value` alone, as the JSON text of a request without hints.
+    fn single(s: &Stream, value: Value) -> Result<Vec<Envelope>, PublishError> {
+        prepare(s, texts(vec![value]), &Hints::default(), false)
+    }
+
+    /// `values` as the JSON texts a request would bring.
+    fn texts(values: Vec<Value>) -> Vec<Box<RawValue>> {
+        values
+            .iter()
+            .map(|v| serde_json::value::to_raw_value(v).expect("json"))
+            .collect()
+    }
 
     fn stream(yaml: &str) -> Arc<Stream> {
         let settings = PipelineSettings::from_yaml(yaml).expect("settings");
@@ -777,11 +849,21 @@ mod tests {
             id: Some("from-header".into()),
             ..Hints::default()
         };
-        let e = prepare(&s, vec![json!({"id": "from-payload"})], &hints, false).expect("ok");
+        let e = prepare(
+            &s,
+            texts(vec![json!({"id": "from-payload"})]),
+            &hints,
+            false,
+        )
+        .expect("ok");
         assert_eq!(e[0].id, "from-header");
         let e = prepare(
             &s,
-            vec![json!({"id": "from-payload"}), json!({"id": 42}), json!({})],
+            texts(vec![
+                json!({"id": "from-payload"}),
+                json!({"id": 42}),
+                json!({}),
+            ]),
             &hints,
             true,
         )
@@ -799,25 +881,56 @@ mod tests {
     #[test]
     fn one_bad_event_rejects_the_batch_and_names_its_position() {
         let s = stream("streams:\n  - name: s\n");
-        let err = prepare(&s, vec![json!({}), json!(3)], &Hints::default(), true).expect_err("bad");
+        let err = prepare(
+            &s,
+            texts(vec![json!({}), json!(3)]),
+            &Hints::default(),
+            true,
+        )
+        .expect_err("bad");
         assert_eq!(
             err.to_string(),
             "event 1: an event must be a JSON object, not a number"
         );
-        let err =
-            prepare(&s, vec![json!({"id": {"x": 1}})], &Hints::default(), false).expect_err("bad");
+        let err = single(&s, json!({"id": {"x": 1}})).expect_err("bad");
         assert!(matches!(err, PublishError::IdNotScalar { .. }));
-        let e = prepare(&s, vec![json!({"id": -7.0})], &Hints::default(), false).expect("ok");
+        let e = single(&s, json!({"id": -7.0})).expect("ok");
         assert_eq!(e[0].id, "-7");
-        let beyond: Value = serde_json::from_str(r#"{"id": -9223372036854775809}"#).expect("json");
-        let err = prepare(&s, vec![beyond], &Hints::default(), false).expect_err("beyond i64");
+        let beyond = RawValue::from_string(r#"{"id": -9223372036854775809}"#.to_owned());
+        let err = prepare(&s, vec![beyond.expect("json")], &Hints::default(), false)
+            .expect_err("beyond i64");
         assert!(matches!(err, PublishError::IdNotScalar { .. }));
-        let err = prepare(&s, vec![json!({"id": 7.5})], &Hints::default(), false)
-            .expect_err("a fraction");
+        let err = single(&s, json!({"id": 7.5})).expect_err("a fraction");
         assert!(matches!(err, PublishError::IdNotScalar { .. }));
-        let err =
-            prepare(&s, vec![json!({"id": "a b"})], &Hints::default(), false).expect_err("bad");
+        let err = single(&s, json!({"id": "a b"})).expect_err("bad");
         assert!(err.to_string().contains("white space"), "{err}");
+    }
+
+    #[test]
+    fn payloads_are_stored_as_they_came_on_one_line() {
+        let s = stream("streams:\n  - name: s\n");
+        let keyed = stream("streams:\n  - name: k\n    key: /user\n");
+        let body = "{\"z\": 1,\n \"id\": \"a\\u0062\", \"user\": \"ann\"}";
+        for stream in [&s, &keyed] {
+            let payload = RawValue::from_string(body.to_owned()).expect("json");
+            let e = prepare(stream, vec![payload], &Hints::default(), false).expect("ok");
+            assert_eq!(e[0].id, "ab", "the id's escapes are read");
+            assert_eq!(
+                e[0].payload.get(),
+                "{\"z\": 1,  \"id\": \"a\\u0062\", \"user\": \"ann\"}"
+            );
+        }
+        let err = single(&s, json!({"id": null})).expect_err("a null id");
+        assert!(matches!(err, PublishError::IdNotScalar { .. }));
+        // An id given twice: the last one, as when the payload is read as a tree.
+        let twice = RawValue::from_string(r#"{"id": "first", "id": "last"}"#.to_owned());
+        let e = prepare(&s, vec![twice.expect("json")], &Hints::default(), false).expect("ok");
+        assert_eq!(e[0].id, "last");
+        let err = single(&s, json!([1])).expect_err("an array");
+        assert_eq!(
+            err.to_string(),
+            "an event must be a JSON object, not an array"
+        );
     }
 
     #[test]
@@ -827,12 +940,12 @@ mod tests {
             key: Some("bob".into()),
             ..Hints::default()
         };
-        let e = prepare(&s, vec![json!({"user": "ann"})], &hints, false).expect("ok");
+        let e = prepare(&s, texts(vec![json!({"user": "ann"})]), &hints, false).expect("ok");
         assert_eq!(e[0].key.as_deref(), Some("ann"));
-        let err = prepare(&s, vec![json!({})], &hints, false).expect_err("no key");
+        let err = prepare(&s, texts(vec![json!({})]), &hints, false).expect_err("no key");
         assert!(matches!(err, PublishError::Key { .. }));
         let plain = stream("streams:\n  - name: p\n");
-        let e = prepare(&plain, vec![json!({"user": "ann"})], &hints, false).expect("ok");
+        let e = prepare(&plain, texts(vec![json!({"user": "ann"})]), &hints, false).expect("ok");
         assert_eq!(e[0].key.as_deref(), Some("bob"));
     }
 
@@ -841,14 +954,14 @@ mod tests {
         let s = stream(
             "streams:\n  - name: points\n    schema:\n      type: object\n      required: [lat]\n      properties:\n        lat: {type: number, minimum: -90, maximum: 90}\n",
         );
-        assert!(prepare(&s, vec![json!({"lat": 45.5})], &Hints::default(), false).is_ok());
-        let err = prepare(&s, vec![json!({"lat": 91})], &Hints::default(), false).expect_err("bad");
+        assert!(single(&s, json!({"lat": 45.5})).is_ok());
+        let err = single(&s, json!({"lat": 91})).expect_err("bad");
         let PublishError::Schema(violation) = &err else {
             panic!("not a schema error: {err}")
         };
         assert_eq!(violation.path, "/lat");
         assert!(violation.rule.ends_with("/maximum"), "{}", violation.rule);
-        let err = prepare(&s, vec![json!({})], &Hints::default(), false).expect_err("bad");
+        let err = single(&s, json!({})).expect_err("bad");
         assert!(err.to_string().contains("required"), "{err}");
     }
 

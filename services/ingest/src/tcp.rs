@@ -476,7 +476,7 @@ async fn write_line(app: &App, line: &str, ack: Ack) -> String {
         Ok(s) => s,
         Err(e) => return format!("error {e}"),
     };
-    let payload: Value = match serde_json::from_str(line) {
+    let payload: Box<serde_json::value::RawValue> = match serde_json::from_str(line) {
         Ok(v) => v,
         Err(e) => return format!("error not valid JSON: {e}"),
     };
