@@ -7,6 +7,7 @@
 #                                      topic into files (shipped defaults) by one collector
 #   benches/profile.sh ingest          REQUESTS (default 10000) single events posted over
 #                                      HTTP by 16 clients, each acknowledged by Kafka
+#   benches/profile.sh ingest-batch    REQUESTS / 10 batches of 100 events, the same way
 #
 # Figures are for the whole process, start-up and shutdown included, divided by the events;
 # the functions that cost most (inclusive) follow. The callgrind files stay in
@@ -87,7 +88,9 @@ if [ "$what" = all ] || [ "$what" = collector ]; then
   file=$(ls -t "$out"/collector.*.callgrind | head -1)
   report "collector, Kafka -> files" "$file" "$events" events
 fi
-if [ "$what" = all ] || [ "$what" = ingest ]; then
+profile_ingest() { # name events loadgen-arguments...
+  local name="$1" count="$2"
+  shift 2
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   pids=()
@@ -96,9 +99,17 @@ if [ "$what" = all ] || [ "$what" = ingest ]; then
   ingest=$!
   pids+=($ingest)
   wait_ready "http://127.0.0.1:$hport" || { cat "$work/ingest-cg.log" >&2; exit 1; }
-  "$bin/sluice-loadgen" --target "http://127.0.0.1:$port" --stream "$tag" --protocol http \
-    --requests "$requests" --concurrency 16 --duration 600 --status-interval 0 >/dev/null
+  "$bin/sluice-loadgen" --target "http://127.0.0.1:$port" --stream "$tag" "$@" \
+    --concurrency 16 --duration 600 --status-interval 0 >/dev/null
   kill -TERM "$ingest"; wait "$ingest" || true
   file=$(ls -t "$out"/ingest.*.callgrind | head -1)
-  report "ingest, HTTP single event acknowledged" "$file" "$requests" events
+  report "$name" "$file" "$count" events
+}
+if [ "$what" = all ] || [ "$what" = ingest ]; then
+  profile_ingest "ingest, HTTP single event acknowledged" "$requests" --protocol http \
+    --requests "$requests"
+fi
+if [ "$what" = all ] || [ "$what" = ingest-batch ]; then
+  profile_ingest "ingest, HTTP batches of 100 acknowledged" "$((requests * 10))" \
+    --protocol http-batch --batch-size 100 --requests "$((requests / 10))"
 fi

@@ -130,7 +130,11 @@ fn push_json_str(out: &mut Vec<u8>, text: &str) {
 
 /// A new time-ordered event id (UUIDv7).
 pub fn new_id() -> String {
-    Uuid::now_v7().to_string()
+    let mut text = Uuid::encode_buffer();
+    Uuid::now_v7()
+        .hyphenated()
+        .encode_lower(&mut text)
+        .to_owned()
 }
 
 impl PartialEq for Envelope {
@@ -148,19 +152,20 @@ impl PartialEq for Envelope {
 impl Envelope {
     /// A new event for `stream` with a fresh id, ingested now.
     pub fn new(stream: impl Into<String>, key: Option<String>, payload: Value) -> Self {
-        Self::with_payload(stream, key, raw(&payload))
+        Self::with_payload(None, stream, key, raw(&payload))
     }
 
-    /// Like [`Envelope::new`], with the payload as JSON text, kept as it is but on one line
-    /// ([`one_line`]).
+    /// Like [`Envelope::new`], with `id` (a fresh one when `None`) and the payload as JSON
+    /// text, kept as it is but on one line ([`one_line`]).
     pub fn with_payload(
+        id: Option<String>,
         stream: impl Into<String>,
         key: Option<String>,
         payload: Box<RawValue>,
     ) -> Self {
         let now = Timestamp::now();
         Self {
-            id: new_id(),
+            id: id.unwrap_or_else(new_id),
             stream: stream.into(),
             key,
             event_time: now,
@@ -444,11 +449,12 @@ mod tests {
     fn a_payload_over_several_lines_is_kept_on_one() {
         let text = "{\"a\": [1,\r\n  2],\n \"b\": \"x\\ny\"}";
         let payload = RawValue::from_string(text.to_owned()).expect("json");
-        let e = Envelope::with_payload("s", None, payload);
+        let e = Envelope::with_payload(None, "s", None, payload);
         assert_eq!(e.payload.get(), "{\"a\": [1,    2],  \"b\": \"x\\ny\"}");
         assert_eq!(e.payload_value(), json!({"a": [1, 2], "b": "x\ny"}));
         let compact = RawValue::from_string(r#"{"b":1,"a":2}"#.to_owned()).expect("json");
-        let e = Envelope::with_payload("s", None, compact);
+        let e = Envelope::with_payload(Some("x".to_owned()), "s", None, compact);
+        assert_eq!(e.id, "x");
         assert_eq!(e.payload.get(), r#"{"b":1,"a":2}"#, "kept as it came");
     }
 

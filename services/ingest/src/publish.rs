@@ -508,9 +508,11 @@ impl Publisher {
             .unwrap_or_default();
         for envelope in envelopes {
             let value = envelope.encode_value();
-            let mut record = FutureRecord::to(topic)
-                .payload(&value)
-                .headers(envelope.kafka_headers());
+            let mut record = FutureRecord::to(topic).payload(&value);
+            // Without headers, no header list is made for librdkafka to copy.
+            if !envelope.headers.is_empty() {
+                record = record.headers(envelope.kafka_headers());
+            }
             if let Some(key) = &envelope.key {
                 record = record.key(key.as_str());
             }
@@ -564,10 +566,18 @@ impl Publisher {
                 Err(e) => outcomes.push(Err(Unsent::Failed(e))),
             }
         }
-        // Acknowledgements that do not come in time stay `Pending`.
-        let deadline = tokio::time::Instant::now() + self.ack_timeout;
-        while let Ok(Some((i, delivered))) = tokio::time::timeout_at(deadline, waiting.next()).await
-        {
+        // Acknowledgements that do not come in time stay `Pending`. One timer for them all.
+        let deadline = tokio::time::sleep(self.ack_timeout);
+        tokio::pin!(deadline);
+        loop {
+            let (i, delivered) = tokio::select! {
+                biased;
+                next = waiting.next() => match next {
+                    Some(next) => next,
+                    None => break,
+                },
+                () = &mut deadline => break,
+            };
             outcomes[i] = match delivered {
                 Ok(Ok(d)) => Ok((d.partition, d.offset)),
                 Ok(Err((e, _))) => Err(Unsent::Failed(e)),
@@ -660,51 +670,88 @@ fn integer_id(n: &serde_json::Number) -> Option<String> {
     (f.fract() == 0.0 && f.abs() < EXACT).then(|| (f as i64).to_string())
 }
 
-/// The `id` field of a payload, when it has one, as its JSON text (`null` included).
+/// The `id` field of a payload.
 #[derive(Default)]
-struct IdField<'a>(Option<&'a RawValue>);
+enum IdField {
+    #[default]
+    Absent,
+    Text(String),
+    Number(serde_json::Number),
+    /// Null or a boolean.
+    Unusable,
+}
 
-impl<'de: 'a, 'a> Deserialize<'de> for IdField<'a> {
+impl IdField {
+    /// The `id` field of a payload read as a tree.
+    fn of(tree: &Value) -> Self {
+        match tree.get("id") {
+            None => Self::Absent,
+            Some(Value::String(id)) => Self::Text(id.clone()),
+            Some(Value::Number(n)) => Self::Number(n.clone()),
+            Some(_) => Self::Unusable,
+        }
+    }
+
+    /// The id it stands for; `Err` when it is neither a string nor an integer.
+    fn id(self) -> Result<Option<String>, ()> {
+        match self {
+            Self::Absent => Ok(None),
+            Self::Text(id) => Ok(Some(id)),
+            Self::Number(n) => integer_id(&n).map(Some).ok_or(()),
+            Self::Unusable => Err(()),
+        }
+    }
+}
+
+/// Reads an `id` field as it is parsed. An object or an array fails the read: the payload
+/// is then read as a tree, which finds the same.
+impl<'de> Deserialize<'de> for IdField {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        <&RawValue>::deserialize(d).map(|id| Self(Some(id)))
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = IdField;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or an integer")
+            }
+
+            fn visit_str<E>(self, v: &str) -> Result<IdField, E> {
+                Ok(IdField::Text(v.to_owned()))
+            }
+
+            fn visit_string<E>(self, v: String) -> Result<IdField, E> {
+                Ok(IdField::Text(v))
+            }
+
+            fn visit_u64<E>(self, v: u64) -> Result<IdField, E> {
+                Ok(IdField::Number(v.into()))
+            }
+
+            fn visit_i64<E>(self, v: i64) -> Result<IdField, E> {
+                Ok(IdField::Number(v.into()))
+            }
+
+            fn visit_f64<E>(self, v: f64) -> Result<IdField, E> {
+                Ok(serde_json::Number::from_f64(v).map_or(IdField::Unusable, IdField::Number))
+            }
+
+            fn visit_unit<E>(self) -> Result<IdField, E> {
+                Ok(IdField::Unusable)
+            }
+
+            fn visit_bool<E>(self, _: bool) -> Result<IdField, E> {
+                Ok(IdField::Unusable)
+            }
+        }
+        d.deserialize_any(Visitor)
     }
 }
 
 /// What is read of a payload that no schema or key pointer needs as a tree.
 #[derive(Deserialize)]
-struct Head<'a> {
-    #[serde(borrow, default)]
-    id: IdField<'a>,
-}
-
-/// The `id` field of `payload`: absent, or its value (parsed from its text when the payload
-/// is not parsed as a whole).
-enum OwnId<'a> {
-    Absent,
-    Tree(&'a Value),
-    Text(&'a RawValue),
-}
-
-impl OwnId<'_> {
-    /// The id it stands for; `Err` when it is neither a string nor an integer.
-    fn id(&self) -> Result<Option<String>, ()> {
-        let parsed;
-        let value = match self {
-            Self::Absent => return Ok(None),
-            Self::Tree(value) => *value,
-            Self::Text(text) => {
-                parsed = serde_json::from_str::<Value>(text.get()).map_err(|_| ())?;
-                &parsed
-            }
-        };
-        match value {
-            Value::String(id) => Some(id.clone()),
-            Value::Number(n) => integer_id(n),
-            _ => None,
-        }
-        .map(Some)
-        .ok_or(())
-    }
+struct Head {
+    #[serde(default)]
+    id: IdField,
 }
 
 /// Checks every payload and wraps it in an envelope; the first bad one fails them all. A
@@ -736,22 +783,15 @@ pub fn prepare(
         }
         // A payload whose `id` field is given twice is read as a tree too (the last wins).
         let head = (!needs_tree)
-            .then(|| serde_json::from_str::<Head<'_>>(payload.get()).ok())
+            .then(|| serde_json::from_str::<Head>(payload.get()).ok())
             .flatten();
-        let tree: Option<Value> = match head {
-            Some(_) => None,
-            // Valid JSON text: it parses.
-            None => Some(serde_json::from_str(payload.get()).unwrap_or(Value::Null)),
-        };
-        let own = match (&head, &tree) {
-            (
-                Some(Head {
-                    id: IdField(Some(id)),
-                }),
-                _,
-            ) => OwnId::Text(id),
-            (_, Some(tree)) => tree.get("id").map_or(OwnId::Absent, OwnId::Tree),
-            _ => OwnId::Absent,
+        let (own, tree) = match head {
+            Some(head) => (head.id, None),
+            None => {
+                // Valid JSON text: it parses.
+                let tree: Value = serde_json::from_str(payload.get()).unwrap_or(Value::Null);
+                (IdField::of(&tree), Some(tree))
+            }
         };
         // The payload's `id` is checked even where the header's id takes its place.
         let own = own
@@ -789,10 +829,7 @@ pub fn prepare(
                 rule: error.schema_path().to_string(),
             })));
         }
-        let mut envelope = Envelope::with_payload(&settings.name, key, payload);
-        if let Some(id) = id {
-            envelope.id = id;
-        }
+        let mut envelope = Envelope::with_payload(id, &settings.name, key, payload);
         for (k, v) in &hints.headers {
             envelope.headers.insert(k.clone(), v.clone());
         }
@@ -920,8 +957,12 @@ mod tests {
                 "{\"z\": 1,  \"id\": \"a\\u0062\", \"user\": \"ann\"}"
             );
         }
-        let err = single(&s, json!({"id": null})).expect_err("a null id");
-        assert!(matches!(err, PublishError::IdNotScalar { .. }));
+        for unusable in [json!(null), json!(true), json!([1]), json!({"a": 1})] {
+            let err = single(&s, json!({"id": unusable})).expect_err("not an id");
+            assert!(matches!(err, PublishError::IdNotScalar { .. }), "{err}");
+        }
+        let e = single(&s, json!({"id": 18_446_744_073_709_551_615_u64})).expect("ok");
+        assert_eq!(e[0].id, "18446744073709551615");
         // An id given twice: the last one, as when the payload is read as a tree.
         let twice = RawValue::from_string(r#"{"id": "first", "id": "last"}"#.to_owned());
         let e = prepare(&s, vec![twice.expect("json")], &Hints::default(), false).expect("ok");
