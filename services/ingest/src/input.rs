@@ -89,6 +89,7 @@ pub fn parse(body: &[u8], ndjson: bool, max_events: usize) -> Result<Payloads, A
 #[cfg(test)]
 mod tests {
     use super::*;
+
     fn texts(p: &Payloads) -> Vec<&str> {
         p.events.iter().map(|e| e.get()).collect()
     }

@@ -372,12 +372,7 @@ impl Publisher {
     /// is logged and counted. For events ingest makes itself, such as read events.
     pub async fn publish_envelope(&self, topic: &str, envelope: Envelope) {
         let value = envelope.encode_value();
-        let mut record = FutureRecord::to(topic)
-            .payload(&value)
-            .headers(envelope.kafka_headers());
-        if let Some(key) = &envelope.key {
-            record = record.key(key.as_str());
-        }
+        let record = kafka_record(topic, &envelope, &value);
         match self.producer.send(record, std::time::Duration::ZERO).await {
             Ok(_) => self.metrics.produced(&envelope.stream, 1),
             Err((e, _)) => {
@@ -508,15 +503,10 @@ impl Publisher {
             .unwrap_or_default();
         for envelope in envelopes {
             let value = envelope.encode_value();
-            let mut record = FutureRecord::to(topic).payload(&value);
-            // Without headers, no header list is made for librdkafka to copy.
-            if !envelope.headers.is_empty() {
-                record = record.headers(envelope.kafka_headers());
-            }
-            if let Some(key) = &envelope.key {
-                record = record.key(key.as_str());
-            }
-            match self.producer.send_result(record) {
+            match self
+                .producer
+                .send_result(kafka_record(topic, &envelope, &value))
+            {
                 Ok(delivery) => {
                     sent += 1;
                     pending.push((envelope.id, Ok(delivery)));
@@ -597,6 +587,23 @@ impl Publisher {
             })
             .collect()
     }
+}
+
+/// The Kafka record of `envelope` on `topic`, its value encoded as `value`.
+fn kafka_record<'a>(
+    topic: &'a str,
+    envelope: &'a Envelope,
+    value: &'a [u8],
+) -> FutureRecord<'a, str, [u8]> {
+    let mut record = FutureRecord::to(topic).payload(value);
+    // Without headers, no header list is made for librdkafka to copy.
+    if !envelope.headers.is_empty() {
+        record = record.headers(envelope.kafka_headers());
+    }
+    if let Some(key) = &envelope.key {
+        record = record.key(key.as_str());
+    }
+    record
 }
 
 /// Published events with what their sinks said: the events, or the request's failure
