@@ -203,8 +203,9 @@ with open(path, "w") as f:
 Produced by `benches/run.sh` (release build; the broker, Redis, the services and the load
 client share the machine). Every figure stands beside a ceiling measured in the same run:
 the request-level ceiling is `wrk` on `GET /healthz`; acknowledged events are compared with
-a bare rdkafka producer configured as ingest's (idempotent, `acks=all`, `linger.ms=1`, snappy) on
-the same broker; the end-to-end drain into Redis with `redis-benchmark -P 16` SET on the
+a bare rdkafka producer configured as ingest's (idempotent, `acks=all`, `linger.ms=1`, snappy)
+writing the records ingest writes (each event in its envelope, unkeyed on a stream without a
+key pointer) to the same broker; the end-to-end drain into Redis with `redis-benchmark -P 16` SET on the
 same Redis; `ack=sink` (answered once the collector wrote the event to Redis) with
 `ack=kafka` on the same stream while the same collector runs; the compute endpoint with its
 bound, clients ÷ 0.1 s. Latencies are from sluice-loadgen's HDR histogram: closed loop,

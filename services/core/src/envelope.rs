@@ -251,10 +251,13 @@ impl Envelope {
         // Checked as UTF-8 once, in one pass, rather than string by string as it is parsed.
         let text = std::str::from_utf8(value)?;
         let one_line_value = memchr::memchr2(b'\n', b'\r', value).is_none();
-        let (mut envelope, verbatim) = match serde_json::from_str::<Exact>(text) {
-            Ok(exact) => (Envelope::from(exact), one_line_value),
+        let exact = serde_json::from_str::<Exact<'_>>(text)
+            .ok()
+            .and_then(Exact::into_envelope);
+        let (mut envelope, verbatim) = match exact {
+            Some(envelope) => (envelope, one_line_value),
             // Other fields as well, or not an event at all: the lenient decode says which.
-            Err(_) => (serde_json::from_str::<Envelope>(text)?, false),
+            None => (serde_json::from_str::<Envelope>(text)?, false),
         };
         if !one_line_value {
             // Written by another producer over several lines: stored on one.
@@ -273,29 +276,38 @@ impl Envelope {
 }
 
 /// The envelope's fields and no others: what [`Envelope::decode_verbatim`] tries first.
+/// The timestamps are read as text (RFC 3339 needs no escapes) so that the second is not
+/// parsed again when it is the same, as it is for events ingest makes.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Exact {
+struct Exact<'a> {
     id: String,
     stream: String,
     #[serde(default)]
     key: Option<String>,
-    event_time: Timestamp,
-    ingest_time: Timestamp,
+    event_time: &'a str,
+    ingest_time: &'a str,
     payload: Box<RawValue>,
 }
 
-impl From<Exact> for Envelope {
-    fn from(e: Exact) -> Self {
-        Self {
-            id: e.id,
-            stream: e.stream,
-            key: e.key,
-            event_time: e.event_time,
-            ingest_time: e.ingest_time,
-            payload: e.payload,
+impl Exact<'_> {
+    /// The envelope, or `None` when a timestamp is not one (the lenient decode says why).
+    fn into_envelope(self) -> Option<Envelope> {
+        let event_time: Timestamp = self.event_time.parse().ok()?;
+        let ingest_time = if self.ingest_time == self.event_time {
+            event_time
+        } else {
+            self.ingest_time.parse().ok()?
+        };
+        Some(Envelope {
+            id: self.id,
+            stream: self.stream,
+            key: self.key,
+            event_time,
+            ingest_time,
+            payload: self.payload,
             headers: BTreeMap::new(),
-        }
+        })
     }
 }
 
@@ -362,6 +374,42 @@ mod tests {
         assert_eq!(back.id, e.id);
         let err = Envelope::decode_verbatim(Some(br#"{"id":"x"}"#), none).expect_err("no stream");
         assert!(err.to_string().contains("missing field `stream`"), "{err}");
+    }
+
+    #[test]
+    fn timestamps_are_read_whether_equal_or_not() {
+        let none = None::<&OwnedHeaders>;
+        let mut e = sample();
+        e.event_time = "2026-01-02T03:04:05.5Z".parse().expect("timestamp");
+        let (back, verbatim) =
+            Envelope::decode_verbatim(Some(&e.encode_value()), none).expect("decodes");
+        assert!(verbatim);
+        assert_eq!(
+            back,
+            Envelope {
+                headers: BTreeMap::new(),
+                ..e.clone()
+            }
+        );
+        e.ingest_time = e.event_time;
+        let (back, _) = Envelope::decode_verbatim(Some(&e.encode_value()), none).expect("decodes");
+        assert_eq!(back.ingest_time, e.event_time);
+        // Escaped text is still a timestamp, read by the lenient decode.
+        let escaped = String::from_utf8(e.encode_value())
+            .expect("utf-8")
+            .replacen("\"2026-01", "\"\\u0032026-01", 1);
+        let (back, verbatim) =
+            Envelope::decode_verbatim(Some(escaped.as_bytes()), none).expect("decodes");
+        assert!(!verbatim);
+        assert_eq!(back.event_time, e.event_time);
+        let bad = String::from_utf8(e.encode_value())
+            .expect("utf-8")
+            .replacen("2026-01-02T", "2026-13-02T", 1);
+        let err = Envelope::decode_verbatim(Some(bad.as_bytes()), none).expect_err("no month 13");
+        assert!(
+            err.to_string().contains("event_time") || err.to_string().contains("month"),
+            "{err}"
+        );
     }
 
     #[test]

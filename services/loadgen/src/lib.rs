@@ -51,8 +51,10 @@ pub enum Protocol {
     /// One TCP connection per client to the write port; one JSON line, one `ok <id>`.
     Tcp,
     /// Straight to Kafka with a bare producer (`--kafka-brokers`, topic = `--stream`),
-    /// configured as ingest's, each request (`--batch-size` records) waiting for its
-    /// acknowledgements: the ceiling ingest's figures are measured against.
+    /// configured as ingest's and writing the records ingest writes for a stream without a
+    /// key pointer (each event in its envelope, unkeyed), each request (`--batch-size`
+    /// records) waiting for its acknowledgements: the ceiling ingest's figures are measured
+    /// against.
     Kafka,
 }
 
@@ -478,15 +480,15 @@ async fn send(target: &Target, conn: &mut Option<Conn>, events: Vec<Value>) -> R
         }
         Some(Conn::Kafka(producer)) => {
             // Every record of the request is sent at once; the request is acknowledged
-            // when all of them are.
+            // when all of them are. Each record is what ingest writes for a stream without
+            // a key pointer: the event in its envelope, with no key.
             let producer = &*producer;
-            let sends = events.iter().map(|event| {
-                let key = event["userId"].as_str().unwrap_or_default().to_owned();
-                let value = event.to_string();
+            let sends = events.into_iter().map(|event| {
+                let value =
+                    sluice_core::envelope::Envelope::new(&target.topic, None, event).encode_value();
                 async move {
-                    let record = rdkafka::producer::FutureRecord::to(&target.topic)
-                        .key(&key)
-                        .payload(&value);
+                    let record =
+                        rdkafka::producer::FutureRecord::<(), _>::to(&target.topic).payload(&value);
                     producer.send(record, Duration::from_secs(30)).await
                 }
             });
