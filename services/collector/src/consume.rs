@@ -1,17 +1,22 @@
 //! The consumer loop of a collector, for its main topics and for its retry topics.
 //!
-//! 1. Wait for a record, then take whatever else is already fetched, up to `--batch-size`.
-//! 2. Split the records by partition. Each partition's records are handled by a task of
-//!    their own, in offset order: decoded into events at once, then written once the
-//!    partition's previous task is done (at most `--concurrent-count` partitions written at
-//!    once, on all the runtime's threads), so the partition's records are written in order.
-//! 3. Receive the next batch while this one is written: the loop only waits for the tasks
-//!    when more than a batch of records is in flight.
-//! 4. Decoding: a record that is not an event, or an event that names another stream than
+//! Every assigned partition has its own queue of fetched records (split from the
+//! consumer's before the partition is assigned) and a reader task of its own, so that
+//! receiving, copying and decoding run for all partitions at once, on all the runtime's
+//! threads. The consumer loop polls the consumer's own queue for rebalances, errors and
+//! statistics, and starts and stops the readers.
+//!
+//! 1. A reader waits for a record of its partition, then takes whatever else is already
+//!    fetched, up to `--batch-size`; the records in flight across all partitions are
+//!    bounded (twice `--batch-size`), and a reader waits when they are over.
+//! 2. It decodes the batch into events while its previous batch is written, and writes
+//!    it once that one is done (at most `--concurrent-count` partitions written at once),
+//!    so the partition's records are written in order.
+//! 3. Decoding: a record that is not an event, or an event that names another stream than
 //!    the one its topic belongs to, goes to the stream's dead-letter topic at once, with
 //!    the reason in the `sluice-error` header.
-//! 5. As each task finishes, store the offset of the last record it got through; the
-//!    consumer commits stored offsets every second and on shutdown.
+//! 4. As each write finishes, the reader stores the offset of the last record it got
+//!    through; the consumer commits stored offsets every second and on shutdown.
 //!
 //! "Done" means every event of the partition is in the sink or acknowledged on the retry or
 //! dead-letter topic. Two kinds of failure are told apart ([`SinkError::is_retriable`]):
@@ -19,10 +24,10 @@
 //! - **The sink is unavailable** (down, unreachable, timing out, read-only, out of memory
 //!   or disk): the write is tried again, unchanged, after a capped backoff
 //!   ([`crate::health`]), for as long as the outage lasts. Nothing goes to the retry or
-//!   dead-letter topics for it. Every [`HOLD`] the worker gives the records back to Kafka
+//!   dead-letter topics for it. Every [`HOLD`] the reader gives the records back to Kafka
 //!   (it stores the offsets of what is done and seeks the partition back to the first
-//!   record that is not), so that it keeps polling and stays in its group, and reads them
-//!   again. The partition's tasks already under way for later records then write nothing.
+//!   record that is not), while the consumer keeps polling and stays in its group, and
+//!   reads them again. The batch it decoded meanwhile is not written: it is read again.
 //! - **The sink rejects events** (a value it cannot store): on the main topics the batch is
 //!   tried `--write-attempts` times, then each event alone, and those it rejects go to
 //!   `<stream>.retry` with `sluice-attempt: 1`. On the retry topics each event waits for
@@ -30,19 +35,20 @@
 //!   raised, or, after the last attempt, to `<stream>.dlq`.
 //!
 //! Rebalances: when the group takes partitions away, the consumer hands them over only
-//! after every task in flight is finished and its offsets are stored ([`Handover`]), so a
-//! partition never has two writers and its next owner starts after what was written. When
-//! shutdown interrupts a task, only the offsets of what is done are stored; the rest is
-//! delivered again to whoever takes the partitions next.
+//! after their readers have finished the batches they took and stored their offsets
+//! ([`Handover`]), so a partition never has two writers and its next owner starts after
+//! what was written. When shutdown interrupts a write, only the offsets of what is done
+//! are stored; the rest is delivered again to whoever takes the partitions next.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use rdkafka::client::ClientContext;
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
@@ -55,7 +61,7 @@ use rdkafka::types::RDKafkaRespErr;
 use sluice_core::Envelope;
 use sluice_core::kafka::KafkaArgs;
 use sluice_core::settings::{RetrySettings, StreamSettings};
-use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinError, JoinHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -92,7 +98,7 @@ pub struct WorkerConfig {
     pub streams: Vec<StreamSettings>,
     /// The pipeline's retry policy.
     pub retry: RetrySettings,
-    /// Most records per batch.
+    /// Most records of a partition per batch; twice this many in flight at most.
     pub batch_size: usize,
     /// Partitions written at once.
     pub concurrency: usize,
@@ -106,24 +112,36 @@ pub struct WorkerConfig {
     pub awaits_topics: bool,
 }
 
-/// The consumer's context: turns librdkafka's statistics into the lag metric, and passes
-/// revoked partitions to the consumer loop ([`Handover`]).
+/// The consumer's context: turns librdkafka's statistics into the lag metric, gives each
+/// assigned partition its own queue, and passes assigned and revoked partitions to the
+/// consumer loop ([`Handover`]).
 pub struct LagContext {
     metrics: Arc<Metrics>,
     handover: Arc<Handover>,
+    /// The consumer itself, to split partition queues from.
+    consumer: OnceLock<Weak<StreamConsumer<LagContext>>>,
 }
 
-/// Partitions the group takes from this consumer. librdkafka waits for the consumer to
-/// give them up (the group's rebalance waits with it); the consumer loop does so once the
-/// work in flight is finished and its offsets are stored.
+/// A partition assigned to this consumer, with its own queue of fetched records.
+struct Assigned {
+    topic: String,
+    partition: i32,
+    queue: StreamPartitionQueue<LagContext>,
+}
+
+/// Partitions the group gives this consumer and takes from it. librdkafka waits for the
+/// consumer to give revoked partitions up (the group's rebalance waits with it); the
+/// consumer loop does so once their readers are finished and their offsets are stored.
 #[derive(Default)]
 struct Handover {
     /// The partitions revoked and not yet given up.
     revoked: Mutex<Option<TopicPartitionList>>,
+    /// The partitions assigned whose readers are not started yet.
+    assigned: Mutex<Vec<Assigned>>,
     /// Set once the loop has stopped: partitions revoked from then on (as the consumer
     /// closes) are given up at once.
     closing: AtomicBool,
-    /// Wakes the loop when partitions are revoked.
+    /// Wakes the loop when partitions are assigned or revoked.
     wake: Notify,
 }
 
@@ -133,6 +151,40 @@ impl Handover {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take()
+    }
+
+    fn take_assigned(&self) -> Vec<Assigned> {
+        std::mem::take(&mut *self.assigned.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+impl LagContext {
+    /// Gives each of `partitions` its own queue, before they are assigned: none of their
+    /// records is then fetched into the consumer's queue, and librdkafka keeps the queue
+    /// apart when it starts fetching.
+    fn split(&self, partitions: &TopicPartitionList) {
+        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        let mut assigned = self
+            .handover
+            .assigned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for p in partitions.elements() {
+            match consumer.split_partition_queue(p.topic(), p.partition()) {
+                Some(queue) => assigned.push(Assigned {
+                    topic: p.topic().to_owned(),
+                    partition: p.partition(),
+                    queue,
+                }),
+                None => tracing::error!(
+                    topic = p.topic(),
+                    partition = p.partition(),
+                    "cannot give the partition a queue of its own; its records are not read"
+                ),
+            }
+        }
     }
 }
 
@@ -187,6 +239,8 @@ impl ConsumerContext for LagContext {
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 tracing::info!(partitions = partitions.count(), "partitions assigned");
+                self.split(partitions);
+                self.handover.wake.notify_one();
                 if matches!(
                     consumer.rebalance_protocol(),
                     RebalanceProtocol::Cooperative
@@ -222,7 +276,7 @@ impl ConsumerContext for LagContext {
 
 /// One consumer with its loop.
 pub struct Worker {
-    consumer: StreamConsumer<LagContext>,
+    consumer: Arc<StreamConsumer<LagContext>>,
     handover: Arc<Handover>,
     shared: Arc<Shared>,
 }
@@ -230,11 +284,13 @@ pub struct Worker {
 impl Drop for Worker {
     /// However the loop ends (shutdown, or its task dropped with the runtime), partitions
     /// revoked and not yet given up, and any revoked from now on (as the consumer closes),
-    /// are given up at once: closing the consumer waits for that.
+    /// are given up at once: closing the consumer waits for that. Queues of partitions
+    /// whose readers never started are dropped.
     fn drop(&mut self) {
         self.handover.closing.store(true, Ordering::Release);
+        drop(self.handover.take_assigned());
         if let Some(revoked) = self.handover.take()
-            && let Err(e) = give_up(&self.consumer, &revoked)
+            && let Err(e) = give_up(&*self.consumer, &revoked)
         {
             tracing::warn!(error = %e, "cannot give up the revoked partitions");
         }
@@ -254,6 +310,10 @@ struct Shared {
     /// Per partition, the last offset of a record dead-lettered as not an event: read
     /// again after a seek back, it is not dead-lettered twice.
     dead_lettered_through: Mutex<HashMap<(String, i32), i64>>,
+    /// Partitions written at once.
+    slots: Semaphore,
+    /// Records taken from Kafka and not yet settled, across the partitions.
+    in_flight: Arc<Semaphore>,
 }
 
 /// An event read from Kafka, with what the retry path needs.
@@ -265,48 +325,53 @@ struct Item {
     timestamp_ms: Option<i64>,
 }
 
-/// The records of one partition in a batch, copied out of the consumer's buffers for the
-/// partition's task.
-struct PartitionWork {
+/// The readers of the assigned partitions.
+struct Readers {
+    /// Per partition, what stops its reader.
+    running: HashMap<(String, i32), CancellationToken>,
+    /// The readers, each coming back with its partition when it ends.
+    ended: FuturesUnordered<JoinHandle<(String, i32)>>,
+}
+
+impl Readers {
+    fn ended(&mut self, joined: Result<(String, i32), JoinError>) {
+        match joined {
+            Ok(key) => {
+                self.running.remove(&key);
+            }
+            Err(e) => {
+                if let Ok(panic) = e.try_into_panic() {
+                    std::panic::resume_unwind(panic)
+                }
+                // Only a runtime shutting down cancels a task: nothing is stored.
+            }
+        }
+    }
+}
+
+/// A partition's reader: receives the partition's records from its own queue, decodes
+/// them while the batch before is written, writes them in order and stores the offset of
+/// what is done.
+struct Reader {
+    shared: Arc<Shared>,
+    consumer: Arc<StreamConsumer<LagContext>>,
     topic: String,
     partition: i32,
+    /// The highest offset stored.
+    stored: i64,
+}
+
+/// A partition's batch being written.
+struct Writing {
     first_offset: i64,
     last_offset: i64,
-    /// How many records there are (`messages` is emptied as they are handled).
-    count: usize,
-    messages: Vec<Fetched>,
+    task: JoinHandle<Progress>,
 }
 
-/// What a partition's task comes back with.
-enum Settled {
-    /// It handled its records this far.
-    Ran(PartitionWork, Progress),
-    /// The partition's previous task did not get through its records (they are read again
-    /// after a seek back, or shutdown came): this one wrote nothing to the sink. Records of
-    /// it that are not events may already be on the dead-letter topic; read again, they are
-    /// not sent twice.
-    Skipped(usize),
-}
-
-/// The partitions' tasks in flight.
-struct Flight {
-    tasks: FuturesUnordered<JoinHandle<Settled>>,
-    /// Per partition, what its next task waits for: whether the last task spawned got
-    /// through all its records.
-    tails: HashMap<(String, i32), oneshot::Receiver<bool>>,
-    /// Per partition, the highest offset stored.
-    stored: HashMap<(String, i32), i64>,
-    /// Records in the tasks.
-    records: usize,
-    /// Partitions written at once.
-    slots: Arc<Semaphore>,
-}
-
-/// A record copied out of the consumer's buffers. Its value moves on into the record
-/// written when the sink can store it as read ([`Record::verbatim`]).
+/// A record that is not an event, copied out of the consumer's buffers for the
+/// dead-letter topic.
 struct Fetched {
     offset: i64,
-    timestamp_ms: Option<i64>,
     key: Option<Vec<u8>>,
     value: Option<Vec<u8>>,
     headers: Option<OwnedHeaders>,
@@ -316,7 +381,6 @@ impl Fetched {
     fn copy(m: &BorrowedMessage<'_>) -> Self {
         Self {
             offset: m.offset(),
-            timestamp_ms: m.timestamp().to_millis(),
             key: m.key().map(<[u8]>::to_vec),
             value: m.payload().map(<[u8]>::to_vec),
             headers: m.headers().map(|h| h.detach()),
@@ -377,17 +441,24 @@ impl Worker {
             client.set("max.poll.interval.ms", "900000");
         }
         let handover = Arc::new(Handover::default());
-        let consumer: StreamConsumer<LagContext> = client.create_with_context(LagContext {
-            metrics: metrics.clone(),
-            handover: handover.clone(),
-        })?;
+        let consumer: Arc<StreamConsumer<LagContext>> =
+            Arc::new(client.create_with_context(LagContext {
+                metrics: metrics.clone(),
+                handover: handover.clone(),
+                consumer: OnceLock::new(),
+            })?);
+        let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
         let topics: Vec<&str> = streams.keys().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         tracing::info!(group = %config.group, ?topics, sink = sink.name(), "collector subscribed");
+        let slots = Semaphore::new(config.concurrency.max(1));
+        let in_flight = Arc::new(Semaphore::new(config.batch_size.max(1) * 2));
         Ok(Self {
             consumer,
             handover,
             shared: Arc::new(Shared {
+                slots,
+                in_flight,
                 config,
                 producer,
                 sink,
@@ -402,66 +473,46 @@ impl Worker {
 
     /// Consumes and writes until `shutdown` is cancelled; then commits and leaves the group.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut flight = Flight {
-            tasks: FuturesUnordered::new(),
-            tails: HashMap::new(),
-            stored: HashMap::new(),
-            records: 0,
-            slots: Arc::new(Semaphore::new(self.shared.config.concurrency.max(1))),
+        let mut readers = Readers {
+            running: HashMap::new(),
+            ended: FuturesUnordered::new(),
         };
-        // One stream for the loop: `recv` would make (and register) one per record.
-        let mut messages = self.consumer.stream();
+        // Partitions whose records came on the consumer's queue, reported once each.
+        let mut unsplit = HashSet::new();
+        // One stream for the loop: `recv` would make (and register) one per event. Polling
+        // it serves rebalances, errors and statistics.
+        let mut events = self.consumer.stream();
         loop {
-            let first = tokio::select! {
+            tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
                 () = self.handover.wake.notified() => {
-                    self.hand_over(&mut flight).await;
-                    continue;
+                    self.hand_over(&mut readers).await;
+                    self.start_readers(&mut readers, &shutdown);
                 }
-                Some(joined) = flight.tasks.next() => {
-                    self.settle(&mut flight, joined);
-                    continue;
-                }
-                m = messages.next() => m,
-            };
-            let first = match first {
-                // The consumer's stream never ends.
-                None => break,
-                Some(Ok(m)) => m,
-                Some(Err(e)) if topic_missing(&e) => {
-                    tracing::debug!(error = %e, "subscribed topic not available");
-                    continue;
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "kafka consumer error");
-                    continue;
-                }
-            };
-            let mut batch = vec![first];
-            while batch.len() < self.shared.config.batch_size {
-                match messages.next().now_or_never() {
-                    Some(Some(Ok(m))) => batch.push(m),
-                    Some(Some(Err(e))) => {
-                        tracing::warn!(error = %e, "kafka consumer error");
-                        break;
-                    }
-                    Some(None) | None => break,
-                }
-            }
-            self.dispatch(&batch, &mut flight, &shutdown);
-            drop(batch);
-            // One batch is written while the next is received; not more.
-            while flight.records > self.shared.config.batch_size {
-                match flight.tasks.next().await {
-                    Some(joined) => self.settle(&mut flight, joined),
+                Some(joined) = readers.ended.next() => readers.ended(joined),
+                event = events.next() => match event {
+                    // The consumer's stream never ends.
                     None => break,
-                }
+                    Some(Ok(m)) => {
+                        // Only a partition that could not get a queue of its own has
+                        // records here. They are not written and their offsets are not
+                        // stored: they are read again after the next rebalance.
+                        if unsplit.insert((m.topic().to_owned(), m.partition())) {
+                            tracing::error!(topic = m.topic(), partition = m.partition(), "records of a partition without a queue of its own are not read");
+                        }
+                    }
+                    Some(Err(e)) if topic_missing(&e) => {
+                        tracing::debug!(error = %e, "subscribed topic not available");
+                    }
+                    Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
+                },
             }
         }
-        // Shutdown: the tasks stop at the next record boundary; store what they finished.
-        while let Some(joined) = flight.tasks.next().await {
-            self.settle(&mut flight, joined);
+        // Shutdown: the readers stop (their tokens are the shutdown's children), their
+        // writes at the next record boundary, and store what they finished.
+        while let Some(joined) = readers.ended.next().await {
+            readers.ended(joined);
         }
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(())
@@ -473,130 +524,53 @@ impl Worker {
         tracing::info!(group = %self.shared.config.group, "consumer stopped");
     }
 
-    /// Splits a batch by partition and starts a task for each partition's records, after
-    /// the partition's previous task.
-    fn dispatch(
-        &self,
-        batch: &[BorrowedMessage<'_>],
-        flight: &mut Flight,
-        shutdown: &CancellationToken,
-    ) {
-        let mut work: Vec<PartitionWork> = Vec::new();
-        for m in batch {
-            let index = match work
-                .iter()
-                .position(|w| w.partition == m.partition() && w.topic == m.topic())
+    /// Starts a reader for each partition assigned since the last call.
+    fn start_readers(&self, readers: &mut Readers, shutdown: &CancellationToken) {
+        for a in self.handover.take_assigned() {
+            let stop = shutdown.child_token();
+            if let Some(earlier) = readers
+                .running
+                .insert((a.topic.clone(), a.partition), stop.clone())
             {
-                Some(i) => i,
-                None => {
-                    work.push(PartitionWork {
-                        topic: m.topic().to_owned(),
-                        partition: m.partition(),
-                        first_offset: m.offset(),
-                        last_offset: m.offset(),
-                        count: 0,
-                        messages: Vec::new(),
-                    });
-                    work.len() - 1
-                }
+                earlier.cancel();
+            }
+            let reader = Reader {
+                shared: self.shared.clone(),
+                consumer: self.consumer.clone(),
+                topic: a.topic,
+                partition: a.partition,
+                stored: -1,
             };
-            let w = &mut work[index];
-            w.last_offset = m.offset();
-            w.count += 1;
-            w.messages.push(Fetched::copy(m));
-        }
-        for w in work {
-            let (done, next) = oneshot::channel();
-            let previous = flight.tails.insert((w.topic.clone(), w.partition), next);
-            flight.records += w.count;
-            let shared = self.shared.clone();
-            let shutdown = shutdown.clone();
-            let slots = flight.slots.clone();
-            flight.tasks.push(tokio::spawn(async move {
-                // Decoding needs no order: it goes ahead while the previous task writes.
-                let (w, decoded) = shared.decode(w, &shutdown).await;
-                if let Some(previous) = previous
-                    && !previous.await.unwrap_or(false)
-                {
-                    let _ = done.send(false);
-                    return Settled::Skipped(w.count);
-                }
-                // The semaphore is never closed: a permit always comes.
-                let _slot = slots.acquire().await.ok();
-                let progress = match decoded {
-                    Ok(items) => shared.write_items(items, &shutdown).await,
-                    Err(stopped) => stopped,
-                };
-                let _ = done.send(progress == Progress::Done);
-                Settled::Ran(w, progress)
-            }));
+            readers
+                .ended
+                .push(tokio::spawn(reader.run(a.queue, stop, shutdown.clone())));
         }
     }
 
-    /// Stores the offsets of what a finished task got through, or seeks its partition back
-    /// to the first record it did not.
-    fn settle(&self, flight: &mut Flight, joined: Result<Settled, JoinError>) {
-        let (w, progress) = match joined {
-            Ok(Settled::Ran(w, progress)) => (w, progress),
-            Ok(Settled::Skipped(count)) => {
-                flight.records -= count;
-                return;
-            }
-            Err(e) => match e.try_into_panic() {
-                Ok(panic) => std::panic::resume_unwind(panic),
-                // Only a runtime shutting down cancels a task: nothing is stored.
-                Err(_) => return,
-            },
-        };
-        flight.records -= w.count;
-        let (topic, partition) = (w.topic.as_str(), w.partition);
-        let done_through = match progress {
-            Progress::Done => Some(w.last_offset),
-            Progress::Partial { resume_at, stopped } => {
-                if !stopped {
-                    // Read again from the first record not done. Without a timeout the
-                    // seek is asynchronous; records fetched before it are dropped, and the
-                    // partition's tasks already started for them write nothing.
-                    flight.tails.remove(&(w.topic.clone(), partition));
-                    if let Err(e) = self.consumer.seek(
-                        topic,
-                        partition,
-                        rdkafka::Offset::Offset(resume_at),
-                        Duration::ZERO,
-                    ) {
-                        tracing::warn!(error = %e, %topic, partition, resume_at, "cannot seek back; the records are read again after the next rebalance");
-                    }
-                }
-                (resume_at > w.first_offset).then_some(resume_at - 1)
-            }
-        };
-        if let Some(offset) = done_through {
-            let stored = flight
-                .stored
-                .entry((w.topic.clone(), partition))
-                .or_insert(-1);
-            if offset > *stored {
-                *stored = offset;
-                if let Err(e) = self.consumer.store_offset(topic, partition, offset) {
-                    // The partition was taken away meanwhile; its new owner replays the records.
-                    tracing::debug!(error = %e, %topic, partition, "offset not stored");
-                }
-            }
-        }
-    }
-
-    /// Gives up the partitions the group took away, once every task in flight is finished
-    /// and its offsets are stored (giving them up commits the stored offsets).
-    async fn hand_over(&self, flight: &mut Flight) {
+    /// Gives up the partitions the group took away, once their readers have finished the
+    /// batches they took and stored their offsets (giving them up commits the stored
+    /// offsets).
+    async fn hand_over(&self, readers: &mut Readers) {
         let Some(revoked) = self.handover.take() else {
             return;
         };
-        while let Some(joined) = flight.tasks.next().await {
-            self.settle(flight, joined);
+        let keys: Vec<(String, i32)> = revoked
+            .elements()
+            .iter()
+            .map(|p| (p.topic().to_owned(), p.partition()))
+            .collect();
+        for key in &keys {
+            if let Some(stop) = readers.running.get(key) {
+                stop.cancel();
+            }
         }
-        flight.tails.clear();
-        flight.stored.clear();
-        match give_up(&self.consumer, &revoked) {
+        while keys.iter().any(|key| readers.running.contains_key(key)) {
+            match readers.ended.next().await {
+                Some(joined) => readers.ended(joined),
+                None => break,
+            }
+        }
+        match give_up(&*self.consumer, &revoked) {
             Ok(()) => tracing::info!(
                 partitions = revoked.count(),
                 "partitions handed over after the work in flight"
@@ -606,27 +580,178 @@ impl Worker {
     }
 }
 
+impl Reader {
+    /// Reads, decodes and writes the partition until `stop` (a rebalance took the
+    /// partition away, or shutdown); then finishes the batches it took, stores their
+    /// offsets and comes back with the partition.
+    async fn run(
+        mut self,
+        queue: StreamPartitionQueue<LagContext>,
+        stop: CancellationToken,
+        shutdown: CancellationToken,
+    ) -> (String, i32) {
+        let batch_size = self.shared.config.batch_size.max(1);
+        let mut messages = queue.stream();
+        let mut writing: Option<Writing> = None;
+        loop {
+            let first = tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                joined = async { (&mut writing.as_mut().expect("checked").task).await }, if writing.is_some() => {
+                    if let Some(w) = writing.take() {
+                        self.settle(w.first_offset, w.last_offset, joined);
+                    }
+                    continue;
+                }
+                m = messages.next() => m,
+            };
+            let first = match first {
+                // A partition's stream never ends.
+                None => break,
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, topic = %self.topic, partition = self.partition, "kafka consumer error");
+                    continue;
+                }
+            };
+            let mut batch = vec![first];
+            while batch.len() < batch_size {
+                match messages.next().now_or_never() {
+                    Some(Some(Ok(m))) => batch.push(m),
+                    Some(Some(Err(e))) => {
+                        tracing::warn!(error = %e, topic = %self.topic, partition = self.partition, "kafka consumer error");
+                        break;
+                    }
+                    Some(None) | None => break,
+                }
+            }
+            // The semaphore is never closed, and a batch never needs more than it has.
+            let Ok(permit) = self
+                .shared
+                .in_flight
+                .clone()
+                .acquire_many_owned(batch.len() as u32)
+                .await
+            else {
+                break;
+            };
+            let first_offset = batch.first().map_or(0, Message::offset);
+            let last_offset = batch.last().map_or(0, Message::offset);
+            let (items, rejected) = self.shared.decode(&self.topic, self.partition, &batch);
+            drop(batch);
+            if !self
+                .shared
+                .dead_letter_all(&self.topic, self.partition, rejected, &shutdown)
+                .await
+            {
+                // Shutdown came first: nothing of this batch is written or stored.
+                break;
+            }
+            // The batch before is written first; when it was given back to Kafka, this
+            // one is read again after it.
+            if let Some(w) = writing.take() {
+                let joined = w.task.await;
+                if !self.settle(w.first_offset, w.last_offset, joined) {
+                    continue;
+                }
+            }
+            writing = Some(Writing {
+                first_offset,
+                last_offset,
+                task: tokio::spawn(write(self.shared.clone(), items, permit, shutdown.clone())),
+            });
+        }
+        if let Some(w) = writing.take() {
+            let joined = w.task.await;
+            self.settle(w.first_offset, w.last_offset, joined);
+        }
+        (self.topic, self.partition)
+    }
+
+    /// Stores the offset of what a finished write got through, or seeks the partition
+    /// back to the first record it did not. Returns whether it got through all of them.
+    fn settle(
+        &mut self,
+        first_offset: i64,
+        last_offset: i64,
+        joined: Result<Progress, JoinError>,
+    ) -> bool {
+        let progress = match joined {
+            Ok(progress) => progress,
+            Err(e) => match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                // Only a runtime shutting down cancels a task: nothing is stored.
+                Err(_) => return false,
+            },
+        };
+        let (topic, partition) = (self.topic.as_str(), self.partition);
+        let done_through = match progress {
+            Progress::Done => Some(last_offset),
+            Progress::Partial { resume_at, stopped } => {
+                if !stopped {
+                    // Read again from the first record not done. The seek raises the
+                    // partition's version at once: records fetched before it are dropped.
+                    if let Err(e) = self.consumer.seek(
+                        topic,
+                        partition,
+                        rdkafka::Offset::Offset(resume_at),
+                        Duration::ZERO,
+                    ) {
+                        tracing::warn!(error = %e, %topic, partition, resume_at, "cannot seek back; the records are read again after the next rebalance");
+                    }
+                }
+                (resume_at > first_offset).then_some(resume_at - 1)
+            }
+        };
+        if let Some(offset) = done_through
+            && offset > self.stored
+        {
+            self.stored = offset;
+            if let Err(e) = self.consumer.store_offset(topic, partition, offset) {
+                // The partition was taken away meanwhile; its new owner replays the records.
+                tracing::debug!(error = %e, %topic, partition, "offset not stored");
+            }
+        }
+        progress == Progress::Done
+    }
+}
+
+/// Writes a partition's batch once a slot is free (at most `--concurrent-count` at once);
+/// the batch's records count as in flight until it is done.
+async fn write(
+    shared: Arc<Shared>,
+    items: Vec<Item>,
+    permit: OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+) -> Progress {
+    // The semaphore is never closed: a permit always comes.
+    let _slot = shared.slots.acquire().await.ok();
+    let progress = shared.write_items(items, &shutdown).await;
+    drop(permit);
+    progress
+}
+
 impl Shared {
     fn stream_of<'a>(&'a self, topic: &'a str) -> &'a str {
         self.streams.get(topic).map_or(topic, String::as_str)
     }
 
-    /// Decodes the records of one partition, in order. The records that are not events go
-    /// to the dead-letter topic as they come. Without events when shutdown came first, with
-    /// how far it got.
-    async fn decode(
+    /// Decodes the records of one partition, in order, into its events and the records
+    /// that are not events, with why.
+    fn decode(
         &self,
-        mut w: PartitionWork,
-        shutdown: &CancellationToken,
-    ) -> (PartitionWork, Result<Vec<Item>, Progress>) {
-        let messages = std::mem::take(&mut w.messages);
-        let stream = self.stream_of(&w.topic);
+        topic: &str,
+        partition: i32,
+        messages: &[BorrowedMessage<'_>],
+    ) -> (Vec<Item>, Vec<(Fetched, String)>) {
+        let stream = self.stream_of(topic);
         self.metrics.consumed(stream, messages.len() as u64);
         let mut items = Vec::with_capacity(messages.len());
-        for mut m in messages {
+        let mut rejected = Vec::new();
+        for m in messages {
             // The topic says which stream a record belongs to, not the record: one that
             // names another stream would land in that stream's keys, rows or files.
-            let decoded = Envelope::decode_verbatim(m.value.as_deref(), m.headers.as_ref())
+            let decoded = Envelope::decode_verbatim(m.payload(), m.headers())
                 .map_err(|e| e.to_string())
                 .and_then(|(mut envelope, verbatim)| {
                     if envelope.stream == stream {
@@ -637,8 +762,8 @@ impl Shared {
                         Ok((envelope, false))
                     } else {
                         Err(format!(
-                            "the event names stream {:?} but was read from {:?}, a topic of stream {stream:?}",
-                            envelope.stream, w.topic
+                            "the event names stream {:?} but was read from {topic:?}, a topic of stream {stream:?}",
+                            envelope.stream
                         ))
                     }
                 });
@@ -652,48 +777,55 @@ impl Shared {
                     items.push(Item {
                         record: Record {
                             envelope,
-                            partition: w.partition,
-                            offset: m.offset,
+                            partition,
+                            offset: m.offset(),
                             retried: self.config.mode == Mode::Retry,
-                            verbatim: m.value.take().filter(|_| verbatim),
+                            verbatim: m.payload().filter(|_| verbatim).map(<[u8]>::to_vec),
                         },
                         attempts,
-                        timestamp_ms: m.timestamp_ms,
+                        timestamp_ms: m.timestamp().to_millis(),
                     });
                 }
-                Err(reason) => {
-                    let key = (w.topic.clone(), w.partition);
-                    let already = self
-                        .dead_lettered_through
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .get(&key)
-                        .is_some_and(|through| *through >= m.offset);
-                    if already {
-                        continue;
-                    }
-                    if !self
-                        .dead_letter_raw(&w.topic, w.partition, &m, stream, &reason, shutdown)
-                        .await
-                    {
-                        // Nothing of the partition is written yet.
-                        let resume_at = w.first_offset;
-                        return (
-                            w,
-                            Err(Progress::Partial {
-                                resume_at,
-                                stopped: true,
-                            }),
-                        );
-                    }
-                    self.dead_lettered_through
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .insert(key, m.offset);
-                }
+                Err(reason) => rejected.push((Fetched::copy(m), reason)),
             }
         }
-        (w, Ok(items))
+        (items, rejected)
+    }
+
+    /// Sends a partition's records that are not events to the dead-letter topic, in
+    /// order; one read again after a seek back is not sent twice. Returns false when
+    /// shutdown came first.
+    async fn dead_letter_all(
+        &self,
+        topic: &str,
+        partition: i32,
+        rejected: Vec<(Fetched, String)>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let stream = self.stream_of(topic);
+        for (m, reason) in rejected {
+            let key = (topic.to_owned(), partition);
+            let already = self
+                .dead_lettered_through
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&key)
+                .is_some_and(|through| *through >= m.offset);
+            if already {
+                continue;
+            }
+            if !self
+                .dead_letter_raw(topic, partition, &m, stream, &reason, shutdown)
+                .await
+            {
+                return false;
+            }
+            self.dead_lettered_through
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(key, m.offset);
+        }
+        true
     }
 
     /// Writes the events of one partition, in order.

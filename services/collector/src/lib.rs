@@ -140,8 +140,9 @@ pub struct Args {
     /// Wait between connection attempts (`10s`).
     #[arg(long, env = "SLUICE_DB_CONNECT_BACKOFF", default_value = "10s", value_parser = duration_arg)]
     pub db_connect_backoff: Duration,
-    /// Most records taken from Kafka in one batch (only what is already fetched: a batch
-    /// never waits to fill up). Larger batches mean fewer writes and syncs per event.
+    /// Most records of a partition taken from Kafka in one batch (only what is already
+    /// fetched: a batch never waits to fill up); twice this many are in flight at most,
+    /// across the partitions. Larger batches mean fewer writes and syncs per event.
     #[arg(long, env = "SLUICE_BATCH_SIZE", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
     /// Partitions written concurrently; order within a partition is always kept.

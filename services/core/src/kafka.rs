@@ -132,9 +132,13 @@ impl KafkaArgs {
             .set("session.timeout.ms", "10000")
             .set("enable.partition.eof", "false")
             // Up to 4 MiB per partition per fetch (librdkafka's default is 1 MiB): a
-            // backlog drains in fewer round trips. The local queue stays bounded by
-            // `queued.max.messages.kbytes`.
-            .set("max.partition.fetch.bytes", "4194304");
+            // backlog drains in fewer round trips.
+            .set("max.partition.fetch.bytes", "4194304")
+            // Records fetched ahead and not yet taken are bounded per queue: 10,000 or
+            // 16 MiB (librdkafka's defaults, 100,000 and 64 MiB, are meant for one queue
+            // per consumer; the collector gives each partition a queue of its own).
+            .set("queued.min.messages", "10000")
+            .set("queued.max.messages.kbytes", "16384");
         merge(c, self.base())
     }
 
