@@ -479,26 +479,36 @@ async fn send(target: &Target, conn: &mut Option<Conn>, events: Vec<Value>) -> R
             }
         }
         Some(Conn::Kafka(producer)) => {
-            // Every record of the request is sent at once; the request is acknowledged
-            // when all of them are. Each record is what ingest writes for a stream without
-            // a key pointer: the event in its envelope, with no key.
-            let producer = &*producer;
-            let sends = events.into_iter().map(|event| {
+            // Every record of the request is queued at once, then the request waits for
+            // all their acknowledgements, as ingest does. Each record is what ingest writes
+            // for a stream without a key pointer: the event in its envelope, with no key.
+            let mut deliveries = Vec::with_capacity(events.len());
+            let mut failed = None;
+            for event in events {
                 let value =
                     sluice_core::envelope::Envelope::new(&target.topic, None, event).encode_value();
-                async move {
-                    let record =
-                        rdkafka::producer::FutureRecord::<(), _>::to(&target.topic).payload(&value);
-                    producer.send(record, Duration::from_secs(30)).await
+                let record =
+                    rdkafka::producer::FutureRecord::<(), _>::to(&target.topic).payload(&value);
+                match producer.send_result(record) {
+                    Ok(delivery) => deliveries.push(delivery),
+                    Err((e, _)) => {
+                        failed = Some(e);
+                        break;
+                    }
                 }
+            }
+            // Records already queued are waited for even when a later one was refused.
+            let acknowledged = futures::future::join_all(deliveries).await;
+            let error = failed.or_else(|| {
+                acknowledged.into_iter().find_map(|d| match d {
+                    Ok(Ok(_)) => None,
+                    Ok(Err((e, _))) => Some(e),
+                    Err(_) => Some(rdkafka::error::KafkaError::Canceled),
+                })
             });
-            match futures::future::join_all(sends)
-                .await
-                .into_iter()
-                .find_map(Result::err)
-            {
+            match error {
                 None => Ok(()),
-                Some((e, _)) => Err(format!(
+                Some(e) => Err(format!(
                     "kafka-{}",
                     e.rdkafka_error_code()
                         .map_or_else(|| "error".to_owned(), |c| format!("{c:?}"))
