@@ -336,8 +336,16 @@ struct Readers {
 impl Readers {
     fn ended(&mut self, joined: Result<(String, i32), JoinError>) {
         match joined {
+            // A reader ends once its token is cancelled; a partition assigned again has a
+            // new reader with a token of its own, which stays.
             Ok(key) => {
-                self.running.remove(&key);
+                if self
+                    .running
+                    .get(&key)
+                    .is_some_and(CancellationToken::is_cancelled)
+                {
+                    self.running.remove(&key);
+                }
             }
             Err(e) => {
                 if let Ok(panic) = e.try_into_panic() {
