@@ -25,8 +25,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
+use http::{HeaderValue, header};
+use http_body_util::{BodyExt, Full};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -333,8 +336,13 @@ fn check_host(host: &str, allow_remote: bool) -> anyhow::Result<()> {
 /// Checks that the URL `target` names a loopback address, unless remote targets are
 /// allowed.
 pub fn check_target(target: &str, allow_remote: bool) -> anyhow::Result<()> {
-    let url = reqwest::Url::parse(target).with_context(|| format!("{target:?} is not a URL"))?;
-    let host = url.host_str().context("the target URL has no host")?;
+    let url = target
+        .parse::<http::Uri>()
+        .with_context(|| format!("{target:?} is not a URL"))?;
+    if url.scheme_str() != Some("http") {
+        bail!("{target:?} is not an http:// URL (the load client speaks plain HTTP)");
+    }
+    let host = url.host().context("the target URL has no host")?;
     check_host(host, allow_remote)
 }
 
@@ -366,7 +374,7 @@ impl Tally {
 
 /// One client's connection.
 enum Conn {
-    Http(reqwest::Client),
+    Http(SendRequest),
     Ws(
         Box<
             tokio_tungstenite::WebSocketStream<
@@ -378,20 +386,104 @@ enum Conn {
     Kafka(rdkafka::producer::FutureProducer),
 }
 
+/// Where HTTP requests go. Each load client keeps one HTTP/1.1 connection of its own
+/// (hyper's client, no pool shared between clients), as separate clients would; with
+/// `--keep-alive false` each request opens a new one.
+struct HttpTarget {
+    /// `host:port`, to connect to.
+    address: String,
+    /// The `Host` header.
+    host: HeaderValue,
+    /// The path and query of every request.
+    path: http::Uri,
+    keep_alive: bool,
+}
+
+impl HttpTarget {
+    fn new(url: &str, keep_alive: bool) -> anyhow::Result<Self> {
+        let uri = url
+            .parse::<http::Uri>()
+            .with_context(|| format!("{url:?} is not a URL"))?;
+        let authority = uri.authority().context("the target URL has no host")?;
+        let address = match authority.port_u16() {
+            Some(port) => format!("{}:{port}", authority.host()),
+            None => format!("{}:80", authority.host()),
+        };
+        Ok(Self {
+            address,
+            host: HeaderValue::from_str(authority.as_str())?,
+            path: uri
+                .path_and_query()
+                .map_or_else(|| http::Uri::from_static("/"), |p| p.clone().into()),
+            keep_alive,
+        })
+    }
+
+    async fn connect(&self) -> Result<SendRequest, String> {
+        let stream = tokio::net::TcpStream::connect(&self.address)
+            .await
+            .map_err(|_| "connect".to_owned())?;
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|_| "connect".to_owned())?;
+        tokio::spawn(connection);
+        Ok(sender)
+    }
+
+    /// POSTs `body` as JSON on `sender`'s connection and reads the whole answer (so that
+    /// the connection can take the next request); the answer's status, and whether the
+    /// connection stays open. `Err` is the error's kind.
+    async fn exchange(
+        &self,
+        sender: &mut SendRequest,
+        body: &Value,
+    ) -> Result<(http::StatusCode, bool), &'static str> {
+        let body = serde_json::to_vec(body).map_err(|_| "encode")?;
+        let mut request = http::Request::post(self.path.clone())
+            .header(header::HOST, self.host.clone())
+            .header(header::CONTENT_TYPE, "application/json");
+        if !self.keep_alive {
+            request = request.header(header::CONNECTION, "close");
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|_| "encode")?;
+        let exchange = async {
+            sender.ready().await?;
+            let response = sender.send_request(request).await?;
+            let status = response.status();
+            let closing = response
+                .headers()
+                .get(header::CONNECTION)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+            response.into_body().collect().await?;
+            Ok::<_, hyper::Error>((status, !closing))
+        };
+        match tokio::time::timeout(Duration::from_secs(30), exchange).await {
+            Ok(Ok((status, open))) => Ok((status, open && self.keep_alive)),
+            Ok(Err(_)) => Err("transport"),
+            Err(_) => Err("timeout"),
+        }
+    }
+}
+
+type SendRequest = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
 struct Target {
     protocol: Protocol,
-    http_url: String,
+    http: HttpTarget,
     ws_url: String,
     tcp: String,
     topic: String,
-    http: reqwest::Client,
     kafka: Option<rdkafka::producer::FutureProducer>,
 }
 
 impl Target {
     async fn connect(&self) -> Result<Conn, String> {
         match self.protocol {
-            Protocol::Http | Protocol::HttpBatch => Ok(Conn::Http(self.http.clone())),
+            Protocol::Http | Protocol::HttpBatch => self.http.connect().await.map(Conn::Http),
             Protocol::Ws => tokio_tungstenite::connect_async(&self.ws_url)
                 .await
                 .map(|(ws, _)| Conn::Ws(Box::new(ws)))
@@ -422,16 +514,18 @@ async fn send(target: &Target, conn: &mut Option<Conn>, events: Vec<Value>) -> R
             } else {
                 events.into_iter().next().unwrap_or_default()
             };
-            match client.post(&target.http_url).json(&body).send().await {
-                Ok(r) if r.status().is_success() => {
-                    // Read the answer so the connection can be reused.
-                    let _ = r.bytes().await;
-                    Ok(())
+            match target.http.exchange(client, &body).await {
+                Ok((status, reusable)) => {
+                    if !reusable {
+                        *conn = None;
+                    }
+                    if status.is_success() {
+                        Ok(())
+                    } else {
+                        Err(format!("http-{}", status.as_u16()))
+                    }
                 }
-                Ok(r) => Err(format!("http-{}", r.status().as_u16())),
-                Err(e) if e.is_timeout() => Err("timeout".to_owned()),
-                Err(e) if e.is_connect() => Err("connect".to_owned()),
-                Err(_) => Err("transport".to_owned()),
+                Err(kind) => Err(kind.to_owned()),
             }
         }
         Some(Conn::Ws(ws)) => {
@@ -519,7 +613,7 @@ async fn send(target: &Target, conn: &mut Option<Conn>, events: Vec<Value>) -> R
     };
     if matches!(
         result.as_ref().map_err(String::as_str),
-        Err("ws-closed" | "tcp-closed" | "transport")
+        Err("ws-closed" | "tcp-closed" | "transport" | "timeout")
     ) {
         *conn = None;
     }
@@ -537,15 +631,9 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         .path
         .clone()
         .unwrap_or_else(|| format!("/v1/streams/{}/events", args.stream));
-    let mut http = reqwest::Client::builder().timeout(Duration::from_secs(30));
-    http = if args.keep_alive {
-        http.pool_max_idle_per_host(args.concurrency as usize)
-    } else {
-        http.pool_max_idle_per_host(0)
-    };
     let target = Arc::new(Target {
         protocol: args.protocol,
-        http_url: format!("{base}{path}"),
+        http: HttpTarget::new(&format!("{base}{path}"), args.keep_alive)?,
         ws_url: format!(
             "{}/v1/streams/{}/ws",
             base.replacen("http", "ws", 1),
@@ -553,7 +641,6 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         ),
         tcp: args.tcp_target.clone(),
         topic: args.stream.clone(),
-        http: http.build()?,
         kafka: if args.protocol == Protocol::Kafka {
             check_tcp_target(
                 args.kafka_brokers.split(',').next().unwrap_or_default(),
