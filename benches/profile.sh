@@ -67,7 +67,7 @@ report() { # name callgrind-file count unit
 
 echo "date $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD), binaries $bin, $(nproc) cores"
 if [ "$what" = all ] || [ "$what" = collector ]; then
-  SLUICE_LOG=warn "${ingest_argv[@]}" >"$work/ingest.log" 2>&1 &
+  "${ingest_argv[@]}" >"$work/ingest.log" 2>&1 &
   pids+=($!)
   wait_ready "http://127.0.0.1:$hport" || { cat "$work/ingest.log" >&2; exit 1; }
   "$bin/sluice-loadgen" --target "http://127.0.0.1:$port" --stream "$tag" --protocol http-batch \
@@ -94,7 +94,7 @@ profile_ingest() { # name events loadgen-arguments...
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   pids=()
-  SLUICE_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out/ingest.%p.callgrind" \
+  valgrind --tool=callgrind --callgrind-out-file="$out/ingest.%p.callgrind" \
     "${ingest_argv[@]}" >"$work/ingest-cg.log" 2>&1 &
   ingest=$!
   pids+=($ingest)

@@ -57,7 +57,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-export SLUICE_LOG=warn
+# The services run with their shipped settings, log level included.
 "$bin/sluice-ingest" --listen "127.0.0.1:$http_port" --metrics-listen "127.0.0.1:$health_port" --settings "$work/pipeline.yaml" \
   --tcp-write-listen "127.0.0.1:$tcp_port" --tcp-stream "$tag" --create-topics \
   --read-events false --key-prefix "$tag" >"$work/ingest.log" 2>&1 &
@@ -200,8 +200,9 @@ if os.path.exists(path):
 with open(path, "w") as f:
     f.write(f"""# Benchmarks
 
-Produced by `benches/run.sh` (release build; the broker, Redis, the services and the load
-client share the machine). Every figure stands beside a ceiling measured in the same run:
+Produced by `benches/run.sh` (release build, every service with its shipped settings: log
+level `info`, no trace exporter; the broker, Redis, the services and the load client share
+the machine). Every figure stands beside a ceiling measured in the same run:
 the request-level ceiling is `wrk` on `GET /healthz`; acknowledged events are compared with
 a bare rdkafka producer configured as ingest's (idempotent, `acks=all`, `linger.ms=1`, snappy)
 writing the records ingest writes (each event in its envelope, unkeyed on a stream without a

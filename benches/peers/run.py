@@ -228,7 +228,7 @@ class Bench:
         ingest = Proc([f"{BIN}/sluice-ingest", "--listen", f"127.0.0.1:{port}", "--metrics-listen",
                        f"127.0.0.1:{mport}", "--settings", self.settings, "--create-topics",
                        "--read-events", "false", "--key-prefix", self.tag],
-                      os.path.join(self.work, "ingest.log"), env={**os.environ, "SLUICE_LOG": "warn"})
+                      os.path.join(self.work, "ingest.log"))
         try:
             deadline = time.monotonic() + 30
             while True:

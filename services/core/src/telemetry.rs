@@ -6,12 +6,12 @@
 //!
 //! Every `tracing` span is also an OpenTelemetry span. When `OTEL_EXPORTER_OTLP_ENDPOINT`
 //! (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, spans are exported there over OTLP
-//! (HTTP/protobuf); otherwise they still get real trace ids, so the W3C `traceparent`
-//! that ingest puts in each event's Kafka headers ([`inject`]) lets the collector continue
-//! the same trace ([`extract`]) whether or not anything records it. Spans that exist only
-//! to be recorded, such as the collector's span per event written, are made only when
-//! something records them ([`spans_recorded`]). `SLUICE_TRACES=off` turns spans off
-//! altogether (no `traceparent` is then written).
+//! (HTTP/protobuf), and the W3C `traceparent` that ingest puts in each event's Kafka
+//! headers ([`inject`]) lets the collector continue the same trace ([`extract`]). The spans
+//! made per request, message or event exist to be recorded: they are made only when
+//! something records them ([`spans_recorded`]); otherwise ingest passes a caller's
+//! `traceparent` on to its events unchanged ([`caller_trace`]), so that a collector that
+//! records continues the caller's trace. `SLUICE_TRACES=off` turns spans off altogether.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -115,8 +115,18 @@ fn install(
     if recorded && !traces_off {
         RECORDED.store(true, Ordering::Relaxed);
     }
-    let otel =
-        (!traces_off).then(|| tracing_opentelemetry::layer().with_tracer(provider.tracer(service)));
+    // Busy and idle times and the thread are left out of span attributes: measuring them
+    // costs two clock reads and a map update each time a span is entered or left (on
+    // every poll of an instrumented future), and a thread-name copy per span.
+    let otel = (!traces_off).then(|| {
+        tracing_opentelemetry::layer()
+            .with_tracked_inactivity(false)
+            .with_threads(false)
+            // Nothing here reads OpenTelemetry's own current context: the trace context
+            // is taken from the `tracing` span ([`inject`]).
+            .with_context_activation(false)
+            .with_tracer(provider.tracer(service))
+    });
     let _ = tracing_subscriber::registry()
         .with(filter)
         .with(fmt)
@@ -146,8 +156,11 @@ impl Extractor for MapExtractor<'_> {
 }
 
 /// Writes the current span's context into `headers` as W3C `traceparent` (and
-/// `tracestate`). Nothing is written outside a recorded span.
+/// `tracestate`). Nothing is written outside a span, or when spans are not recorded.
 pub fn inject(headers: &mut BTreeMap<String, String>) {
+    if !spans_recorded() {
+        return;
+    }
     let cx = tracing::Span::current().context();
     TraceContextPropagator::new().inject_context(&cx, &mut MapInjector(headers));
 }
@@ -161,6 +174,19 @@ pub fn continue_trace(span: &tracing::Span, headers: &BTreeMap<String, String>) 
 /// The trace context carried in `headers`.
 pub fn extract(headers: &BTreeMap<String, String>) -> opentelemetry::Context {
     TraceContextPropagator::new().extract(&MapExtractor(headers))
+}
+
+/// The caller's trace context in HTTP `headers` (`traceparent`, `tracestate`), checked and
+/// written out again, to pass on unchanged where this process makes no span of its own;
+/// nothing when the request carries none or it is not valid.
+pub fn caller_trace(headers: &http::HeaderMap) -> Vec<(String, String)> {
+    if !headers.contains_key("traceparent") {
+        return Vec::new();
+    }
+    let mut out = BTreeMap::new();
+    TraceContextPropagator::new()
+        .inject_context(&extract_http(headers), &mut MapInjector(&mut out));
+    out.into_iter().collect()
 }
 
 /// The trace context carried in HTTP headers.
@@ -204,6 +230,30 @@ mod tests {
         let mut out = BTreeMap::new();
         TraceContextPropagator::new().inject_context(&cx, &mut MapInjector(&mut out));
         assert_eq!(out.get("traceparent"), headers.get("traceparent"));
+    }
+
+    #[test]
+    fn a_callers_trace_is_passed_on_as_it_came_and_only_when_valid() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut headers = http::HeaderMap::new();
+        assert!(caller_trace(&headers).is_empty(), "no traceparent, nothing");
+        headers.insert("traceparent", http::HeaderValue::from_static(parent));
+        headers.insert("tracestate", http::HeaderValue::from_static("vendor=abc"));
+        assert_eq!(
+            caller_trace(&headers),
+            vec![
+                ("traceparent".to_owned(), parent.to_owned()),
+                ("tracestate".to_owned(), "vendor=abc".to_owned()),
+            ]
+        );
+        headers.insert(
+            "traceparent",
+            http::HeaderValue::from_static("00-not-a-trace-01"),
+        );
+        assert!(
+            caller_trace(&headers).is_empty(),
+            "an invalid one is dropped"
+        );
     }
 
     #[test]

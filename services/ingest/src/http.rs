@@ -143,17 +143,22 @@ async fn observe(State(app): State<App>, request: Request, next: Next) -> Respon
     let matched = request.extensions().get::<MatchedPath>().cloned();
     let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
     let method = request.method().clone();
-    let span = tracing::info_span!(
-        "http.request",
-        otel.name = format!("{method} {route}"),
-        otel.kind = "server",
-        http.request.method = %method,
-        http.route = %route,
-        http.response.status_code = tracing::field::Empty,
-    );
-    if !span.is_disabled() {
-        let _ = span.set_parent(telemetry::extract_http(request.headers()));
-    }
+    let span = if telemetry::spans_recorded() {
+        let span = tracing::info_span!(
+            "http.request",
+            otel.name = format!("{method} {route}"),
+            otel.kind = "server",
+            http.request.method = method.as_str(),
+            http.route = route,
+            http.response.status_code = tracing::field::Empty,
+        );
+        if !span.is_disabled() {
+            let _ = span.set_parent(telemetry::extract_http(request.headers()));
+        }
+        span
+    } else {
+        tracing::Span::none()
+    };
     let start = Instant::now();
     let metrics = app.inner.metrics.route(route);
     metrics.started();
@@ -355,7 +360,12 @@ fn hints_of(headers: &HeaderMap) -> Result<Hints, ApiError> {
     Ok(Hints {
         id,
         key: header_str(headers, KEY_HEADER)?,
-        headers: Vec::new(),
+        // With no span of this request recorded, the caller's trace goes on as it came.
+        headers: if telemetry::spans_recorded() {
+            Vec::new()
+        } else {
+            telemetry::caller_trace(headers)
+        },
     })
 }
 

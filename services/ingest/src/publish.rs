@@ -772,6 +772,10 @@ pub fn prepare(
 ) -> Result<Vec<Envelope>, PublishError> {
     let settings = &stream.settings;
     let needs_tree = stream.schema.is_some() || settings.key.is_some();
+    // The trace continues from the current span (the request, message or line), the same
+    // for every event of the request: read once.
+    let mut trace = std::collections::BTreeMap::new();
+    sluice_core::telemetry::inject(&mut trace);
     let mut out = Vec::with_capacity(payloads.len());
     for (n, payload) in payloads.into_iter().enumerate() {
         // Where in the request, for an error.
@@ -837,11 +841,9 @@ pub fn prepare(
             })));
         }
         let mut envelope = Envelope::with_payload(id, &settings.name, key, payload);
-        for (k, v) in &hints.headers {
+        for (k, v) in hints.headers.iter().map(|(k, v)| (k, v)).chain(&trace) {
             envelope.headers.insert(k.clone(), v.clone());
         }
-        // The trace continues from the current span (the request, message or line).
-        sluice_core::telemetry::inject(&mut envelope.headers);
         out.push(envelope);
     }
     Ok(out)
