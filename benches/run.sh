@@ -2,11 +2,12 @@
 # The benchmark suite: every standard scenario against a release build, each figure beside
 # a ceiling measured in the same run on the same machine, and the ratio.
 #
-#   benches/run.sh             (DURATION=10 CLIENTS=64 to change the runs)
+#   benches/run.sh             (DURATION=10 CLIENTS=64 RUNS=3 to change the runs)
 #
 # Scenarios (sluice-loadgen drives all but the ceilings):
 #   HTTP single event, WebSocket, TCP lines   vs a bare rdkafka producer, 1 record per request
 #   HTTP batches of 100                       vs the bare producer, 100 records per request
+#                                             (RUNS rounds, each ceiling first; median, range)
 #   every request rate                        vs wrk on GET /healthz
 #   end to end into Redis (50,000 events, ingest -> Kafka -> collector -> Redis, verified
 #   by id)                                    vs redis-benchmark -P 16 SET on the same Redis
@@ -25,6 +26,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 duration="${DURATION:-10}"
 clients="${CLIENTS:-64}"
+runs="${RUNS:-3}"
 open_rate="${OPEN_RATE:-5000}"
 
 scripts/setup >/dev/null
@@ -75,12 +77,16 @@ lg() {
 
 echo "[bench] wrk GET /healthz" >&2
 wrk -t 2 -c "$clients" -d "${duration}s" --latency "$health/healthz" >"$work/wrk.txt"
-lg kafka-single --protocol kafka --batch-size 1 --concurrency "$clients"
-lg http-single --protocol http --concurrency "$clients"
-lg ws-single --protocol ws --batch-size 1 --concurrency "$clients"
-lg tcp --protocol tcp --shape record --concurrency "$clients"
-lg kafka-batch --protocol kafka --batch-size 100 --concurrency "$clients"
-lg http-batch --protocol http-batch --batch-size 100 --concurrency "$clients"
+# The broker's own CPU use varies from one 10 s run to the next: each ceiling and what is
+# compared with it run in rounds, the ceiling first in each.
+for round in $(seq 1 "$runs"); do
+  lg "kafka-single.$round" --protocol kafka --batch-size 1 --concurrency "$clients"
+  lg "http-single.$round" --protocol http --concurrency "$clients"
+  lg "ws-single.$round" --protocol ws --batch-size 1 --concurrency "$clients"
+  lg "tcp.$round" --protocol tcp --shape record --concurrency "$clients"
+  lg "kafka-batch.$round" --protocol kafka --batch-size 100 --concurrency "$clients"
+  lg "http-batch.$round" --protocol http-batch --batch-size 100 --concurrency "$clients"
+done
 for c in 10 100 1000; do
   lg "work-$c" --protocol http --path "/v1/work?ms=100" --concurrency "$c"
 done
@@ -110,12 +116,18 @@ fi
 
 mkdir -p docs
 commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-python3 - "$work" "$clients" "$duration" "$commit" "$open_rate" <<'PY'
-import json, os, re, subprocess, sys, datetime
-work, clients, duration, commit, open_rate = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], float(sys.argv[5])
+python3 - "$work" "$clients" "$duration" "$commit" "$open_rate" "$runs" <<'PY'
+import json, os, re, statistics, subprocess, sys, datetime
+work, clients, duration, commit, open_rate, runs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], float(sys.argv[5]), int(sys.argv[6])
 def load(name):
     with open(os.path.join(work, name + ".json")) as f:
         return json.load(f)
+def rounds(name):
+    return [load(f"{name}.{i}") for i in range(1, runs + 1)]
+def median_run(results):
+    # The run with the median rate (the lower middle one for an even count).
+    ordered = sorted(results, key=lambda r: r["events_per_second"])
+    return ordered[(len(ordered) - 1) // 2]
 wrk = open(os.path.join(work, "wrk.txt")).read()
 healthz = float(re.search(r"Requests/sec:\s+([\d.]+)", wrk).group(1))
 def wrk_ms(pct):
@@ -131,14 +143,27 @@ def row(scenario, c, r, ceiling_name, ceiling, value):
                 f"{r['latency_ms']['p50']:.2f} | {r['latency_ms']['p99']:.2f} | "
                 f"{ceiling_name} {fmt(ceiling)} | {value / ceiling:.2f} |")
 rows.append(f"| `GET /healthz` (wrk, ceiling) | {clients} | {fmt(healthz)} | – | {wrk_ms(50):.2f} | {wrk_ms(99):.2f} | – | – |")
-ks, kb = load("kafka-single"), load("kafka-batch")
-rows.append(f"| bare rdkafka producer, 1 record (ceiling) | {clients} | {fmt(ks['throughput'])} | {fmt(ks['events_per_second'])} | {ks['latency_ms']['p50']:.2f} | {ks['latency_ms']['p99']:.2f} | – | – |")
+def spread(values):
+    return f"{fmt(statistics.median(values))} ({fmt(min(values))}–{fmt(max(values))})" if len(values) > 1 else fmt(values[0])
+def ceiling_row(label, results):
+    m = median_run(results)
+    rows.append(f"| {label} (ceiling) | {clients} | {fmt(m['throughput'])} | {spread([r['events_per_second'] for r in results])} | {m['latency_ms']['p50']:.2f} | {m['latency_ms']['p99']:.2f} | – | – |")
+def rounds_row(label, results, ceilings):
+    # Median and range of the rounds; the ratio of the medians, and the range of the
+    # rounds' own ratios (each beside the ceiling of its round).
+    m = median_run(results)
+    rates = [r["events_per_second"] for r in results]
+    ceiling = statistics.median(c["events_per_second"] for c in ceilings)
+    ratios = [r["events_per_second"] / c["events_per_second"] for r, c in zip(results, ceilings)]
+    ratio = f"{statistics.median(rates) / ceiling:.2f}" + (f" ({min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else "")
+    rows.append(f"| {label} | {clients} | {fmt(m['throughput'])} | {spread(rates)} | "
+                f"{m['latency_ms']['p50']:.2f} | {m['latency_ms']['p99']:.2f} | producer {fmt(ceiling)} | {ratio} |")
+ks, kb = rounds("kafka-single"), rounds("kafka-batch")
+ceiling_row("bare rdkafka producer, 1 record", ks)
 for name, label in [("http-single", "HTTP `POST`, 1 event"), ("ws-single", "WebSocket, 1 event per message"), ("tcp", "TCP write port, 1 line")]:
-    r = load(name)
-    row(label, clients, r, "producer", ks["events_per_second"], r["events_per_second"])
-rows.append(f"| bare rdkafka producer, 100 records (ceiling) | {clients} | {fmt(kb['throughput'])} | {fmt(kb['events_per_second'])} | {kb['latency_ms']['p50']:.2f} | {kb['latency_ms']['p99']:.2f} | – | – |")
-hb = load("http-batch")
-row("HTTP `POST`, batch of 100", clients, hb, "producer", kb["events_per_second"], hb["events_per_second"])
+    rounds_row(label, rounds(name), ks)
+ceiling_row("bare rdkafka producer, 100 records", kb)
+rounds_row("HTTP `POST`, batch of 100", rounds("http-batch"), kb)
 e2e = load("e2e")
 v = e2e["verification"][0]
 e2e_rate = v["checked"] / (e2e["seconds"] + v["seconds"])
@@ -157,7 +182,8 @@ row(f"HTTP `POST`, 1 event, open loop at {open_rate:,.0f}/s", "≤ 512", ho, "pr
 head = ("| scenario | clients | requests/s | events/s | p50 ms | p99 ms | ceiling (same run) | ratio |\n"
         "|---|---|---|---|---|---|---|---|")
 table = head + "\n" + "\n".join(rows)
-errors = {n: load(n)["errors"] for n in ["http-single", "ws-single", "tcp", "http-batch", "e2e", "ack-kafka", "ack-sink", "work-10", "work-100", "work-1000", "http-open"] if load(n)["errors"]}
+named = [f"{n}.{i}" for n in ["http-single", "ws-single", "tcp", "http-batch"] for i in range(1, runs + 1)]
+errors = {n: load(n)["errors"] for n in named + ["e2e", "ack-kafka", "ack-sink", "work-10", "work-100", "work-1000", "http-open"] if load(n)["errors"]}
 cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
 when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 print(table)
@@ -210,7 +236,9 @@ key pointer) to the same broker; the end-to-end drain into Redis with `redis-ben
 same Redis; `ack=sink` (answered once the collector wrote the event to Redis) with
 `ack=kafka` on the same stream while the same collector runs; the compute endpoint with its
 bound, clients ÷ 0.1 s. Latencies are from sluice-loadgen's HDR histogram: closed loop,
-{duration} s per scenario, except the open-loop rows, whose latency counts from each
+{duration} s per scenario (the producer ceilings and the rows beside them: {runs} rounds, each
+ceiling first; median and range, the ratio of the medians and the range of each round's
+own ratio), except the open-loop rows, whose latency counts from each
 request's due time at a fixed rate (no coordinated omission). Raw output:
 [{raw_name}](bench-results/{raw_name}).
 
