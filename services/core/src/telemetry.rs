@@ -80,6 +80,16 @@ pub fn spans_recorded() -> bool {
     RECORDED.load(Ordering::Relaxed)
 }
 
+/// The span `make` makes when spans are recorded, and no span otherwise: for spans that
+/// exist to be recorded, one per request, message or event.
+pub fn recorded_span(make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    if spans_recorded() {
+        make()
+    } else {
+        tracing::Span::none()
+    }
+}
+
 /// Installs logging and tracing for `service`. `filter` takes `tracing` directives, for
 /// example `info`. A second call (as in tests) keeps the first subscriber.
 pub fn init(service: &'static str, filter: &str) -> Telemetry {
@@ -177,10 +187,11 @@ pub fn extract(headers: &BTreeMap<String, String>) -> opentelemetry::Context {
 }
 
 /// The caller's trace context in HTTP `headers` (`traceparent`, `tracestate`), checked and
-/// written out again, to pass on unchanged where this process makes no span of its own;
+/// written out again, to pass on unchanged when this process records no span of its own
+/// (one that does continues the caller's trace in its span, and [`inject`] writes that);
 /// nothing when the request carries none or it is not valid.
 pub fn caller_trace(headers: &http::HeaderMap) -> Vec<(String, String)> {
-    if !headers.contains_key("traceparent") {
+    if spans_recorded() || !headers.contains_key("traceparent") {
         return Vec::new();
     }
     let mut out = BTreeMap::new();

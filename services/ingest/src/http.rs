@@ -143,7 +143,7 @@ async fn observe(State(app): State<App>, request: Request, next: Next) -> Respon
     let matched = request.extensions().get::<MatchedPath>().cloned();
     let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
     let method = request.method().clone();
-    let span = if telemetry::spans_recorded() {
+    let span = telemetry::recorded_span(|| {
         let span = tracing::info_span!(
             "http.request",
             otel.name = format!("{method} {route}"),
@@ -156,9 +156,7 @@ async fn observe(State(app): State<App>, request: Request, next: Next) -> Respon
             let _ = span.set_parent(telemetry::extract_http(request.headers()));
         }
         span
-    } else {
-        tracing::Span::none()
-    };
+    });
     let start = Instant::now();
     let metrics = app.inner.metrics.route(route);
     metrics.started();
@@ -361,11 +359,7 @@ fn hints_of(headers: &HeaderMap) -> Result<Hints, ApiError> {
         id,
         key: header_str(headers, KEY_HEADER)?,
         // With no span of this request recorded, the caller's trace goes on as it came.
-        headers: if telemetry::spans_recorded() {
-            Vec::new()
-        } else {
-            telemetry::caller_trace(headers)
-        },
+        headers: telemetry::caller_trace(headers),
     })
 }
 

@@ -452,11 +452,9 @@ async fn handle_write<T: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             Ok(Line::Text(line)) => {
-                let span = if sluice_core::telemetry::spans_recorded() {
+                let span = sluice_core::telemetry::recorded_span(|| {
                     tracing::info_span!("tcp.line", otel.kind = "server")
-                } else {
-                    tracing::Span::none()
-                };
+                });
                 write_line(&app, &line, ack).instrument(span).await
             }
             Ok(Line::TooLong) => {

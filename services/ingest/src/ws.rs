@@ -88,11 +88,9 @@ async fn serve(app: App, stream: Arc<Stream>, ack: Ack, mut socket: WebSocket) {
                 break;
             }
             Some(Ok(Message::Text(text))) => {
-                let span = if sluice_core::telemetry::spans_recorded() {
-                    tracing::info_span!("ws.message", otel.kind = "server", stream = %stream.settings.name)
-                } else {
-                    tracing::Span::none()
-                };
+                let span = sluice_core::telemetry::recorded_span(
+                    || tracing::info_span!("ws.message", otel.kind = "server", stream = %stream.settings.name),
+                );
                 answer(&app, &stream, ack, text.as_bytes())
                     .instrument(span)
                     .await

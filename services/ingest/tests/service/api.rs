@@ -153,6 +153,45 @@ async fn accepted_events_carry_id_partition_offset_and_key() {
 }
 
 #[tokio::test]
+async fn without_an_exporter_a_callers_traceparent_reaches_the_event_as_it_came() {
+    // This binary installs no tracer: nothing records spans, as with the shipped settings
+    // and no OTLP endpoint. (tests/trace.rs follows the recorded path.)
+    let stack = Stack::from_env();
+    let mut stream = StreamSettings::new(unique("traced"));
+    // One partition: the records read back in the order they were sent.
+    stream.partitions = 1;
+    let (name, topic) = (stream.name.clone(), stream.topic().to_owned());
+    let pipeline = Pipeline::create(&stack, vec![stream])
+        .await
+        .expect("pipeline");
+    let app = app_for(&stack, &pipeline).await;
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    for traceparent in [Some(parent), None] {
+        let mut request = Request::post(format!("/v1/streams/{name}/events"))
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(t) = traceparent {
+            request = request.header("traceparent", t);
+        }
+        let response = router(app.clone())
+            .oneshot(request.body(Body::from(r#"{"n": 1}"#)).expect("request"))
+            .await
+            .expect("response");
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+    }
+    let records = read_topic(&stack, &topic).await.expect("read topic");
+    let traceparents: Vec<Option<String>> = records
+        .iter()
+        .map(|r| {
+            rdkafka::Message::headers(r)
+                .and_then(|h| rdkafka::message::Headers::iter(h).find(|h| h.key == "traceparent"))
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        })
+        .collect();
+    assert_eq!(traceparents, vec![Some(parent.to_owned()), None]);
+}
+
+#[tokio::test]
 async fn unknown_records_and_paths_are_404_problems() {
     let stack = Stack::from_env();
     let stream = StreamSettings::new(unique("visit"));
