@@ -665,16 +665,52 @@ fn reject_reason(e: &PublishError) -> &'static str {
     }
 }
 
-/// The id an integer stands for (64-bit); also an integer written with a fraction of zero
-/// (`7.0`), as JSON Schema counts it, while a float holds it exactly (below 2^53).
-fn integer_id(n: &serde_json::Number) -> Option<String> {
-    const EXACT: f64 = 9_007_199_254_740_992.0;
-    if n.is_i64() || n.is_u64() {
-        return Some(n.to_string());
+/// The id a number written with a fraction or an exponent stands for, read from its text
+/// exactly: an integer (`7.0`, `1e3`, `9007199254740993.0`), as JSON Schema counts it,
+/// within the 64-bit range of a plain integer id.
+fn integer_of_written(text: &str) -> Option<String> {
+    let (negative, text) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (mantissa, exponent) = match text.find(['e', 'E']) {
+        Some(at) => (&text[..at], text[at + 1..].parse::<i64>().ok()?),
+        None => (text, 0),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if whole.is_empty() || !(whole.bytes().chain(fraction.bytes())).all(|b| b.is_ascii_digit()) {
+        return None;
     }
-    let f = n.as_f64()?;
-    #[allow(clippy::cast_possible_truncation)]
-    (f.fract() == 0.0 && f.abs() < EXACT).then(|| (f as i64).to_string())
+    let digits: String = [whole, fraction].concat();
+    // The value is digits × 10^shift.
+    let shift = exponent.checked_sub(i64::try_from(fraction.len()).ok()?)?;
+    let digits = digits.trim_start_matches('0');
+    let integer = if shift >= 0 {
+        // More than 20 digits is beyond the range whatever they are.
+        if digits.is_empty() {
+            String::new()
+        } else if usize::try_from(shift).ok()? + digits.len() > 20 {
+            return None;
+        } else {
+            format!("{digits}{}", "0".repeat(usize::try_from(shift).ok()?))
+        }
+    } else {
+        let dropped = usize::try_from(shift.unsigned_abs()).ok()?;
+        let kept = digits.len().saturating_sub(dropped);
+        if !digits[kept..].bytes().all(|b| b == b'0') {
+            return None;
+        }
+        digits[..kept].to_owned()
+    };
+    let magnitude: i128 = if integer.is_empty() {
+        0
+    } else {
+        integer.parse().ok()?
+    };
+    let value = if negative { -magnitude } else { magnitude };
+    (i128::from(i64::MIN)..=i128::from(u64::MAX))
+        .contains(&value)
+        .then(|| value.to_string())
 }
 
 /// The `id` field of a payload.
@@ -683,8 +719,12 @@ enum IdField {
     #[default]
     Absent,
     Text(String),
-    Number(serde_json::Number),
-    /// Null or a boolean.
+    /// An integer written as one (64-bit).
+    Integer(String),
+    /// A number written with a fraction or an exponent, or a payload not read as a tree:
+    /// the field's text is read again, since a float may not hold it exactly.
+    Written,
+    /// Null, a boolean, or an integer beyond 64 bits.
     Unusable,
 }
 
@@ -694,20 +734,65 @@ impl IdField {
         match tree.get("id") {
             None => Self::Absent,
             Some(Value::String(id)) => Self::Text(id.clone()),
-            Some(Value::Number(n)) => Self::Number(n.clone()),
+            Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Self::Integer(n.to_string()),
+            Some(Value::Number(_)) => Self::Written,
             Some(_) => Self::Unusable,
         }
     }
 
-    /// The id it stands for; `Err` when it is neither a string nor an integer.
-    fn id(self) -> Result<Option<String>, ()> {
+    /// The id it stands for; `Err` when it is neither a string nor an integer. `payload`
+    /// is the text it was read from.
+    fn id(self, payload: &str) -> Result<Option<String>, ()> {
         match self {
             Self::Absent => Ok(None),
-            Self::Text(id) => Ok(Some(id)),
-            Self::Number(n) => integer_id(&n).map(Some).ok_or(()),
+            Self::Text(id) | Self::Integer(id) => Ok(Some(id)),
+            Self::Written => match written_id(payload) {
+                None => Ok(None),
+                Some(text) if text.starts_with('"') => {
+                    serde_json::from_str::<String>(text).map(Some).map_err(drop)
+                }
+                Some(text) => integer_of_written(text).map(Some).ok_or(()),
+            },
             Self::Unusable => Err(()),
         }
     }
+}
+
+/// The text of a payload's last `id` field, as written; `None` without one.
+fn written_id(payload: &str) -> Option<&str> {
+    struct LastId<'a>(Option<&'a RawValue>);
+    impl<'de> Deserialize<'de> for LastId<'de> {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Visitor;
+            impl<'de> serde::de::Visitor<'de> for Visitor {
+                type Value = LastId<'de>;
+
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> Result<LastId<'de>, A::Error> {
+                    let mut last = None;
+                    while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                        if key == "id" {
+                            last = Some(map.next_value::<&'de RawValue>()?);
+                        } else {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                    Ok(LastId(last))
+                }
+            }
+            d.deserialize_map(Visitor)
+        }
+    }
+    serde_json::from_str::<LastId<'_>>(payload)
+        .ok()?
+        .0
+        .map(RawValue::get)
 }
 
 /// Reads an `id` field as it is parsed. An object or an array fails the read: the payload
@@ -731,15 +816,15 @@ impl<'de> Deserialize<'de> for IdField {
             }
 
             fn visit_u64<E>(self, v: u64) -> Result<IdField, E> {
-                Ok(IdField::Number(v.into()))
+                Ok(IdField::Integer(v.to_string()))
             }
 
             fn visit_i64<E>(self, v: i64) -> Result<IdField, E> {
-                Ok(IdField::Number(v.into()))
+                Ok(IdField::Integer(v.to_string()))
             }
 
-            fn visit_f64<E>(self, v: f64) -> Result<IdField, E> {
-                Ok(serde_json::Number::from_f64(v).map_or(IdField::Unusable, IdField::Number))
+            fn visit_f64<E>(self, _: f64) -> Result<IdField, E> {
+                Ok(IdField::Written)
             }
 
             fn visit_unit<E>(self) -> Result<IdField, E> {
@@ -798,15 +883,15 @@ pub fn prepare(
             .flatten();
         let (own, tree) = match head {
             Some(head) => (head.id, None),
-            None => {
-                // Valid JSON text: it parses.
-                let tree: Value = serde_json::from_str(payload.get()).unwrap_or(Value::Null);
-                (IdField::of(&tree), Some(tree))
-            }
+            None => match serde_json::from_str::<Value>(payload.get()) {
+                Ok(tree) => (IdField::of(&tree), Some(tree)),
+                // Valid JSON text that a tree cannot hold (a number beyond a float's range).
+                Err(_) => (IdField::Written, Some(Value::Null)),
+            },
         };
         // The payload's `id` is checked even where the header's id takes its place.
         let own = own
-            .id()
+            .id(payload.get())
             .map_err(|()| PublishError::IdNotScalar { at: at() })?;
         let check = |id: &str| {
             validate_id(id).map_err(|source| PublishError::InvalidId { at: at(), source })
@@ -948,6 +1033,34 @@ mod tests {
         assert!(matches!(err, PublishError::IdNotScalar { .. }));
         let err = single(&s, json!({"id": 7.5})).expect_err("a fraction");
         assert!(matches!(err, PublishError::IdNotScalar { .. }));
+        // An integer written with a fraction or an exponent is read from its text, exactly,
+        // whether the payload is read as a tree (a key pointer) or not.
+        let keyed = stream("streams:\n  - name: k\n    key: /user\n");
+        for stream in [&s, &keyed] {
+            for (written, id) in [
+                ("9007199254740992.0", Some("9007199254740992")),
+                ("9007199254740993.0", Some("9007199254740993")),
+                ("1.8446744073709551615e19", Some("18446744073709551615")),
+                ("-9.223372036854775808E+18", Some("-9223372036854775808")),
+                ("1e3", Some("1000")),
+                ("12.50e1", Some("125")),
+                ("-0.0", Some("0")),
+                ("1.8446744073709551616e19", None),
+                ("18446744073709551616", None),
+                ("1e400", None),
+                ("1e-400", None),
+                ("125e-1", None),
+            ] {
+                let body = format!(r#"{{"user": "ann", "id": {written}}}"#);
+                let payload = RawValue::from_string(body).expect("json");
+                let got = prepare(stream, vec![payload], &Hints::default(), false);
+                match (got, id) {
+                    (Ok(e), Some(id)) => assert_eq!(e[0].id, id, "{written}"),
+                    (Err(PublishError::IdNotScalar { .. }), None) => {}
+                    (got, _) => panic!("{written}: {got:?}"),
+                }
+            }
+        }
         let err = single(&s, json!({"id": "a b"})).expect_err("bad");
         assert!(err.to_string().contains("white space"), "{err}");
     }
