@@ -84,13 +84,14 @@ impl IdWindow {
         }
     }
 
-    fn contains(&self, id: &str) -> bool {
-        self.set.contains(id)
-    }
-
-    fn push(&mut self, id: Arc<str>) {
-        if self.capacity == 0 || !self.set.insert(id.clone()) {
-            return;
+    /// Remembers `id`; false when it was among the latest already. Without a window
+    /// (`capacity` 0) every id is new.
+    fn push(&mut self, id: Arc<str>) -> bool {
+        if self.capacity == 0 {
+            return true;
+        }
+        if !self.set.insert(id.clone()) {
+            return false;
         }
         self.order.push_back(id);
         if self.order.len() > self.capacity
@@ -98,6 +99,7 @@ impl IdWindow {
         {
             self.set.remove(&old);
         }
+        true
     }
 }
 
@@ -283,17 +285,46 @@ impl Segment {
         Ok(())
     }
 
+    /// Appends the lines not written before; on an error, what reached the disk is read
+    /// back before the next write ([`Segment::forget`]).
     fn write(&mut self, batch: Lines, policy: FilePolicy) -> std::io::Result<usize> {
         self.load()?;
+        let written = self.append(batch, policy);
+        if written.is_err() {
+            self.forget();
+        }
+        written
+    }
+
+    /// Forgets what it knows of the disk: a write that failed may have left part of its
+    /// lines (the last one cut short), so the next write loads the segments again, which
+    /// cuts a partial line and learns the offset and ids of every whole line.
+    fn forget(&mut self) {
+        self.file = None;
+        self.loaded = false;
+        self.last_offset = -1;
+        self.newest_name = -1;
+        self.recent = IdWindow::new(self.recent.capacity);
+    }
+
+    fn append(&mut self, batch: Lines, policy: FilePolicy) -> std::io::Result<usize> {
         let Lines { bytes, lines } = batch;
         let count = lines.len();
-        let mut in_batch: HashSet<Arc<str>, foldhash::fast::RandomState> =
-            HashSet::with_capacity_and_hasher(count, Default::default());
-        let fresh: Vec<Line> = lines
-            .into_iter()
-            .filter(|l| l.retried || l.offset > self.last_offset)
-            .filter(|l| !self.recent.contains(&l.id) && in_batch.insert(l.id.clone()))
-            .collect();
+        // What is taken is counted as written at once (a failed write forgets it all), so
+        // that a repeat within the batch is skipped too.
+        let mut fresh: Vec<Line> = Vec::with_capacity(count);
+        for line in lines {
+            if !line.retried && line.offset <= self.last_offset {
+                continue;
+            }
+            if !self.recent.push(line.id.clone()) {
+                continue;
+            }
+            if !line.retried {
+                self.last_offset = self.last_offset.max(line.offset);
+            }
+            fresh.push(line);
+        }
         let Some(first) = fresh.first() else {
             return Ok(0);
         };
@@ -335,14 +366,7 @@ impl Segment {
             }
         }
         self.size += buf.len() as u64;
-        let written = fresh.len();
-        for line in fresh {
-            if !line.retried {
-                self.last_offset = self.last_offset.max(line.offset);
-            }
-            self.recent.push(line.id);
-        }
-        Ok(written)
+        Ok(fresh.len())
     }
 }
 
@@ -411,6 +435,25 @@ mod tests {
             fsync: Fsync::Batch,
             dedupe_ids: 100_000,
         }
+    }
+
+    /// The offsets of the lines on disk, in order; every line must be whole JSON.
+    fn offsets(dir: &Path) -> Vec<i64> {
+        read_all(dir, "s")
+            .expect("every line is whole JSON")
+            .iter()
+            .map(|l| l["offset"].as_i64().expect("offset"))
+            .collect()
+    }
+
+    /// Appends `bytes` to partition 0's first segment, as an interrupted write would.
+    fn append_to_first_segment(dir: &Path, bytes: &[u8]) {
+        OpenOptions::new()
+            .append(true)
+            .open(dir.join("s/0/00000000000000000000.jsonl"))
+            .expect("open")
+            .write_all(bytes)
+            .expect("write");
     }
 
     fn ids(dir: &Path) -> Vec<String> {
@@ -500,24 +543,36 @@ mod tests {
                 .expect("write");
         }
         // A crash in the middle of the next batch leaves half a line.
-        let segment = dir.path().join("s/0/00000000000000000000.jsonl");
-        let half = &line(&record(4).envelope, 0, 4, false)[..20];
-        OpenOptions::new()
-            .append(true)
-            .open(&segment)
-            .expect("open")
-            .write_all(half)
-            .expect("write");
+        append_to_first_segment(dir.path(), &line(&record(4).envelope, 0, 4, false)[..20]);
 
         let sink = FileSink::new(dir.path(), policy(1 << 20)).expect("sink");
         sink.write(&(2..7).map(record).collect::<Vec<_>>())
             .await
             .expect("replay");
-        let offsets: Vec<i64> = read_all(dir.path(), "s")
-            .expect("every line is whole JSON")
-            .iter()
-            .map(|l| l["offset"].as_i64().expect("offset"))
-            .collect();
-        assert_eq!(offsets, [0, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(offsets(dir.path()), [0, 1, 2, 3, 4, 5, 6]);
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_write_the_next_one_reads_the_disk_again() {
+        let dir = tempfile::tempdir().expect("dir");
+        let sink = FileSink::new(dir.path(), policy(1 << 20)).expect("sink");
+        sink.write(&(0..4).map(record).collect::<Vec<_>>())
+            .await
+            .expect("write");
+        // A write that fails part way leaves whole lines and half of one; the segment
+        // forgets what it knew, as it does on an error.
+        let mut partial = line(&record(4).envelope, 0, 4, false);
+        partial.push(b'\n');
+        partial.extend_from_slice(&line(&record(5).envelope, 0, 5, false)[..20]);
+        append_to_first_segment(dir.path(), &partial);
+        sink.segment("s", 0)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget();
+        // The batch is written again, with a repeat of id-6 in it.
+        let mut again: Vec<Record> = (4..8).map(record).collect();
+        again.push(renamed(record(8), "id-6"));
+        sink.write(&again).await.expect("again");
+        assert_eq!(offsets(dir.path()), [0, 1, 2, 3, 4, 5, 6, 7]);
     }
 }
