@@ -16,6 +16,9 @@
 #                                             latency from each request's due time
 #   collectors beside their peers (benches/peers.sh; PEERS=0 leaves them out)
 #
+# Beside each producer ceiling and the rows compared with it: the CPU the load client, ingest
+# and the broker used per acknowledged event.
+#
 # Prints Markdown tables and writes them, with the date, commit and machine, to
 # docs/benchmarks.md and to the performance section of README.md (one run for both); the
 # raw output of every scenario goes to docs/bench-results/. Starts the local stack if
@@ -63,16 +66,42 @@ trap cleanup EXIT
 "$bin/sluice-ingest" --listen "127.0.0.1:$http_port" --metrics-listen "127.0.0.1:$health_port" --settings "$work/pipeline.yaml" \
   --tcp-write-listen "127.0.0.1:$tcp_port" --tcp-stream "$tag" --create-topics \
   --read-events false --key-prefix "$tag" >"$work/ingest.log" 2>&1 &
+ingest_pid=$!
 pids+=($!)
 for _ in $(seq 1 100); do curl -fsS "$health/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
 curl -fsS "$health/readyz" >/dev/null || { cat "$work/ingest.log" >&2; exit 1; }
 
+# The CPU seconds a process has used so far (user + system), or -1 when it is not ours to see.
+kafka_pid="$(cat "${SLUICE_STACK_DIR:-$root/.stack}/kafka/kafka.pid" 2>/dev/null || true)"
+cpu_seconds() {
+  if [ -n "$1" ] && [ -r "/proc/$1/stat" ]; then
+    awk -v hz="$(getconf CLK_TCK)" '{sub(/^.*\) /, ""); print ($12 + $13) / hz}' "/proc/$1/stat"
+  else
+    echo -1
+  fi
+}
+
+# Runs sluice-loadgen; its report goes to NAME.json, and the CPU seconds the load client,
+# ingest and the broker used meanwhile to NAME.cpu.json.
 lg() {
   local name=$1; shift
   echo "[bench] $name" >&2
-  "$bin/sluice-loadgen" --target "$base" --tcp-target "127.0.0.1:$tcp_port" \
+  local ingest0 broker0
+  ingest0=$(cpu_seconds "$ingest_pid"); broker0=$(cpu_seconds "$kafka_pid")
+  python3 -c '
+import resource, subprocess, sys
+with open(sys.argv[1], "w") as out:
+    code = subprocess.run(sys.argv[3:], stdout=out).returncode
+used = resource.getrusage(resource.RUSAGE_CHILDREN)
+open(sys.argv[2], "w").write(str(used.ru_utime + used.ru_stime))
+sys.exit(code)' "$work/$name.json" "$work/$name.client-cpu" \
+    "$bin/sluice-loadgen" --target "$base" --tcp-target "127.0.0.1:$tcp_port" \
     --kafka-brokers "$SLUICE_KAFKA_BROKERS" --stream "$tag" --status-interval 0 --json \
-    --requests 10000000 --duration "$duration" "$@" >"$work/$name.json"
+    --requests 10000000 --duration "$duration" "$@"
+  printf '{"client": %s, "ingest": %s, "ingest_before": %s, "broker": %s, "broker_before": %s}\n' \
+    "$(cat "$work/$name.client-cpu")" "$(cpu_seconds "$ingest_pid")" "$ingest0" \
+    "$(cpu_seconds "$kafka_pid")" "$broker0" >"$work/$name.cpu.json"
+  rm -f "$work/$name.client-cpu"
 }
 
 echo "[bench] wrk GET /healthz" >&2
@@ -182,11 +211,36 @@ row(f"HTTP `POST`, 1 event, open loop at {open_rate:,.0f}/s", "≤ 512", ho, "pr
 head = ("| scenario | clients | requests/s | events/s | p50 ms | p99 ms | ceiling (same run) | ratio |\n"
         "|---|---|---|---|---|---|---|---|")
 table = head + "\n" + "\n".join(rows)
+# Where the CPU went: microseconds of CPU per acknowledged event for the load client,
+# ingest and the broker (median of the rounds), in the rows compared with the producer.
+def cpu_per_event(name, who):
+    per = []
+    for i in range(1, runs + 1):
+        r, c = load(f"{name}.{i}"), load(f"{name}.{i}.cpu")
+        used = c[who] - c.get(f"{who}_before", 0) if who != "client" else c[who]
+        if c[who] < 0 or not r["events_acknowledged"]:
+            return None
+        per.append(used * 1e6 / r["events_acknowledged"])
+    return statistics.median(per)
+cpu_rows = []
+for name, label in [("kafka-single", "bare rdkafka producer, 1 record"), ("http-single", "HTTP `POST`, 1 event"),
+                    ("ws-single", "WebSocket, 1 event per message"), ("tcp", "TCP write port, 1 line"),
+                    ("kafka-batch", "bare rdkafka producer, 100 records"), ("http-batch", "HTTP `POST`, batch of 100")]:
+    figures = [cpu_per_event(name, who) for who in ("client", "ingest", "broker")]
+    if name.startswith("kafka"):
+        figures[1] = 0.0
+    cells = ["–" if f is None else f"{f:.1f}" for f in figures]
+    total = "–" if None in figures else f"{sum(figures):.1f}"
+    cpu_rows.append(f"| {label} | {' | '.join(cells)} | {total} |")
+cpu_table = ("| scenario | load client | ingest | broker | all three |\n|---|---|---|---|---|\n"
+             + "\n".join(cpu_rows))
 named = [f"{n}.{i}" for n in ["http-single", "ws-single", "tcp", "http-batch"] for i in range(1, runs + 1)]
 errors = {n: load(n)["errors"] for n in named + ["e2e", "ack-kafka", "ack-sink", "work-10", "work-100", "work-1000", "http-open"] if load(n)["errors"]}
 cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
 when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 print(table)
+print()
+print(cpu_table)
 if errors:
     print("\nerrors:", json.dumps(errors))
 peers = open(os.path.join(work, "peers.md")).read() if os.path.exists(os.path.join(work, "peers.md")) else ""
@@ -247,13 +301,17 @@ request's due time at a fixed rate (no coordinated omission). Raw output:
 {table}
 """ + (f"\nErrors during the run: `{json.dumps(errors)}`\n" if errors else "") + """
 Read the ratios, not the absolute numbers: on a shared two-core machine every scenario
-competes with the broker for the same cores.
-""" + peers_section + kept)
+competes with the broker for the same cores. Where that CPU goes, in microseconds of CPU
+per acknowledged event (user and system time of each process over the scenario, median of
+the rounds; the broker's is all its work meanwhile, its log included):
+
+""" + cpu_table + "\n" + peers_section + kept)
 # The README's performance figures come from this run too.
 readme = open("README.md").read()
 begin, end = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 if begin in readme and end in readme:
-    block = f"{begin}\n{run_line} From [`docs/benchmarks.md`](docs/benchmarks.md):\n\n{table}\n" + (f"\n{peers}".replace("](bench-results/", "](docs/bench-results/") if peers else "") + f"{end}"
+    block = (f"{begin}\n{run_line} From [`docs/benchmarks.md`](docs/benchmarks.md):\n\n{table}\n\n"
+             f"Microseconds of CPU per acknowledged event (median of the rounds):\n\n{cpu_table}\n") + (f"\n{peers}".replace("](bench-results/", "](docs/bench-results/") if peers else "") + f"{end}"
     readme = readme[:readme.index(begin)] + block + readme[readme.index(end) + len(end):]
     open("README.md", "w").write(readme)
 PY
