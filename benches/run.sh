@@ -226,11 +226,11 @@ cpu_rows = []
 for name, label in [("kafka-single", "bare rdkafka producer, 1 record"), ("http-single", "HTTP `POST`, 1 event"),
                     ("ws-single", "WebSocket, 1 event per message"), ("tcp", "TCP write port, 1 line"),
                     ("kafka-batch", "bare rdkafka producer, 100 records"), ("http-batch", "HTTP `POST`, batch of 100")]:
-    figures = [cpu_per_event(name, who) for who in ("client", "ingest", "broker")]
-    if name.startswith("kafka"):
-        figures[1] = 0.0
-    cells = ["–" if f is None else f"{f:.1f}" for f in figures]
-    total = "–" if None in figures else f"{sum(figures):.1f}"
+    # The bare producer's rows have no ingest in the path.
+    whose = ("client", "broker") if name.startswith("kafka") else ("client", "ingest", "broker")
+    figures = {who: cpu_per_event(name, who) for who in whose}
+    cells = ["–" if figures.get(who) is None else f"{figures[who]:.1f}" for who in ("client", "ingest", "broker")]
+    total = "–" if None in figures.values() else f"{sum(figures.values()):.1f}"
     cpu_rows.append(f"| {label} | {' | '.join(cells)} | {total} |")
 cpu_table = ("| scenario | load client | ingest | broker | all three |\n|---|---|---|---|---|\n"
              + "\n".join(cpu_rows))
