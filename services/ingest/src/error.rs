@@ -121,6 +121,7 @@ impl ApiError {
                 PublishError::NotAnObject { .. } => "not-an-object",
                 PublishError::InvalidId { .. } | PublishError::IdNotScalar { .. } => "invalid-id",
                 PublishError::Key { .. } => "missing-key",
+                PublishError::NumberOutOfRange { .. } => "number-out-of-range",
                 PublishError::Schema(_) => "schema-violation",
                 PublishError::Overloaded { .. } | PublishError::TooManyWaiting(_) => "overloaded",
                 PublishError::SinkRejected { .. } => "dead-lettered",

@@ -200,6 +200,15 @@ pub enum PublishError {
         #[source]
         source: InvalidId,
     },
+    /// An event holds a number beyond a 64-bit float's range, which a stream's key pointer
+    /// or schema cannot read.
+    #[error(
+        "{at}the event holds a number beyond the range of a 64-bit float, which the stream's key pointer and schema cannot read"
+    )]
+    NumberOutOfRange {
+        /// Where in the request.
+        at: String,
+    },
     /// An event's `id` field is neither a string nor an integer.
     #[error("{at}the field \"id\" must be a string or an integer")]
     IdNotScalar {
@@ -658,6 +667,7 @@ fn reject_reason(e: &PublishError) -> &'static str {
         PublishError::NotAnObject { .. } => "not-an-object",
         PublishError::InvalidId { .. } | PublishError::IdNotScalar { .. } => "invalid-id",
         PublishError::Key { .. } => "missing-key",
+        PublishError::NumberOutOfRange { .. } => "number-out-of-range",
         PublishError::Schema(_) => "schema",
         PublishError::Overloaded { .. } | PublishError::TooManyWaiting(_) => "overloaded",
         PublishError::Kafka { .. } | PublishError::Unacknowledged { .. } => "kafka",
@@ -885,8 +895,15 @@ pub fn prepare(
             Some(head) => (head.id, None),
             None => match serde_json::from_str::<Value>(payload.get()) {
                 Ok(tree) => (IdField::of(&tree), Some(tree)),
-                // Valid JSON text that a tree cannot hold (a number beyond a float's range).
-                Err(_) => (IdField::Written, Some(Value::Null)),
+                // Valid JSON text that a tree cannot hold (a number beyond a float's range):
+                // its id is read from the text, and only a key pointer or a schema needs more.
+                Err(_) if needs_tree => {
+                    return Err(match IdField::Written.id(payload.get()) {
+                        Err(()) => PublishError::IdNotScalar { at: at() },
+                        Ok(_) => PublishError::NumberOutOfRange { at: at() },
+                    });
+                }
+                Err(_) => (IdField::Written, None),
             },
         };
         // The payload's `id` is checked even where the header's id takes its place.
@@ -1094,6 +1111,25 @@ mod tests {
             err.to_string(),
             "an event must be a JSON object, not an array"
         );
+    }
+
+    #[test]
+    fn a_number_beyond_a_float_is_kept_as_written_unless_a_key_or_schema_must_read_it() {
+        let plain = stream("streams:\n  - name: p\n");
+        let keyed = stream("streams:\n  - name: k\n    key: /user\n");
+        let text = r#"{"user": "ann", "n": 1e400}"#;
+        let read = |s: &Stream| {
+            let payload = RawValue::from_string(text.to_owned()).expect("json");
+            prepare(s, vec![payload], &Hints::default(), false)
+        };
+        let e = read(&plain).expect("stored as it came");
+        assert_eq!(e[0].payload.get(), text);
+        let err = read(&keyed).expect_err("the key pointer cannot read it");
+        assert!(
+            matches!(err, PublishError::NumberOutOfRange { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("64-bit float"), "{err}");
     }
 
     #[test]
