@@ -734,7 +734,7 @@ enum IdField {
     /// A number written with a fraction or an exponent, or a payload not read as a tree:
     /// the field's text is read again, since a float may not hold it exactly.
     Written,
-    /// Null, a boolean, or an integer beyond 64 bits.
+    /// Null or a boolean.
     Unusable,
 }
 
