@@ -956,7 +956,9 @@ async fn the_hpa_scales_real_collectors_on_the_lag_they_drain() {
     let client = client(&node).await;
     let ns = restricted_namespace(&client).await;
     let limit = Duration::from_secs(420);
-    const EVENTS: usize = 120_000;
+    // A backlog that takes one collector some seconds: longer than the HPA takes to add
+    // replicas.
+    const EVENTS: usize = 240_000;
     const BATCH: usize = 1_000;
 
     // The kv-store pipeline at first without its collector: a backlog builds up in Kafka.
@@ -1025,9 +1027,10 @@ async fn the_hpa_scales_real_collectors_on_the_lag_they_drain() {
         assert!(wanted <= 6, "never above the 6 partitions: {wanted}");
         let current = lag(&node, &ns, &name, &collector_name).ok();
         drained |= current == Some(0);
-        // One collector pod is deleted while the others drain: what it had taken from
-        // Kafka but not written must be written by another.
-        if deleted_mid_drain.is_none() && ready >= 2 && current.is_some_and(|l| l > 0) {
+        // A collector pod is deleted while the backlog drains (as soon as one is Ready:
+        // a faster drain must not outrun the test): what it had taken from Kafka but not
+        // written must be written by another.
+        if deleted_mid_drain.is_none() && ready >= 1 && current.is_some_and(|l| l > 0) {
             let list = pods.list(&collector_pods).await.expect("collector pods");
             if let Some(pod) = list.items.iter().find(|p| ready_pod(p)) {
                 pods.delete(&pod.name_any(), &DeleteParams::default())
