@@ -182,16 +182,10 @@ impl FileSink {
         let mut map = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
         map.entry((stream.to_owned(), partition))
             .or_insert_with(|| {
-                Arc::new(Mutex::new(Segment {
-                    dir: partition_dir(&self.dir, stream, partition),
-                    file: None,
-                    size: 0,
-                    opened: Instant::now(),
-                    loaded: false,
-                    last_offset: -1,
-                    newest_name: -1,
-                    recent: IdWindow::new(self.policy.dedupe_ids),
-                }))
+                Arc::new(Mutex::new(Segment::new(
+                    partition_dir(&self.dir, stream, partition),
+                    self.policy.dedupe_ids,
+                )))
             })
             .clone()
     }
@@ -225,6 +219,20 @@ fn cut_partial_line(path: &Path) -> std::io::Result<()> {
 }
 
 impl Segment {
+    /// A partition's segments under `dir`, not read yet.
+    fn new(dir: PathBuf, dedupe_ids: usize) -> Self {
+        Self {
+            dir,
+            file: None,
+            size: 0,
+            opened: Instant::now(),
+            loaded: false,
+            last_offset: -1,
+            newest_name: -1,
+            recent: IdWindow::new(dedupe_ids),
+        }
+    }
+
     /// Loads what is on disk the first time the partition is written.
     fn load(&mut self) -> std::io::Result<()> {
         if self.loaded {
@@ -300,11 +308,7 @@ impl Segment {
     /// lines (the last one cut short), so the next write loads the segments again, which
     /// cuts a partial line and learns the offset and ids of every whole line.
     fn forget(&mut self) {
-        self.file = None;
-        self.loaded = false;
-        self.last_offset = -1;
-        self.newest_name = -1;
-        self.recent = IdWindow::new(self.recent.capacity);
+        *self = Self::new(std::mem::take(&mut self.dir), self.recent.capacity);
     }
 
     fn append(&mut self, batch: Lines, policy: FilePolicy) -> std::io::Result<usize> {
