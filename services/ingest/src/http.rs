@@ -5,14 +5,15 @@
 //! router and the document at `GET /openapi.json` are built from the same list, so they
 //! cannot drift apart.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{MatchedPath, Path, Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
-use axum::middleware::{self, Next};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::handler::Handler;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Router, extract::DefaultBodyLimit};
@@ -22,14 +23,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sluice_core::envelope::validate_id;
 use sluice_core::{Envelope, store, telemetry};
-use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tower::Layer;
 use utoipa::{OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::App;
 use crate::error::{ApiError, Problem};
+use crate::gate::GateLayer;
 use crate::input;
 use crate::publish::{Ack, Hints, Published};
 
@@ -101,21 +102,22 @@ pub fn router(app: App) -> Router {
     };
     let document =
         crate::openapi::complete(serde_json::to_value(&openapi).unwrap_or_default(), &served);
-    let protected = router
+    // One layer for span, metrics and API key, and the body limit inside it: axum clones
+    // and boxes a route's service once per layer on every request.
+    let limit = DefaultBodyLimit::max(app.inner.max_body_bytes);
+    let api = router
         // The workshop paths are served with and without the trailing slash.
         .route("/api/visit/v1", post(post_visit))
         .route("/api/activity/v1", post(post_activity))
-        .route_layer(middleware::from_fn_with_state(app.clone(), require_api_key));
-    let limit = app.inner.max_body_bytes;
-    protected
+        .layer((GateLayer::api(app.clone()), limit));
+    let public = Router::new()
         .route("/ui", get(crate::ui::redirect))
         .route("/ui/", get(crate::ui::file))
         .route("/ui/{*path}", get(crate::ui::file))
         .route("/openapi.json", get(json_document(&document)))
-        .fallback(no_route)
-        .layer(middleware::from_fn_with_state(app.clone(), observe))
-        .layer(DefaultBodyLimit::max(limit))
-        .with_state(app)
+        .layer((GateLayer::public(app.clone()), limit));
+    let no_route = GateLayer::public(app.clone()).layer(no_route.with_state(app.clone()));
+    api.merge(public).fallback_service(no_route).with_state(app)
 }
 
 /// The documented routes.
@@ -136,66 +138,6 @@ fn api_router() -> OpenApiRouter<App> {
 /// The OpenAPI document of the API.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     api_router().into_openapi()
-}
-
-/// A span per request, continuing the caller's trace (`traceparent`), and request metrics.
-async fn observe(State(app): State<App>, request: Request, next: Next) -> Response {
-    let matched = request.extensions().get::<MatchedPath>().cloned();
-    let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
-    let method = request.method().clone();
-    let span = telemetry::recorded_span(|| {
-        let span = tracing::info_span!(
-            "http.request",
-            otel.name = format!("{method} {route}"),
-            otel.kind = "server",
-            http.request.method = method.as_str(),
-            http.route = route,
-            http.response.status_code = tracing::field::Empty,
-        );
-        if !span.is_disabled() {
-            let _ = span.set_parent(telemetry::extract_http(request.headers()));
-        }
-        span
-    });
-    let start = Instant::now();
-    let metrics = app.inner.metrics.route(route);
-    metrics.started();
-    let mut response = next.run(request).instrument(span.clone()).await;
-    if app.draining() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        // Clients finish this exchange and open their next connection elsewhere.
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    let status = response.status().as_u16();
-    span.record("http.response.status_code", status);
-    metrics.finished(method.as_str(), status, start.elapsed());
-    response
-}
-
-async fn require_api_key(State(app): State<App>, request: Request, next: Next) -> Response {
-    let keys = app.api_keys();
-    if !keys.required() {
-        return next.run(request).await;
-    }
-    let headers = request.headers();
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
-        .map(str::trim)
-        .unwrap_or_default()
-        .as_bytes();
-    if keys.accepts(given) {
-        next.run(request).await
-    } else {
-        let websocket = request.headers().contains_key(header::UPGRADE);
-        app.inner
-            .metrics
-            .unauthorized(if websocket { "ws" } else { "http" });
-        ApiError::Unauthorized.into_response()
-    }
 }
 
 /// Liveness: the process answers.
@@ -363,12 +305,34 @@ fn hints_of(headers: &HeaderMap) -> Result<Hints, ApiError> {
     })
 }
 
+/// What a publish request's headers say: whether the body is NDJSON, and the hints
+/// (`X-Sluice-Id`, `X-Sluice-Key`, the caller's trace), read without copying the headers.
+struct PublishHeaders {
+    ndjson: bool,
+    hints: Result<Hints, ApiError>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for PublishHeaders {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let headers = &parts.headers;
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        Ok(Self {
+            ndjson: input::is_ndjson(content_type),
+            hints: hints_of(headers),
+        })
+    }
+}
+
 /// Parses a body and publishes its events to `stream`.
 async fn publish_body(
     app: &App,
     stream: &str,
     query: Result<Query<PublishQuery>, QueryRejection>,
-    headers: &HeaderMap,
+    headers: PublishHeaders,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<PublishResponse>), ApiError> {
     let stream = app.inner.streams.get(stream).inspect_err(|_| {
@@ -379,15 +343,8 @@ async fn publish_body(
         status: r.status(),
         message: r.body_text(),
     })?;
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    let payloads = input::parse(
-        &body,
-        input::is_ndjson(content_type),
-        app.inner.max_batch_events,
-    )?;
-    let hints = hints_of(headers)?;
+    let payloads = input::parse(&body, headers.ndjson, app.inner.max_batch_events)?;
+    let hints = headers.hints?;
     if let (Some(_), Some(pointer)) = (&hints.key, &stream.settings.key) {
         return Err(ApiError::InvalidField(format!(
             "stream {:?} takes each event's key from {pointer}; {KEY_HEADER} applies only to streams without a key pointer",
@@ -446,10 +403,10 @@ async fn publish_events(
     State(app): State<App>,
     Path(stream): Path<String>,
     query: Result<Query<PublishQuery>, QueryRejection>,
-    headers: HeaderMap,
+    headers: PublishHeaders,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<PublishResponse>), ApiError> {
-    publish_body(&app, &stream, query, &headers, body).await
+    publish_body(&app, &stream, query, headers, body).await
 }
 
 /// Report a visit (workshop path; publishes to the stream `visit`).
@@ -462,10 +419,10 @@ async fn publish_events(
 async fn post_visit(
     State(app): State<App>,
     query: Result<Query<PublishQuery>, QueryRejection>,
-    headers: HeaderMap,
+    headers: PublishHeaders,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<PublishResponse>), ApiError> {
-    publish_body(&app, "visit", query, &headers, body).await
+    publish_body(&app, "visit", query, headers, body).await
 }
 
 /// Report an activity (workshop path; publishes to the stream `activity`).
@@ -478,10 +435,10 @@ async fn post_visit(
 async fn post_activity(
     State(app): State<App>,
     query: Result<Query<PublishQuery>, QueryRejection>,
-    headers: HeaderMap,
+    headers: PublishHeaders,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<PublishResponse>), ApiError> {
-    publish_body(&app, "activity", query, &headers, body).await
+    publish_body(&app, "activity", query, headers, body).await
 }
 
 /// Reads `key` from the replica, falling back to the primary on a miss or an error.

@@ -22,12 +22,15 @@ pub struct Payloads {
 pub fn is_ndjson(content_type: Option<&str>) -> bool {
     content_type
         .and_then(|ct| ct.split(';').next())
-        .map(|ct| ct.trim().to_ascii_lowercase())
+        .map(str::trim)
         .is_some_and(|ct| {
-            matches!(
-                ct.as_str(),
-                "application/x-ndjson" | "application/jsonl" | "application/ndjson"
-            )
+            [
+                "application/x-ndjson",
+                "application/jsonl",
+                "application/ndjson",
+            ]
+            .iter()
+            .any(|t| ct.eq_ignore_ascii_case(t))
         })
 }
 
@@ -144,6 +147,7 @@ mod tests {
         assert!(is_ndjson(Some("application/x-ndjson")));
         assert!(is_ndjson(Some("application/x-ndjson; charset=utf-8")));
         assert!(is_ndjson(Some("application/jsonl")));
+        assert!(is_ndjson(Some(" Application/X-NDJSON ;charset=utf-8")));
         assert!(!is_ndjson(Some("application/json")));
         assert!(!is_ndjson(None));
     }

@@ -24,6 +24,7 @@ pub mod aggregates;
 pub mod auth;
 pub mod confirm;
 pub mod error;
+pub mod gate;
 pub mod http;
 pub mod input;
 pub mod listener;

@@ -19,9 +19,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use futures::channel::oneshot::Canceled;
 use futures::future::join_all;
 use futures::stream::FuturesUnordered;
 use rdkafka::error::KafkaError;
+use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use serde::{Deserialize, Serialize};
@@ -420,9 +422,8 @@ impl Publisher {
         let results = self
             .send(stream.settings.topic(), envelopes, kafka_ack)
             .await;
-        if results.iter().all(|(_, r)| r.is_ok()) {
-            let published: Vec<Published> =
-                results.into_iter().filter_map(|(_, r)| r.ok()).collect();
+        if results.iter().all(Result::is_ok) {
+            let published: Vec<Published> = results.into_iter().filter_map(Result::ok).collect();
             return match wait {
                 Some((wait, deadline)) => {
                     let sink = wait.until(deadline, &vec![true; published.len()]).await;
@@ -434,23 +435,23 @@ impl Publisher {
         let mut events = Vec::with_capacity(total);
         let (mut published, mut pending, mut queue_full) = (0, 0, false);
         let mut first_error = None;
-        for (id, result) in results {
-            let (status, partition, offset) = match result {
+        for result in results {
+            let (id, status, partition, offset) = match result {
                 Ok(p) => {
                     published += 1;
-                    (OutcomeStatus::Published, p.partition, p.offset)
+                    (p.id, OutcomeStatus::Published, p.partition, p.offset)
                 }
-                Err(Unsent::Pending(_)) => {
+                Err((id, Unsent::Pending(_))) => {
                     pending += 1;
-                    (OutcomeStatus::Unknown, None, None)
+                    (id, OutcomeStatus::Unknown, None, None)
                 }
-                Err(Unsent::Failed(e)) => {
+                Err((id, Unsent::Failed(e))) => {
                     queue_full |= matches!(
                         e,
                         KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)
                     );
                     first_error.get_or_insert(e);
-                    (OutcomeStatus::Failed, None, None)
+                    (id, OutcomeStatus::Failed, None, None)
                 }
             };
             events.push(EventOutcome {
@@ -496,20 +497,17 @@ impl Publisher {
 
     /// Queues every envelope on the producer at once, then (with [`Ack::All`]) awaits
     /// their acknowledgements together, at most the publisher's `ack_timeout`. One result
-    /// per envelope, in order, with its id; an envelope that found the producer queue full
-    /// fails with `QueueFull` and was not sent.
+    /// per envelope, in order; an unsent one keeps its id. An envelope that found the
+    /// producer queue full fails with `QueueFull` and was not sent.
     pub async fn send(
         &self,
         topic: &str,
         envelopes: Vec<Envelope>,
         ack: Ack,
-    ) -> Vec<(String, Result<Published, Unsent>)> {
+    ) -> Vec<Result<Published, (String, Unsent)>> {
         let mut pending = Vec::with_capacity(envelopes.len());
         let mut sent = 0u64;
-        let stream = envelopes
-            .first()
-            .map(|e| e.stream.clone())
-            .unwrap_or_default();
+        let mut stream = None;
         for envelope in envelopes {
             let value = envelope.encode_value();
             match self
@@ -522,25 +520,27 @@ impl Publisher {
                 }
                 Err((e, _)) => pending.push((envelope.id, Err(e))),
             }
+            // Every envelope of a call is of one stream, named for the metrics.
+            stream.get_or_insert(envelope.stream);
         }
+        let stream = stream.unwrap_or_default();
         self.metrics.produced(&stream, sent);
         if ack == Ack::None {
             let mut out = Vec::with_capacity(pending.len());
             let mut deliveries = Vec::new();
             for (id, result) in pending {
-                let outcome = match result {
+                out.push(match result {
                     Ok(d) => {
                         deliveries.push(d);
                         Ok(Published {
-                            id: id.clone(),
+                            id,
                             partition: None,
                             offset: None,
                             sink: None,
                         })
                     }
-                    Err(e) => Err(Unsent::Failed(e)),
-                };
-                out.push((id, outcome));
+                    Err(e) => Err((id, Unsent::Failed(e))),
+                });
             }
             let metrics = self.metrics.clone();
             tokio::spawn(async move {
@@ -552,49 +552,69 @@ impl Publisher {
             });
             return out;
         }
+        // Acknowledgements that do not come in time stay `Pending`. One timer for them all.
+        let deadline = tokio::time::sleep(self.ack_timeout);
+        tokio::pin!(deadline);
         let mut outcomes: Vec<Result<(i32, i64), Unsent>> = Vec::with_capacity(pending.len());
         let mut ids = Vec::with_capacity(pending.len());
-        let mut waiting = FuturesUnordered::new();
+        let mut deliveries = Vec::with_capacity(pending.len());
         for (i, (id, result)) in pending.into_iter().enumerate() {
             ids.push(id);
             match result {
                 Ok(delivery) => {
                     outcomes.push(Err(Unsent::Pending(self.ack_timeout)));
-                    waiting.push(async move { (i, delivery.await) });
+                    deliveries.push((i, delivery));
                 }
                 Err(e) => outcomes.push(Err(Unsent::Failed(e))),
             }
         }
-        // Acknowledgements that do not come in time stay `Pending`. One timer for them all.
-        let deadline = tokio::time::sleep(self.ack_timeout);
-        tokio::pin!(deadline);
-        loop {
-            let (i, delivered) = tokio::select! {
-                biased;
-                next = waiting.next() => match next {
-                    Some(next) => next,
-                    None => break,
-                },
-                () = &mut deadline => break,
-            };
-            outcomes[i] = match delivered {
-                Ok(Ok(d)) => Ok((d.partition, d.offset)),
-                Ok(Err((e, _))) => Err(Unsent::Failed(e)),
-                Err(_) => Err(Unsent::Failed(KafkaError::Canceled)),
-            };
+        if deliveries.len() == 1 {
+            // One event, as most requests carry: its acknowledgement awaited on its own.
+            for (i, delivery) in deliveries {
+                tokio::select! {
+                    biased;
+                    delivered = delivery => outcomes[i] = acknowledged(delivered),
+                    () = &mut deadline => {}
+                }
+            }
+        } else {
+            let mut waiting: FuturesUnordered<_> = deliveries
+                .into_iter()
+                .map(|(i, delivery)| async move { (i, delivery.await) })
+                .collect();
+            loop {
+                let (i, delivered) = tokio::select! {
+                    biased;
+                    next = waiting.next() => match next {
+                        Some(next) => next,
+                        None => break,
+                    },
+                    () = &mut deadline => break,
+                };
+                outcomes[i] = acknowledged(delivered);
+            }
         }
         ids.into_iter()
             .zip(outcomes)
-            .map(|(id, outcome)| {
-                let published = outcome.map(|(partition, offset)| Published {
-                    id: id.clone(),
+            .map(|(id, outcome)| match outcome {
+                Ok((partition, offset)) => Ok(Published {
+                    id,
                     partition: Some(partition),
                     offset: Some(offset),
                     sink: None,
-                });
-                (id, published)
+                }),
+                Err(unsent) => Err((id, unsent)),
             })
             .collect()
+    }
+}
+
+/// The partition and offset of a delivered record, or why it was not.
+fn acknowledged(delivered: Result<OwnedDeliveryResult, Canceled>) -> Result<(i32, i64), Unsent> {
+    match delivered {
+        Ok(Ok(d)) => Ok((d.partition, d.offset)),
+        Ok(Err((e, _))) => Err(Unsent::Failed(e)),
+        Err(_) => Err(Unsent::Failed(KafkaError::Canceled)),
     }
 }
 

@@ -196,8 +196,9 @@ impl Buffer {
                     let (envelopes, replies): (Vec<_>, Vec<_>) =
                         jobs.into_iter().map(|j| (j.envelope, j.reply)).unzip();
                     let results = publisher.send(&topic, envelopes, Ack::All).await;
-                    for (reply, (_, result)) in replies.into_iter().zip(results) {
-                        let _ = reply.send(result.map(|_| ()).map_err(|e| format!("kafka: {e}")));
+                    for (reply, result) in replies.into_iter().zip(results) {
+                        let _ =
+                            reply.send(result.map(|_| ()).map_err(|(_, e)| format!("kafka: {e}")));
                     }
                 }
             });

@@ -691,6 +691,21 @@ async fn api_keys_guard_the_api_and_websocket_and_follow_the_key_file() {
         .expect("send");
     let ack = socket.next().await.expect("frame").expect("frame");
     assert!(ack.to_text().expect("text").contains("\"ids\""), "{ack:?}");
+    // The dashboard and the API's description need no key; a path that is no route is
+    // answered 404 whether a key came or not.
+    for (path, want) in [
+        ("/openapi.json", StatusCode::OK),
+        ("/ui/", StatusCode::OK),
+        ("/no/such/route", StatusCode::NOT_FOUND),
+    ] {
+        let r = server
+            .client
+            .get(format!("{}{path}", server.base))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), want, "{path}");
+    }
     // Health and metrics need no key, on their own port.
     assert_eq!(server.admin_get("/healthz").await.0, StatusCode::OK);
     let (_, metrics) = server.admin_get("/metrics").await;
@@ -700,6 +715,13 @@ async fn api_keys_guard_the_api_and_websocket_and_follow_the_key_file() {
     );
     assert!(
         metrics.contains("sluice_ingest_unauthorized_total{door=\"ws\"} 1"),
+        "{metrics}"
+    );
+    // Refused requests are requests too, counted by route and status.
+    assert!(
+        metrics.contains(
+            "sluice_ingest_http_requests_total{route=\"/v1/streams/{stream}/events\",method=\"POST\",status=\"401\"} 2"
+        ),
         "{metrics}"
     );
 
