@@ -441,6 +441,12 @@ mod tests {
         }
     }
 
+    /// Writes the records at `offsets`, which must succeed.
+    async fn write_records(sink: &FileSink, offsets: std::ops::Range<i64>) {
+        let records: Vec<Record> = offsets.map(record).collect();
+        sink.write(&records).await.expect("write");
+    }
+
     /// The offsets of the lines on disk, in order; every line must be whole JSON.
     fn offsets(dir: &Path) -> Vec<i64> {
         read_all(dir, "s")
@@ -472,9 +478,7 @@ mod tests {
     async fn retried_records_are_written_whatever_their_offsets_and_ids_are_stored_once() {
         let dir = tempfile::tempdir().expect("dir");
         let sink = FileSink::new(dir.path(), policy(1 << 20)).expect("sink");
-        sink.write(&(0..5).map(record).collect::<Vec<_>>())
-            .await
-            .expect("write");
+        write_records(&sink, 0..5).await;
         // From the retry topic, with that topic's (lower) offsets.
         let retried: Vec<Record> = (0..2)
             .map(|o| {
@@ -519,19 +523,10 @@ mod tests {
     async fn writes_lines_rotates_and_skips_replays() {
         let dir = tempfile::tempdir().expect("dir");
         let sink = FileSink::new(dir.path(), policy(300)).expect("sink");
-        sink.write(&(0..3).map(record).collect::<Vec<_>>())
-            .await
-            .expect("write");
-        sink.write(&(2..6).map(record).collect::<Vec<_>>())
-            .await
-            .expect("replay and more");
-        let lines = read_all(dir.path(), "s").expect("read");
-        let offsets: Vec<i64> = lines
-            .iter()
-            .map(|l| l["offset"].as_i64().expect("offset"))
-            .collect();
-        assert_eq!(offsets, [0, 1, 2, 3, 4, 5]);
-        assert_eq!(lines[4]["id"], "id-4");
+        write_records(&sink, 0..3).await;
+        write_records(&sink, 2..6).await;
+        assert_eq!(offsets(dir.path()), [0, 1, 2, 3, 4, 5]);
+        assert_eq!(read_all(dir.path(), "s").expect("read")[4]["id"], "id-4");
         let files = segments(&dir.path().join("s").join("0")).expect("segments");
         assert!(files.len() >= 2, "rotated at 300 bytes: {files:?}");
         assert!(files[0].ends_with("00000000000000000000.jsonl"));
@@ -542,17 +537,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         {
             let sink = FileSink::new(dir.path(), policy(1 << 20)).expect("sink");
-            sink.write(&(0..4).map(record).collect::<Vec<_>>())
-                .await
-                .expect("write");
+            write_records(&sink, 0..4).await;
         }
         // A crash in the middle of the next batch leaves half a line.
         append_to_first_segment(dir.path(), &line(&record(4).envelope, 0, 4, false)[..20]);
 
         let sink = FileSink::new(dir.path(), policy(1 << 20)).expect("sink");
-        sink.write(&(2..7).map(record).collect::<Vec<_>>())
-            .await
-            .expect("replay");
+        write_records(&sink, 2..7).await;
         assert_eq!(offsets(dir.path()), [0, 1, 2, 3, 4, 5, 6]);
     }
 
@@ -560,9 +551,7 @@ mod tests {
     async fn after_a_failed_write_the_next_one_reads_the_disk_again() {
         let dir = tempfile::tempdir().expect("dir");
         let sink = FileSink::new(dir.path(), policy(1 << 20)).expect("sink");
-        sink.write(&(0..4).map(record).collect::<Vec<_>>())
-            .await
-            .expect("write");
+        write_records(&sink, 0..4).await;
         // A write that fails part way leaves whole lines and half of one; the segment
         // forgets what it knew, as it does on an error.
         let mut partial = line(&record(4).envelope, 0, 4, false);
