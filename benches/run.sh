@@ -7,6 +7,7 @@
 # Scenarios (sluice-loadgen drives all but the ceilings):
 #   HTTP single event, WebSocket, TCP lines   vs a bare rdkafka producer, 1 record per request
 #   HTTP batches of 100                       vs the bare producer, 100 records per request
+#   HTTP single event at 4 x CLIENTS          vs the bare producer at 4 x CLIENTS (cores busy)
 #                                             (RUNS rounds, each ceiling first; median, range)
 #   every request rate                        vs wrk on GET /healthz
 #   end to end into Redis (50,000 events, ingest -> Kafka -> collector -> Redis, verified
@@ -29,6 +30,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 duration="${DURATION:-10}"
 clients="${CLIENTS:-64}"
+# The single-event rows again at four times the clients, where both sides saturate the cores.
+saturated=$(( clients * 4 ))
 runs="${RUNS:-3}"
 open_rate="${OPEN_RATE:-5000}"
 
@@ -115,6 +118,8 @@ for round in $(seq 1 "$runs"); do
   lg "tcp.$round" --protocol tcp --shape record --concurrency "$clients"
   lg "kafka-batch.$round" --protocol kafka --batch-size 100 --concurrency "$clients"
   lg "http-batch.$round" --protocol http-batch --batch-size 100 --concurrency "$clients"
+  lg "kafka-single-saturated.$round" --protocol kafka --batch-size 1 --concurrency "$saturated"
+  lg "http-single-saturated.$round" --protocol http --concurrency "$saturated"
 done
 for c in 10 100 1000; do
   lg "work-$c" --protocol http --path "/v1/work?ms=100" --concurrency "$c"
@@ -174,10 +179,10 @@ def row(scenario, c, r, ceiling_name, ceiling, value):
 rows.append(f"| `GET /healthz` (wrk, ceiling) | {clients} | {fmt(healthz)} | – | {wrk_ms(50):.2f} | {wrk_ms(99):.2f} | – | – |")
 def spread(values):
     return f"{fmt(statistics.median(values))} ({fmt(min(values))}–{fmt(max(values))})" if len(values) > 1 else fmt(values[0])
-def ceiling_row(label, results):
+def ceiling_row(label, results, clients=clients):
     m = median_run(results)
     rows.append(f"| {label} (ceiling) | {clients} | {fmt(m['throughput'])} | {spread([r['events_per_second'] for r in results])} | {m['latency_ms']['p50']:.2f} | {m['latency_ms']['p99']:.2f} | – | – |")
-def rounds_row(label, results, ceilings):
+def rounds_row(label, results, ceilings, clients=clients):
     # Median and range of the rounds; the ratio of the medians, and the range of the
     # rounds' own ratios (each beside the ceiling of its round).
     m = median_run(results)
@@ -193,6 +198,9 @@ for name, label in [("http-single", "HTTP `POST`, 1 event"), ("ws-single", "WebS
     rounds_row(label, rounds(name), ks)
 ceiling_row("bare rdkafka producer, 100 records", kb)
 rounds_row("HTTP `POST`, batch of 100", rounds("http-batch"), kb)
+kss = rounds("kafka-single-saturated")
+ceiling_row("bare rdkafka producer, 1 record, saturated", kss, 4 * clients)
+rounds_row("HTTP `POST`, 1 event, saturated", rounds("http-single-saturated"), kss, 4 * clients)
 e2e = load("e2e")
 v = e2e["verification"][0]
 e2e_rate = v["checked"] / (e2e["seconds"] + v["seconds"])
@@ -225,7 +233,9 @@ def cpu_per_event(name, who):
 cpu_rows = []
 for name, label in [("kafka-single", "bare rdkafka producer, 1 record"), ("http-single", "HTTP `POST`, 1 event"),
                     ("ws-single", "WebSocket, 1 event per message"), ("tcp", "TCP write port, 1 line"),
-                    ("kafka-batch", "bare rdkafka producer, 100 records"), ("http-batch", "HTTP `POST`, batch of 100")]:
+                    ("kafka-batch", "bare rdkafka producer, 100 records"), ("http-batch", "HTTP `POST`, batch of 100"),
+                    ("kafka-single-saturated", "bare rdkafka producer, 1 record, saturated"),
+                    ("http-single-saturated", "HTTP `POST`, 1 event, saturated")]:
     # The bare producer's rows have no ingest in the path.
     whose = ("client", "broker") if name.startswith("kafka") else ("client", "ingest", "broker")
     figures = {who: cpu_per_event(name, who) for who in whose}
@@ -234,7 +244,7 @@ for name, label in [("kafka-single", "bare rdkafka producer, 1 record"), ("http-
     cpu_rows.append(f"| {label} | {' | '.join(cells)} | {total} |")
 cpu_table = ("| scenario | load client | ingest | broker | all three |\n|---|---|---|---|---|\n"
              + "\n".join(cpu_rows))
-named = [f"{n}.{i}" for n in ["http-single", "ws-single", "tcp", "http-batch"] for i in range(1, runs + 1)]
+named = [f"{n}.{i}" for n in ["http-single", "ws-single", "tcp", "http-batch", "http-single-saturated"] for i in range(1, runs + 1)]
 errors = {n: load(n)["errors"] for n in named + ["e2e", "ack-kafka", "ack-sink", "work-10", "work-100", "work-1000", "http-open"] if load(n)["errors"]}
 cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
 when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -286,7 +296,9 @@ the machine). Every figure stands beside a ceiling measured in the same run:
 the request-level ceiling is `wrk` on `GET /healthz`; acknowledged events are compared with
 a bare rdkafka producer configured as ingest's (idempotent, `acks=all`, `linger.ms=1`, snappy)
 writing the records ingest writes (each event in its envelope, unkeyed on a stream without a
-key pointer) to the same broker; the end-to-end drain into Redis with `redis-benchmark -P 16` SET on the
+key pointer) to the same broker, at {clients} clients and again at {4 * clients} (at {clients} a closed loop's rate is
+set by its round trip; at {4 * clients} HTTP's is set by the CPU each event costs, the cores
+being busy); the end-to-end drain into Redis with `redis-benchmark -P 16` SET on the
 same Redis; `ack=sink` (answered once the collector wrote the event to Redis) with
 `ack=kafka` on the same stream while the same collector runs; the compute endpoint with its
 bound, clients ÷ 0.1 s. Latencies are from sluice-loadgen's HDR histogram: closed loop,
