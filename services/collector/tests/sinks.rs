@@ -103,6 +103,21 @@ async fn await_redis(stack: &Stack, prefix: &str, stream: &str, want: usize) -> 
     .expect("records")
 }
 
+/// The sum of `field` over a stream's per-minute aggregates in Redis.
+async fn counted(stack: &Stack, prefix: &str, stream: &str, field: &str) -> i64 {
+    let mut redis = stack.redis().await.expect("redis");
+    let agg_keys: Vec<String> = redis
+        .keys(format!("{prefix}:agg:{stream}:*"))
+        .await
+        .expect("keys");
+    let mut total = 0i64;
+    for key in &agg_keys {
+        let count: Option<i64> = redis.hget(key, field).await.expect("hget");
+        total += count.unwrap_or(0);
+    }
+    total
+}
+
 async fn dead_letters(stack: &Stack, stream: &str) -> Vec<rdkafka::message::OwnedMessage> {
     read_topic(stack, &format!("{stream}.dlq"))
         .await
@@ -211,26 +226,22 @@ async fn redis_sink_writes_records_and_aggregates_and_a_replay_adds_nothing() {
 
     // A second group reads the whole topic again: no new record, no count twice.
     replay_all(&stack, &pipeline, &name, &[]).await;
-    let mut redis = stack.redis().await.expect("redis");
-    let agg_keys: Vec<String> = redis
-        .keys(format!("{}:agg:{name}:*", pipeline.key_prefix))
-        .await
-        .expect("keys");
-    assert!(!agg_keys.is_empty(), "per-minute aggregates exist");
     let stored = redis_ids(&stack, &pipeline.key_prefix, &name)
         .await
         .expect("ids");
     assert_eq!(stored.len(), 300);
-    let mut total = 0i64;
-    let mut clicks = 0i64;
-    for key in &agg_keys {
-        let count: Option<i64> = redis.hget(key, "count").await.expect("hget");
-        let click: Option<i64> = redis.hget(key, "/type=click").await.expect("hget");
-        total += count.unwrap_or(0);
-        clicks += click.unwrap_or(0);
-    }
-    assert_eq!(total, 300, "each event counted once despite the replay");
-    assert_eq!(clicks, 100, "counted per dimension value");
+    let prefix = &pipeline.key_prefix;
+    assert_eq!(
+        counted(&stack, prefix, &name, "count").await,
+        300,
+        "each event counted once despite the replay"
+    );
+    assert_eq!(
+        counted(&stack, prefix, &name, "/type=click").await,
+        100,
+        "counted per dimension value"
+    );
+    let mut redis = stack.redis().await.expect("redis");
     let record: String = redis
         .get(format!("{}:{name}:r-7", pipeline.key_prefix))
         .await
@@ -802,16 +813,10 @@ async fn redis_down_for_a_minute_dead_letters_nothing_and_every_event_arrives_on
     // Each stored event is counted once, although the batches that held the poison were
     // written again and then event by event; the poison is not counted.
     let want = stored().await.expect("ids").len();
-    let agg_keys: Vec<String> = redis
-        .keys(format!("{}:agg:{name}:*", pipeline.key_prefix))
-        .await
-        .expect("keys");
-    let mut counted = 0i64;
-    for key in &agg_keys {
-        let count: Option<i64> = redis.hget(key, "count").await.expect("hget");
-        counted += count.unwrap_or(0);
-    }
-    assert_eq!(counted, i64::try_from(want).expect("count"));
+    assert_eq!(
+        counted(&stack, &pipeline.key_prefix, &name, "count").await,
+        i64::try_from(want).expect("count")
+    );
 }
 
 #[tokio::test]
@@ -1097,6 +1102,11 @@ async fn every_sink_keeps_the_first_event_stored_under_an_id() {
     let (record, rows, my_rows, lines) = stored;
     let record: Value = serde_json::from_str(&record.expect("record")).expect("json");
     assert_eq!(record["payload"]["v"], 1, "Redis keeps the first");
+    assert_eq!(
+        counted(&stack, &pipeline.key_prefix, &name, "count").await,
+        2,
+        "Redis counts the id once"
+    );
     let payload: Value = rows[1].get(1);
     assert_eq!(
         (rows[1].get::<String, _>(0).as_str(), payload["v"].as_i64()),

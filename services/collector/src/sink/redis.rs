@@ -7,7 +7,8 @@
 //! others are stored and counted; the batch is then written again (which changes nothing
 //! for the events already stored) and then each event alone, so that only that event is
 //! refused. For each event the script sets the record only if it is new (`SET NX`, with the
-//! optional TTL) and, only then, counts it for the hashes `<prefix>:agg:<stream>:<minute>` and
+//! optional TTL; without a TTL, a run of events with distinct ids is first offered to one
+//! `MSETNX`, which sets them all when none exists yet) and, only then, counts it for the hashes `<prefix>:agg:<stream>:<minute>` and
 //! `<prefix>:agg-hour:<stream>:<hour>` of its event time (field `count`, and one field
 //! `<pointer>=<value>` per configured dimension). Consecutive events that count for the same
 //! hashes and fields are one run, whose hashes and fields are passed once; the counts of
@@ -45,6 +46,30 @@ while a <= #ARGV do
   local nevents = tonumber(ARGV[first_field + nfields])
   a = first_field + nfields + 1
   local new = 0
+  if ttl == 0 and nevents > 1 then
+    -- Most runs are new events with distinct ids: one MSETNX sets them all, or none when
+    -- any key exists; the events are then set one by one below, which finds out which. A
+    -- run naming an id twice goes one by one too (the first of them is kept, and counted).
+    local kv = {}
+    local seen = {}
+    local distinct = true
+    for e = 0, nevents - 1 do
+      local key = KEYS[k + e]
+      if seen[key] then
+        distinct = false
+        break
+      end
+      seen[key] = true
+      kv[2 * e + 1] = key
+      kv[2 * e + 2] = ARGV[a + e]
+    end
+    if distinct and redis.call('MSETNX', unpack(kv)) == 1 then
+      new = nevents
+      k = k + nevents
+      a = a + nevents
+      nevents = 0
+    end
+  end
   for e = 1, nevents do
     local key = KEYS[k]
     local set
