@@ -30,7 +30,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 duration="${DURATION:-10}"
 clients="${CLIENTS:-64}"
-# The single-event rows again at four times the clients, where both sides saturate the cores.
+# The single-event rows again at four times the clients, where the cores are busy.
 saturated=$(( clients * 4 ))
 runs="${RUNS:-3}"
 open_rate="${OPEN_RATE:-5000}"

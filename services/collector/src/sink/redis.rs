@@ -8,14 +8,13 @@
 //! for the events already stored) and then each event alone, so that only that event is
 //! refused. For each event the script sets the record only if it is new (`SET NX`, with the
 //! optional TTL; without a TTL, a run of events with distinct ids is first offered to one
-//! `MSETNX`, which sets them all when none exists yet) and, only then, counts it for the hashes `<prefix>:agg:<stream>:<minute>` and
-//! `<prefix>:agg-hour:<stream>:<hour>` of its event time (field `count`, and one field
-//! `<pointer>=<value>` per configured dimension). Consecutive events that count for the same
-//! hashes and fields are one run, whose hashes and fields are passed once; the counts of
-//! the batch are added with one `HINCRBY` per hash and field at the end, and each hash
-//! expires after the pipeline's
-//! `aggregates` retention. A replay after a crash therefore adds neither a record nor a
-//! count.
+//! `MSETNX`, which sets them all when none exists yet) and, only then, counts it for the
+//! hashes `<prefix>:agg:<stream>:<minute>` and `<prefix>:agg-hour:<stream>:<hour>` of its
+//! event time (field `count`, and one field `<pointer>=<value>` per configured dimension).
+//! Consecutive events that count for the same hashes and fields are one run, whose hashes
+//! and fields are passed once; the counts of the batch are added with one `HINCRBY` per hash
+//! and field at the end, and each hash expires after the pipeline's `aggregates` retention.
+//! A replay after a crash therefore adds neither a record nor a count.
 
 use std::collections::HashMap;
 use std::time::Duration;
