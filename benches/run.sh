@@ -150,9 +150,9 @@ fi
 
 mkdir -p docs
 commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-python3 - "$work" "$clients" "$duration" "$commit" "$open_rate" "$runs" <<'PY'
+python3 - "$work" "$clients" "$duration" "$commit" "$open_rate" "$runs" "$saturated" <<'PY'
 import json, os, re, statistics, subprocess, sys, datetime
-work, clients, duration, commit, open_rate, runs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], float(sys.argv[5]), int(sys.argv[6])
+work, clients, duration, commit, open_rate, runs, saturated = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], float(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
 def load(name):
     with open(os.path.join(work, name + ".json")) as f:
         return json.load(f)
@@ -199,8 +199,8 @@ for name, label in [("http-single", "HTTP `POST`, 1 event"), ("ws-single", "WebS
 ceiling_row("bare rdkafka producer, 100 records", kb)
 rounds_row("HTTP `POST`, batch of 100", rounds("http-batch"), kb)
 kss = rounds("kafka-single-saturated")
-ceiling_row("bare rdkafka producer, 1 record, saturated", kss, 4 * clients)
-rounds_row("HTTP `POST`, 1 event, saturated", rounds("http-single-saturated"), kss, 4 * clients)
+ceiling_row("bare rdkafka producer, 1 record, saturated", kss, saturated)
+rounds_row("HTTP `POST`, 1 event, saturated", rounds("http-single-saturated"), kss, saturated)
 e2e = load("e2e")
 v = e2e["verification"][0]
 e2e_rate = v["checked"] / (e2e["seconds"] + v["seconds"])
@@ -296,8 +296,8 @@ the machine). Every figure stands beside a ceiling measured in the same run:
 the request-level ceiling is `wrk` on `GET /healthz`; acknowledged events are compared with
 a bare rdkafka producer configured as ingest's (idempotent, `acks=all`, `linger.ms=1`, snappy)
 writing the records ingest writes (each event in its envelope, unkeyed on a stream without a
-key pointer) to the same broker, at {clients} clients and again at {4 * clients} (at {clients} a closed loop's rate is
-set by its round trip; at {4 * clients} HTTP's is set by the CPU each event costs, the cores
+key pointer) to the same broker, at {clients} clients and again at {saturated} (at {clients} a closed loop's rate is
+set by its round trip; at {saturated} HTTP's is set by the CPU each event costs, the cores
 being busy); the end-to-end drain into Redis with `redis-benchmark -P 16` SET on the
 same Redis; `ack=sink` (answered once the collector wrote the event to Redis) with
 `ack=kafka` on the same stream while the same collector runs; the compute endpoint with its
